@@ -1,0 +1,123 @@
+"""The ``refnorm`` command.
+
+``refnorm list`` shows everything registered; ``refnorm verify [NAME ...]`` runs the three-way
+gradient checks and exits 1 on any failure. The golden-file and comparison commands of the
+oracle are added by :mod:`refnorm.oracle`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import refnorm
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal (or forced)."""
+
+    def __init__(self, total, label, *, enabled=None, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.label, self.done, self.start = total, label, 0, time.monotonic()
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+
+    def step(self, what=""):
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        elapsed = time.monotonic() - self.start
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{self.done}/{self.total} {elapsed:5.1f}s {what[:30]:<30}")
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _fmt(x):
+    return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.1e}"
+
+
+def cmd_list(args):
+    from refnorm.verify import registered
+
+    rows = registered()
+    width = max(len(name) for _, name, _, _ in rows)
+    for kind, name, spec, _ in rows:
+        title = getattr(spec, "title", "") or getattr(spec, "doc", "")
+        print(f"{kind:<10} {name:<{width}}  {title}")
+    print(f"{len(rows)} registered: " + ", ".join(
+        f"{sum(1 for r in rows if r[0] == k)} {k}s" for k in ("primitive", "norm", "optimizer")))
+    return 0
+
+
+def cmd_verify(args):
+    from refnorm.verify import registered
+
+    rows = registered()
+    if args.names:
+        known = {name for _, name, _, _ in rows}
+        unknown = [n for n in args.names if n not in known]
+        if unknown:
+            print(f"refnorm verify: unknown name(s) {', '.join(unknown)}; see `refnorm list`",
+                  file=sys.stderr)
+            return 2
+        rows = [r for r in rows if r[1] in args.names]
+    progress = Progress(len(rows), "verify", enabled=args.progress)
+    results = []
+    for kind, name, spec, verifier in rows:
+        results.append(verifier(spec))
+        progress.step(name)
+    progress.close()
+    width = max([len(r.name) for r in results] + [4])
+    print(f"{'kind':<10} {'name':<{width}} {'cases':>5}  {'hand-engine':>11}  {'hand-FD':>8}  "
+          f"result")
+    for r in results:
+        status = "pass" if r.passed else "FAIL"
+        note = f"  {r.note}" if r.note else ""
+        print(f"{r.kind:<10} {r.name:<{width}} {r.cases:>5}  {_fmt(r.hand_engine):>11}  "
+              f"{_fmt(r.hand_fd):>8}  {status}{note}")
+    failed = [r.name for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="refnorm", description="refnorm: a NumPy reference for normalization layers, "
+        "with hand-derived gradients checked three ways and a golden oracle.")
+    parser.add_argument("--version", action="version", version=f"refnorm {refnorm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("list", help="list every registered primitive, variant and optimizer")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("verify", help="three-way gradient checks (hand, engine, finite "
+                       "differences) of registered items; exits 1 on failure")
+    p.add_argument("names", nargs="*", metavar="NAME", help="items to check (default: all)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    p.set_defaults(func=cmd_verify)
+    try:
+        from refnorm.oracle import cli as oracle_cli
+    except ImportError:
+        oracle_cli = None
+    if oracle_cli is not None:
+        oracle_cli.add_commands(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Every normalization variant, one record each.
+
+``ALL_SPECS`` lists the records explicitly (adding a variant is one file plus one line here);
+the generic tests, ``refnorm verify``, the golden oracle and the docs iterate it. Each variant
+lives in its own module (``refnorm.norms.layer_norm``); the differentiable ops of all of them,
+by name, are in :mod:`refnorm.functional`.
+"""
+from refnorm.norms import layer_norm as _layer_norm
+
+ALL_SPECS = (
+    _layer_norm.SPEC,
+)
+
+BY_NAME = {spec.name: spec for spec in ALL_SPECS}
+
+__all__ = ["ALL_SPECS", "BY_NAME"]

@@ -1,0 +1,155 @@
+"""The record types: one frozen record per primitive, normalization variant and optimizer.
+
+A record holds everything the generic machinery needs to know about one item: how to run it,
+how to check it, and where it comes from. The tests, ``refnorm verify``, the golden oracle and the
+docs all iterate the registries (``refnorm.autograd.PRIMITIVES``, ``refnorm.norms.ALL_SPECS``,
+``refnorm.optim.ALL_OPTIMIZERS``) instead of naming items by hand.
+
+Three record types share the same shape:
+
+* :class:`PrimitiveSpec` for the autograd engine's primitives;
+* :class:`NormSpec` for normalization variants;
+* :class:`OptimizerSpec` for optimizers.
+
+Each has ``name``, a way to produce small sample inputs, and (for ``refnorm verify``) a check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A citation: ``Paper("Layer Normalization", "Ba, Kiros, Hinton", 2016, "arXiv:1607.06450")``."""
+
+    title: str
+    authors: str
+    year: int
+    ref: str  # arXiv id, DOI or URL
+
+    def __str__(self) -> str:
+        return f"{self.authors} ({self.year}). {self.title}. {self.ref}"
+
+
+class SampleInput(NamedTuple):
+    """One call of a record's function.
+
+    ``arrays`` are the differentiable inputs, in the order of the record's ``diff_argnames``
+    (``None`` where an optional input such as ``bias`` is absent); ``kwargs`` are everything
+    else (hyper-parameters, state, masks). ``name`` becomes the pytest id.
+    """
+
+    name: str
+    arrays: tuple
+    kwargs: Mapping[str, Any] = {}
+
+
+class ErrorInput(NamedTuple):
+    """A bad call and the exception it must raise: ``error_type`` and a regex ``match``."""
+
+    sample: SampleInput
+    error_type: type
+    match: str
+
+
+@dataclass(frozen=True)
+class PrimitiveSpec:
+    """One primitive of the autograd engine.
+
+    ``op`` takes Tensors (the first ``len(sample.arrays)`` arguments) plus keyword options and
+    returns a Tensor. ``sample_inputs(rng)`` yields :class:`SampleInput` s whose arrays are
+    float64; they cover broadcasting, scalars, size-0 and size-1 axes. ``twice`` says whether
+    the VJP rule is written with engine ops, so that gradients of gradients work.
+    ``kinks`` marks ops with non-differentiable points (relu-like, max ties), for gradcheck.
+    """
+
+    name: str
+    op: Callable
+    sample_inputs: Callable[[np.random.Generator], Iterator[SampleInput]]
+    twice: bool = False
+    kinks: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One normalization variant (see ``DESIGN.md``).
+
+    forward(*arrays, **kwargs) -> (y, cache) or, when ``stateful``, (y, new_state, cache)
+    backward(dy, cache) -> Grads NamedTuple whose fields follow ``diff_argnames`` (``d`` + name)
+    op: the engine op built with ``custom_vjp(forward, backward)``
+    composite: the same math with engine primitives only (same signature as ``op``)
+    """
+
+    # identity and citation
+    name: str
+    title: str
+    paper: Paper
+    # the hand-derived pair, the engine op, the engine composite
+    forward: Callable
+    backward: Callable
+    op: Callable
+    composite: Callable | None
+    # names of the differentiable positional inputs, e.g. ("x", "weight", "bias")
+    diff_argnames: tuple[str, ...]
+    # small cases for the expensive checks; realistic cases for golden files; bad calls
+    sample_inputs: Callable[[np.random.Generator], Iterator[SampleInput]]
+    oracle_inputs: Callable[[np.random.Generator], Iterator[SampleInput]] | None = None
+    error_inputs: Callable[[], Iterator[ErrorInput]] | None = None
+    # "exact", or "surrogate" (with gradient_note) for documented approximate backwards
+    gradient: str = "exact"
+    gradient_note: str = ""
+    # stateful variants return (y, new_state, cache); train/eval may differ
+    stateful: bool = False
+    train_eval_differ: bool = False
+    # non-differentiable array arguments (masks, segmentation maps), passed in kwargs
+    nondiff_args: tuple[str, ...] = ()
+    # "shift", "scale", ...: transforms of x that leave y unchanged (drive property tests)
+    invariances: tuple[str, ...] = ()
+    # axes (of the un-affine output) over which mean 0 / var s^2/(s^2+eps) hold, as a callable
+    # (sample) -> tuple of axes, or None when the variant does not standardize
+    stats_axes: Callable[[SampleInput], tuple[int, ...]] | None = None
+    # dotted name of the PyTorch equivalent and a callable adapting a SampleInput to it
+    torch_equivalent: str | None = None
+    torch_call: Callable | None = None
+    # what the variant normalizes: "activations" or "weights"
+    normalizes: str = "activations"
+
+    # ----- calling conventions shared by the tests, the CLI and the oracle -----
+    def arguments(self, sample: SampleInput, arrays=None) -> dict:
+        """Keyword arguments of ``forward``/``op`` for ``sample`` (``arrays`` overrides its arrays)."""
+        arrays = sample.arrays if arrays is None else arrays
+        return {**dict(zip(self.diff_argnames, arrays)), **sample.kwargs}
+
+    def run(self, sample: SampleInput, arrays=None):
+        """``(y, new_state, cache)``; ``new_state`` is None for a stateless variant."""
+        result = self.forward(**self.arguments(sample, arrays))
+        return (result[0], result[1], result[2]) if self.stateful else (result[0], None, result[1])
+
+    def output(self, sample: SampleInput, arrays=None) -> np.ndarray:
+        """Just ``y``: the function that finite differences differentiate."""
+        return self.run(sample, arrays)[0]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer.
+
+    ``init(params, **hyper) -> state`` and ``step(params, grads, state, **hyper) -> (params,
+    state)`` are pure functions on lists of NumPy arrays; nothing is mutated. ``check(rng)``
+    returns the max relative error of the implementation against the optimizer's equations
+    written independently (used by ``refnorm verify``). ``torch_equivalent`` names the
+    ``torch.optim`` class, where there is one.
+    """
+
+    name: str
+    title: str
+    paper: Paper | None
+    init: Callable
+    step: Callable
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[np.random.Generator], float] | None = None
+    torch_equivalent: str | None = None

@@ -1,0 +1,192 @@
+"""Three-way gradient checks of every registered item: what ``refnorm verify`` runs.
+
+For a normalization variant and each of its sample inputs, with a random upstream gradient:
+
+* **hand**: the hand-derived ``backward``;
+* **engine**: the engine's gradient of the variant's ``composite`` (the same math written with
+  primitives, differentiated mechanically);
+* **FD**: central finite differences of ``forward`` (:func:`refnorm.gradcheck.check_vjp`,
+  slow mode: every element, Richardson-extrapolated).
+
+For a primitive, "hand" is its VJP rule applied to arrays, "engine" the same rule recorded on
+Tensors (the path that gives gradients of gradients), and FD checks the rule. For an optimizer,
+the step is checked against the optimizer's equations written out independently.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from refnorm.autograd import Tensor, gradients
+from refnorm.gradcheck import check_vjp
+
+HAND_ENGINE_RTOL = 1e-10
+FD_RTOL = 1e-9
+EQUATIONS_RTOL = 1e-12
+
+
+@dataclass
+class Result:
+    kind: str                 # "primitive", "norm" or "optimizer"
+    name: str
+    cases: int
+    hand_engine: float        # max normwise relative error, NaN where not applicable
+    hand_fd: float
+    passed: bool
+    note: str = ""
+
+
+def normwise(a, b):
+    """max|a - b| / max|b| (0 for empty arrays; the absolute error where b is all zero)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if b.size == 0:
+        return 0.0
+    scale = np.max(np.abs(b))
+    err = float(np.max(np.abs(a - b)))
+    return err / scale if scale > 0 else err
+
+
+def _rng_for(name):
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _max(values):
+    values = [v for v in values if not math.isnan(v)]
+    return max(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# primitives
+# ----------------------------------------------------------------------------------------------
+def _primitive_fns(spec, sample):
+    n = len(sample.arrays)
+    present = [i for i in range(n) if sample.arrays[i] is not None]
+
+    def call(arrays, requires_grad=False):
+        full = list(sample.arrays)
+        tensors = []
+        for i, a in zip(present, arrays):
+            full[i] = Tensor(a, requires_grad=requires_grad)
+            tensors.append(full[i])
+        return spec.op(*full, **sample.kwargs), tensors
+
+    def f(*arrays):
+        return call(arrays)[0].data
+
+    def vjp(cotangents, *arrays, create_graph=False):
+        out, tensors = call(arrays, requires_grad=True)
+        g = cotangents[0]
+        grads = gradients(out, tensors, Tensor(g) if create_graph else g,
+                          create_graph=create_graph)
+        return tuple(gr.data if isinstance(gr, Tensor) else gr for gr in grads)
+
+    return f, vjp, [sample.arrays[i] for i in present]
+
+
+def verify_primitive(spec) -> Result:
+    rng = _rng_for(spec.name)
+    hand_engine, hand_fd, passed, cases = [], [], True, 0
+    for sample in spec.sample_inputs(rng):
+        cases += 1
+        f, vjp, arrays = _primitive_fns(spec, sample)
+        report = check_vjp(f, vjp, arrays, mode="slow", rng=rng, rtol=FD_RTOL, atol=1e-12)
+        passed &= bool(report)
+        hand_fd.append(report.max_rel_error)
+        if spec.twice and sample.arrays and sample.arrays[0].size:
+            u = rng.standard_normal(np.shape(f(*arrays)))
+            plain = vjp((u,), *arrays)
+            recorded = vjp((u,), *arrays, create_graph=True)
+            errs = [normwise(a, b) for a, b in zip(recorded, plain)]
+            hand_engine.append(_max(errs))
+            passed &= _max(errs) <= HAND_ENGINE_RTOL or math.isnan(_max(errs))
+    return Result("primitive", spec.name, cases, _max(hand_engine), _max(hand_fd), passed)
+
+
+# ----------------------------------------------------------------------------------------------
+# normalization variants
+# ----------------------------------------------------------------------------------------------
+def norm_gradients(spec, sample, dy):
+    """The hand-derived and the engine gradients of ``spec`` at ``sample`` for upstream ``dy``."""
+    hand = spec.backward(dy, spec.run(sample)[2])
+    engine = None
+    if spec.composite is not None:
+        tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
+        out = spec.composite(**spec.arguments(sample, tensors))
+        out = out[0] if spec.stateful else out
+        out.backward(dy)
+        engine = [None if t is None else t.grad for t in tensors]
+    return hand, engine
+
+
+def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL):
+    """``(hand_engine, report)`` for one sample: the hand/engine error and the FD report."""
+    y = spec.output(sample)
+    dy = rng.standard_normal(y.shape)
+    hand, engine = norm_gradients(spec, sample, dy)
+    hand_engine = float("nan")
+    if engine is not None:
+        hand_engine = _max([normwise(h, e) for h, e in zip(hand, engine) if h is not None])
+    present = [i for i, a in enumerate(sample.arrays) if a is not None]
+
+    def full(arrays):
+        out = list(sample.arrays)
+        for i, a in zip(present, arrays):
+            out[i] = a
+        return out
+
+    def f(*arrays):
+        return spec.output(sample, full(arrays))
+
+    def vjp(cotangents, *arrays):
+        grads = spec.backward(cotangents[0], spec.run(sample, full(arrays))[2])
+        return tuple(grads[i] for i in present)
+
+    report = check_vjp(f, vjp, [sample.arrays[i] for i in present], mode="slow", rng=rng,
+                       rtol=rtol, atol=1e-12)
+    return hand_engine, report
+
+
+def verify_norm(spec) -> Result:
+    rng = _rng_for(spec.name)
+    hand_engine, hand_fd, passed, cases, note = [], [], True, 0, ""
+    for sample in spec.sample_inputs(rng):
+        cases += 1
+        he, report = check_norm_sample(spec, sample, rng)
+        hand_engine.append(he)
+        hand_fd.append(report.max_rel_error)
+        if not report:
+            passed, note = False, f"{sample.name}: {report.pattern or 'FD mismatch'}"
+        if not math.isnan(he) and he > HAND_ENGINE_RTOL:
+            passed, note = False, f"{sample.name}: hand and engine differ by {he:.2e}"
+    if spec.gradient != "exact":
+        note = note or f"{spec.gradient} gradient: {spec.gradient_note}"
+    return Result("norm", spec.name, cases, _max(hand_engine), _max(hand_fd), passed, note)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizers
+# ----------------------------------------------------------------------------------------------
+def verify_optimizer(spec) -> Result:
+    if spec.check is None:
+        return Result("optimizer", spec.name, 0, float("nan"), float("nan"), False,
+                      "no check registered")
+    err = float(spec.check(_rng_for(spec.name)))
+    return Result("optimizer", spec.name, 1, float("nan"), float("nan"),
+                  err <= EQUATIONS_RTOL, f"vs equations: {err:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry, in one list
+# ----------------------------------------------------------------------------------------------
+def registered():
+    """``[(kind, name, spec, verifier)]`` for everything registered."""
+    from refnorm.norms import ALL_SPECS
+    from refnorm.optim import ALL_OPTIMIZERS
+    from refnorm.primitive_specs import PRIMITIVES
+
+    return ([("primitive", s.name, s, verify_primitive) for s in PRIMITIVES]
+            + [("norm", s.name, s, verify_norm) for s in ALL_SPECS]
+            + [("optimizer", s.name, s, verify_optimizer) for s in ALL_OPTIMIZERS])

@@ -1,0 +1,61 @@
+"""The ``refnorm`` command: --help, --version, list and verify."""
+import subprocess
+import sys
+
+import pytest
+
+import refnorm
+from refnorm import cli
+from refnorm.verify import registered
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert refnorm.__version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "verify" in capsys.readouterr().out
+
+
+def test_list_shows_every_registered_item(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind, name, _, _ in registered():
+        assert name in out
+
+
+def test_verify_passes_and_lists_every_item(capsys):
+    assert cli.main(["verify", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for kind, name, _, _ in registered():
+        assert any(line.split()[1:2] == [name] and line.rstrip().split()[5:6] == ["pass"]
+                   or (line.split()[1:2] == [name] and " pass" in line)
+                   for line in out.splitlines()), name
+    assert " 0 failed" in out
+
+
+def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
+    from refnorm import verify
+    from refnorm.norms import layer_norm as ln
+
+    def wrong_backward(dy, cache):
+        grads = ln.layer_norm_backward(dy, cache)
+        return grads._replace(dx=grads.dx * (1 + 1e-4))
+
+    bad = ln.SPEC.__class__(**{**ln.SPEC.__dict__, "backward": wrong_backward})
+    monkeypatch.setattr(verify, "registered",
+                        lambda: [("norm", "layer_norm", bad, verify.verify_norm)])
+    assert cli.main(["verify", "--no-progress"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_unknown_name_is_an_error(capsys):
+    assert cli.main(["verify", "no_such_norm"]) == 2
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "refnorm.cli", "list"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "layer_norm" in out.stdout

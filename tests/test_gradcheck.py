@@ -1,0 +1,394 @@
+"""Tests of refnorm.gradcheck: right gradients pass, wrong ones fail and are diagnosed, kinks are
+reported as kinks, and bad arguments raise clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refnorm.gradcheck import (GradcheckError, GradcheckReport, check_vjp, directional_derivative,
+                               numerical_jacobian)
+
+MODES = ("fast", "slow")
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_vjp(cts, x):
+    y = softmax(x)
+    return (y * (cts[0] - np.sum(cts[0] * y, axis=-1, keepdims=True)),)
+
+
+def tanh_vjp(cts, x):
+    return (cts[0] * (1 - np.tanh(x) ** 2),)
+
+
+def normal(*shape):
+    return lambda rng: rng.standard_normal(shape)
+
+
+# name: (f, vjp, one maker per input)
+CORRECT = {
+    "sin": (np.sin, lambda c, x: (c[0] * np.cos(x),), [normal(3, 4)]),
+    "exp": (np.exp, lambda c, x: (c[0] * np.exp(x),), [normal(3, 4)]),
+    "tanh": (np.tanh, tanh_vjp, [normal(2, 3, 4)]),
+    "matmul": (lambda a, b: a @ b, lambda c, a, b: (c[0] @ b.T, a.T @ c[0]),
+               [normal(3, 4), normal(4, 2)]),
+    "two_outputs": (lambda x: (np.sin(x), np.sum(x ** 2, axis=0)),
+                    lambda c, x: (c[0] * np.cos(x) + 2 * x * c[1],), [normal(3, 2)]),
+    "softmax": (softmax, softmax_vjp, [normal(3, 5)]),
+    "logsumexp": (lambda x: np.log(np.sum(np.exp(x), axis=-1)),
+                  lambda c, x: (c[0][..., None] * softmax(x),), [normal(2, 5)]),
+    "broadcast": (lambda a, b: a * b,
+                  lambda c, a, b: (np.sum(c[0] * b, axis=1, keepdims=True),
+                                   np.sum(c[0] * a, axis=0, keepdims=True)),
+                  [normal(3, 1), normal(1, 4)]),
+    "scalar_times_matrix": (lambda s, m: s * m, lambda c, s, m: (np.sum(c[0] * m), c[0] * s),
+                            [lambda rng: np.array(1.3), normal(3, 4)]),
+    "size0_axis": (np.tanh, tanh_vjp, [normal(0, 3)]),
+    "size1_axis": (softmax, softmax_vjp, [normal(4, 1)]),
+    "size1_leading": (np.tanh, tanh_vjp, [normal(1, 3)]),
+    "zero_d": (np.sin, lambda c, x: (c[0] * np.cos(x),), [lambda rng: np.array(0.7)]),
+    "integer_input": (lambda x, i: 2 * x[i],
+                      lambda c, x, i: (np.bincount(i, 2 * c[0], minlength=x.size), None),
+                      [normal(5), lambda rng: np.array([0, 3, 3, 1])]),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_correct_gradients_pass(name, mode, rng):
+    f, vjp, makers = CORRECT[name]
+    report = check_vjp(f, vjp, [make(rng) for make in makers], mode=mode)
+    assert report.passed and bool(report), str(report)
+    assert report.kinks == [] and report.pattern == ""
+    assert report.max_rel_error < 1e-7
+
+
+def test_size0_input_is_not_evaluated_along(rng):
+    report = check_vjp(np.tanh, tanh_vjp, (np.zeros((0, 3)),), mode="slow")
+    assert report.passed and report.n_evals == 1 and report.worst is None
+    assert "empty" in str(report)
+
+
+# --------------------------------------------------------------------------- wrong gradients
+
+def corrupted_tanh_vjp(corrupt):
+    def vjp(cts, x):
+        return (corrupt(cts[0] * (1 - np.tanh(x) ** 2)),)
+    return vjp
+
+
+def _scale_channel(g):
+    g = g.copy()
+    g[:, 1] *= 3.0
+    return g
+
+
+def _scale_row(g):
+    g = g.copy()
+    g[2] *= 1.5
+    return g
+
+
+def _bump_one(g):
+    g = g.copy()
+    g[1, 2, 3] += 0.5
+    return g
+
+
+WRONG = {  # name: (corruption, expected start of the pattern or None)
+    "factor_2": (lambda g: 2 * g, "off by a constant factor 2.0"),
+    "sign": (lambda g: -g, "sign flipped"),
+    "relative_1e-4": (lambda g: g * (1 + 1e-4), "off by a constant factor 1.0001"),
+    "one_element": (_bump_one, "one element wrong: (1, 2, 3)"),
+    "one_channel": (_scale_channel, "one channel off: index 1 of axis 1"),
+    "one_row": (_scale_row, "whole row off: index 2 of axis 0"),
+    "zero": (np.zeros_like, "the analytic gradient is zero"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(WRONG))
+def test_wrong_gradients_fail_with_pattern(name, mode, rng):
+    corrupt, pattern = WRONG[name]
+    x = rng.standard_normal((4, 3, 5))
+    report = check_vjp(np.tanh, corrupted_tanh_vjp(corrupt), (x,), mode=mode)
+    assert not report.passed and not report, str(report)
+    assert report.pattern.startswith(pattern), str(report)
+    assert report.kinks == []
+    assert report.worst.index is not None and report.worst.input == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_term_fails(mode, rng):
+    # d/dx (x sin x) = sin x + x cos x; the vjp forgets sin x.
+    report = check_vjp(lambda x: x * np.sin(x), lambda c, x: (c[0] * x * np.cos(x),),
+                       (rng.standard_normal((3, 4)),), mode=mode)
+    assert not report.passed
+    assert report.max_rel_error > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_worst_element_is_named_with_its_values(mode, rng):
+    x = rng.standard_normal((4, 3, 5))
+    seen = []
+
+    def vjp(cts, x):
+        seen.append(cts[0])
+        return (_bump_one(cts[0] * (1 - np.tanh(x) ** 2)),)
+
+    report = check_vjp(np.tanh, vjp, (x,), mode=mode)
+    w = report.worst
+    assert (w.input, w.output, w.index) == (0, 0, (1, 2, 3))
+    assert w.analytic - w.numerical == pytest.approx(0.5, abs=1e-8)
+    # Element checks use the cotangent of the first (failing) draw: numerical = (J^T u)[j].
+    expected = seen[0][1, 2, 3] * (1 - np.tanh(x[1, 2, 3]) ** 2)
+    assert w.numerical == pytest.approx(expected, rel=1e-9)
+    assert w.rel_error == pytest.approx(0.5 / max(abs(w.analytic), abs(w.numerical)))
+    text = str(report)
+    assert "FAILED" in text and "element (1, 2, 3) of input 0" in text
+    assert f"relative error {w.rel_error:.3e}" in text
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wrong_input_and_output_are_located(mode, rng):
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    report = check_vjp(lambda a, b: a @ b, lambda c, a, b: (c[0] @ b.T, 1.01 * a.T @ c[0]),
+                       (a, b), mode=mode)
+    assert not report.passed and report.worst.input == 1
+    assert report.pattern == "off by a constant factor 1.01"
+    if mode == "fast":
+        assert any("input 1" in note and "one by one" in note for note in report.notes)
+
+    def f(x):
+        return np.sin(x), x ** 2
+
+    report = check_vjp(f, lambda c, x: (c[0] * np.cos(x) + 3 * x * c[1],), (a,), mode=mode)
+    assert not report.passed and report.worst.output == 1
+
+
+def test_large_input_fails_by_projection_and_names_the_factor(rng):
+    x = rng.standard_normal(3000)  # above max_fallback_size: no element-by-element fallback
+    report = check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: 2 * g), (x,))
+    assert not report.passed and report.worst.index is None
+    assert report.pattern == "off by a constant factor 2.0"
+    assert report.n_evals == 1 + 3 * 8
+
+
+# --------------------------------------------------------------------------- evaluation counts
+
+def test_fast_mode_cost_does_not_depend_on_size(rng):
+    small = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),))
+    large = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10_000),))
+    assert small.passed and large.passed
+    assert small.n_evals == large.n_evals == 1 + 3 * 8
+    assert check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),), n_projections=5).n_evals == 41
+
+
+def test_slow_mode_moves_every_element(rng):
+    report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal((2, 3)),), mode="slow")
+    assert report.n_evals == 1 + 6 * 8 and report.n_vjp_calls == 1
+
+
+# --------------------------------------------------------------------------- kinks
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def relu_vjp(cts, x):
+    return (cts[0] * (x > 0),)
+
+
+def max_vjp(cts, x):
+    g = np.zeros_like(x)
+    g[np.argmax(x)] = cts[0]
+    return (g,)
+
+
+KINKS = {  # name: (f, vjp, x, indices of the kinks)
+    "relu_at_0": (relu, relu_vjp, np.array([[0.0, 1.5, -2.0], [0.7, 0.0, -0.3]]),
+                  {(0, 0), (1, 1)}),
+    "abs_at_0": (np.abs, lambda c, x: (c[0] * np.sign(x),), np.array([0.0, 1.0, -2.0, 0.0]),
+                 {(0,), (3,)}),
+    "max_tie": (np.max, max_vjp, np.array([1.0, 3.0, 3.0, 2.0]), {(1,), (2,)}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(KINKS))
+def test_kinks_are_reported_not_failed(name, mode):
+    f, vjp, x, where = KINKS[name]
+    report = check_vjp(f, vjp, (x,), mode=mode)
+    assert report.passed, str(report)
+    assert {k.index for k in report.kinks} == where
+    assert all(k.left != k.right for k in report.kinks)
+    assert "non-differentiable" in str(report)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relu_away_from_zero_has_no_kinks(mode, rng):
+    x = rng.standard_normal((4, 5))
+    x = np.where(np.abs(x) < 0.1, 0.5, x)
+    report = check_vjp(relu, relu_vjp, (x,), mode=mode)
+    assert report.passed and report.kinks == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wrong_gradient_at_a_kink_still_fails(mode):
+    x = np.array([0.0, 1.5, -2.0])
+    report = check_vjp(relu, lambda c, x: (3 * c[0] * (x >= 0),), (x,), mode=mode)
+    assert not report.passed
+
+
+# --------------------------------------------------------------------------- the report
+
+def test_raise_on_failure_carries_the_report(rng):
+    x = rng.standard_normal((3, 4))
+    with pytest.raises(GradcheckError, match="FAILED") as info:
+        check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: -g), (x,), raise_on_failure=True)
+    assert isinstance(info.value, AssertionError)
+    assert str(info.value) == str(info.value.report)
+    assert "sign flipped" in str(info.value) and "worst: element" in str(info.value)
+    assert check_vjp(np.tanh, tanh_vjp, (x,), raise_on_failure=True)  # passing: no raise
+
+
+def test_report_is_bool_like_and_printable(rng):
+    report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(4),))
+    assert isinstance(report, GradcheckReport) and report
+    text = str(report)
+    assert text.startswith("gradcheck passed (fast mode, 25 evaluations of f")
+    assert "max relative error" in text and "worst" in text
+
+
+def test_inputs_are_never_mutated(rng):
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal(4)
+    x32 = rng.standard_normal(5).astype(np.float32)
+    originals = [x.copy(), w.copy(), x32.copy()]
+    for a in (x, w, x32):
+        a.setflags(write=False)
+
+    def f(x, w, z):  # a careless f that overwrites its arguments
+        y = np.tanh(x * w), np.sum(z ** 2)
+        x[...], w[...], z[...] = 0.0, 0.0, 0.0
+        return y
+
+    def vjp(c, x, w, z):
+        g = c[0] * (1 - np.tanh(x * w) ** 2)
+        return g * w, np.sum(g * x, axis=0), 2 * z * c[1]
+
+    for mode in MODES:
+        assert check_vjp(f, vjp, (x, w, x32), mode=mode), mode
+    for a, original in zip((x, w, x32), originals):
+        np.testing.assert_array_equal(a, original)
+        assert a.dtype == original.dtype
+
+
+def test_float32_inputs_are_checked_in_float64(rng):
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    dtypes = []
+
+    def vjp(c, x):
+        dtypes.append(x.dtype)
+        return tanh_vjp(c, x)
+
+    report = check_vjp(np.tanh, vjp, (x,))
+    assert report.passed and dtypes == [np.float64] * 3
+    assert any("float32" in note and "float64" in note for note in report.notes)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+def ok_f(x):
+    return np.tanh(x)
+
+
+BAD = {  # name: (f, vjp, inputs, kwargs, exception, message)
+    "f_returns_strings": (lambda x: ["a", "b"], tanh_vjp, None, {}, TypeError,
+                          r"f must return .* list \['a', 'b'\]"),
+    "f_returns_dict": (lambda x: {"y": x}, tanh_vjp, None, {}, TypeError,
+                       r"f must return .* it returned dict"),
+    "f_returns_none": (lambda x: None, tanh_vjp, None, {}, TypeError,
+                       r"f must return .* NoneType"),
+    "f_not_callable": ("tanh", tanh_vjp, None, {}, TypeError, "f must be callable"),
+    "vjp_count": (ok_f, lambda c, x: (tanh_vjp(c, x)[0], None), None, {}, ValueError,
+                  r"vjp returned 2 gradient\(s\) but f has 1 input"),
+    "vjp_not_tuple": (ok_f, lambda c, x: tanh_vjp(c, x)[0], None, {}, TypeError,
+                      "vjp must return a tuple"),
+    "vjp_shape": (ok_f, lambda c, x: (np.zeros(4),), None, {}, ValueError,
+                  r"vjp returned a gradient of shape \(4,\) for input 0, which has shape \(3, 4\)"),
+    "inputs_strings": (ok_f, tanh_vjp, (np.array(["a", "b"]),), {}, TypeError,
+                       r"inputs\[0\] has dtype <U1"),
+    "inputs_none": (ok_f, tanh_vjp, (None,), {}, TypeError, r"inputs\[0\] has dtype object"),
+    "inputs_bare_array": (ok_f, tanh_vjp, np.ones(3), {}, TypeError,
+                          r"inputs must be a tuple .*wrap a single array"),
+    "inputs_nan": (ok_f, tanh_vjp, (np.array([1.0, np.nan]),), {}, ValueError,
+                   r"inputs\[0\] contains NaN"),
+    "diff_int": (ok_f, tanh_vjp, (np.arange(3),), {"diff_argnums": [0]}, TypeError,
+                 r"inputs\[0\] has dtype int64 and cannot be differentiated"),
+    "diff_range": (ok_f, tanh_vjp, None, {"diff_argnums": [2]}, ValueError,
+                   "diff_argnums contains 2"),
+    "mode": (ok_f, tanh_vjp, None, {"mode": "medium"}, ValueError,
+             "mode must be 'fast' or 'slow'; got 'medium'"),
+    "n_projections": (ok_f, tanh_vjp, None, {"n_projections": 0}, ValueError,
+                      "n_projections must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_arguments_raise_clear_errors(name, rng):
+    f, vjp, inputs, kwargs, exception, message = BAD[name]
+    inputs = (rng.standard_normal((3, 4)),) if inputs is None else inputs
+    with pytest.raises(exception, match=message):
+        check_vjp(f, vjp, inputs, **kwargs)
+
+
+def test_f_changing_shape_is_reported(rng):
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return x[: 3 if len(calls) == 1 else 2]
+
+    with pytest.raises(ValueError, match="f returned outputs of shapes"):
+        check_vjp(f, lambda c, x: (np.zeros_like(x),), (rng.standard_normal(4),))
+
+
+# --------------------------------------------------------------------------- the helpers
+
+def test_numerical_jacobian_of_matmul(rng):
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    jac_a = numerical_jacobian(lambda a, b: a @ b, (a, b), argnum=0)
+    np.testing.assert_allclose(jac_a, np.einsum("ik,lj->ijkl", np.eye(3), b), atol=1e-10)
+    jac_b = numerical_jacobian(lambda a, b: a @ b, (a, b), argnum=1)
+    np.testing.assert_allclose(jac_b, np.einsum("ik,jl->ijkl", a, np.eye(2)), atol=1e-10)
+    jac_sin, jac_sq = numerical_jacobian(lambda x: (np.sin(x), x ** 2), (np.array(0.3),))
+    assert jac_sin == pytest.approx(np.cos(0.3), rel=1e-10)
+    assert jac_sq == pytest.approx(0.6, rel=1e-10)
+
+
+def test_directional_derivative_value_error_and_kink(rng):
+    x, v = rng.standard_normal(6), rng.standard_normal(6)
+    value, error, kink = directional_derivative(np.sin, (x,), (v,))
+    np.testing.assert_allclose(value, np.cos(x) * v, rtol=1e-9, atol=1e-12)
+    assert not kink and np.all(error < 1e-8)
+    assert np.all(np.abs(value - np.cos(x) * v) <= 4 * error + 1e-12)
+    _, _, kink = directional_derivative(relu, (np.array([0.0, 2.0]),), (np.ones(2),))
+    assert kink
+    value, _, _ = directional_derivative(lambda a, b: a * b, (x, v), (None, np.ones(6)))
+    np.testing.assert_allclose(value, x, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- other libraries
+
+def test_checks_a_torch_function_through_a_two_line_wrapper(torch, rng):
+    f = lambda x: torch.tanh(torch.from_numpy(x)).numpy()  # noqa: E731
+    vjp = lambda cts, x: tuple(g.numpy() for g in torch.func.vjp(  # noqa: E731
+        torch.tanh, torch.from_numpy(x))[1](torch.from_numpy(cts[0])))
+    x = rng.standard_normal((3, 4))
+    assert check_vjp(f, vjp, (x,)) and check_vjp(f, vjp, (x,), mode="slow")
+    wrong = lambda cts, x: (2 * vjp(cts, x)[0],)  # noqa: E731
+    assert not check_vjp(f, wrong, (x,))

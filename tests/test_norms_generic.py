@@ -1,0 +1,207 @@
+"""The generic checks, run on every registered variant and every one of its sample inputs.
+
+Everything here iterates ``refnorm.norms.ALL_SPECS``; a new variant gets all of it for free.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from refnorm import autograd as ag
+from refnorm.autograd import Tensor
+from refnorm.norms import ALL_SPECS
+
+SEED = 1234
+
+
+def _samples(kind="sample_inputs", filter_=None):
+    params = []
+    for spec in ALL_SPECS:
+        make = getattr(spec, kind)
+        if make is None:
+            continue
+        for sample in make(np.random.default_rng(SEED)):
+            if filter_ is None or filter_(spec, sample):
+                params.append(pytest.param(spec, sample, id=f"{spec.name}-{sample.name}"))
+    return params
+
+
+SAMPLES = _samples()
+
+
+def normwise(a, b):
+    """max|a - b| / max|b|: the relative error of ``a`` against ``b`` at the scale of ``b``."""
+    scale = np.max(np.abs(b)) if np.size(b) else 0.0
+    err = np.max(np.abs(np.asarray(a, dtype=np.float64) - b)) if np.size(b) else 0.0
+    return err / scale if scale > 0 else err
+
+
+def _copies(sample):
+    return [None if a is None else a.copy() for a in sample.arrays], \
+        {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in sample.kwargs.items()}
+
+
+def _assert_unchanged(sample, copies):
+    arrays, kwargs = copies
+    for a, c in zip(sample.arrays, arrays):
+        if a is not None:
+            np.testing.assert_array_equal(a, c)
+    for k, v in sample.kwargs.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, kwargs[k])
+
+
+def _dy(spec, sample, shape):
+    # Seeded by the case, random (never ones: an all-ones dy makes BatchNorm's dx vanish).
+    return np.random.default_rng(zlib.crc32(f"{spec.name}/{sample.name}".encode())).standard_normal(shape)
+
+
+@pytest.mark.parametrize("spec,sample", SAMPLES)
+def test_forward_finite_shape_and_inputs_not_mutated(spec, sample):
+    copies = _copies(sample)
+    y, state, cache = spec.run(sample)
+    x = sample.arrays[0]
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert np.isfinite(y).all()
+    grads = spec.backward(_dy(spec, sample, y.shape), cache)
+    for g, a in zip(grads, sample.arrays):
+        assert (g is None) == (a is None)
+        if g is not None:
+            assert g.shape == a.shape and np.isfinite(g).all()
+    _assert_unchanged(sample, copies)
+
+
+def _engine_grads(fn, spec, sample, dy):
+    tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
+    out = fn(**spec.arguments(sample, tensors))
+    out = out[0] if spec.stateful else out
+    out.backward(dy)
+    return [None if t is None else t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("spec,sample", SAMPLES)
+def test_hand_backward_matches_engine_and_finite_differences(spec, sample):
+    from refnorm.gradcheck import check_vjp
+
+    y, _, cache = spec.run(sample)
+    dy = _dy(spec, sample, y.shape)
+    hand = spec.backward(dy, cache)
+    if spec.composite is not None:
+        engine = _engine_grads(spec.composite, spec, sample, dy)
+        for name, h, e in zip(spec.diff_argnames, hand, engine):
+            if h is not None:
+                assert normwise(h, e) < 1e-10, f"d{name}: hand vs engine composite"
+    present = [i for i, a in enumerate(sample.arrays) if a is not None]
+
+    def f(*arrays):
+        full = list(sample.arrays)
+        for i, a in zip(present, arrays):
+            full[i] = a
+        return spec.output(sample, full)
+
+    def vjp(cotangents, *arrays):
+        full = list(sample.arrays)
+        for i, a in zip(present, arrays):
+            full[i] = a
+        grads = spec.backward(cotangents[0], spec.run(sample, full)[2])
+        return tuple(grads[i] for i in present)
+
+    report = check_vjp(f, vjp, [sample.arrays[i] for i in present], mode="slow",
+                       rng=np.random.default_rng(SEED), rtol=1e-10, atol=1e-12)
+    assert report, str(report)
+
+
+@pytest.mark.parametrize("spec,sample", SAMPLES)
+def test_op_inside_a_graph(spec, sample):
+    """custom_vjp wiring: the op composes with other primitives and with accumulation."""
+    y, _, cache = spec.run(sample)
+    c = _dy(spec, sample, y.shape)
+    tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
+    out = spec.op(**spec.arguments(sample, tensors))
+    out = out[0] if spec.stateful else out
+    loss = (ag.tanh(out) * c).sum() + (out * c).sum()
+    loss.backward()
+    expected = spec.backward((1 - np.tanh(y) ** 2) * c + c, cache)
+    for t, e in zip(tensors, expected):
+        if t is not None:
+            assert normwise(t.grad, e) < 1e-12
+
+
+def _stats_samples(spec, sample):
+    return spec.stats_axes is not None
+
+
+@pytest.mark.parametrize("spec,sample", _samples(filter_=_stats_samples))
+def test_normalized_statistics_are_exact(spec, sample):
+    """Without affine parameters: mean 0 and variance s^2 / (s^2 + eps), not just "about 1"."""
+    x = sample.arrays[0]
+    arrays = (x,) + (None,) * (len(sample.arrays) - 1)
+    y = spec.output(sample, arrays)
+    axes = spec.stats_axes(sample)
+    s2 = x.var(axis=axes, keepdims=True, dtype=np.longdouble)
+    eps = sample.kwargs.get("eps", 1e-5)
+    expected_var = (s2 / (s2 + eps)).astype(np.float64)
+    np.testing.assert_allclose(y.mean(axis=axes, keepdims=True), 0.0, atol=1e-14)
+    np.testing.assert_allclose(y.var(axis=axes, keepdims=True), expected_var, rtol=1e-12,
+                               atol=1e-15)
+
+
+def _invariance_samples(spec, sample):
+    return bool(spec.invariances) and spec.stats_axes is not None
+
+
+@pytest.mark.parametrize("spec,sample", _samples(filter_=_invariance_samples))
+def test_declared_invariances(spec, sample):
+    x = sample.arrays[0]
+    y = spec.output(sample)
+    axes = spec.stats_axes(sample)
+    keep = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+    rng = np.random.default_rng(SEED)
+    if "shift" in spec.invariances:
+        shifted = (x + rng.standard_normal(keep),) + tuple(sample.arrays[1:])
+        assert normwise(spec.output(sample, shifted), y) < 1e-10
+    if "scale" in spec.invariances:
+        a = 3.7
+        scaled = sample._replace(kwargs={**sample.kwargs, "eps": sample.kwargs["eps"] * a * a})
+        out = spec.output(scaled, (x * a,) + tuple(sample.arrays[1:]))
+        assert normwise(out, y) < 1e-12
+
+
+@pytest.mark.parametrize("spec,sample", SAMPLES)
+def test_float32_path_agrees_with_float64(spec, sample):
+    def cast(v):
+        return v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v
+
+    s32 = sample._replace(arrays=tuple(None if a is None else cast(a) for a in sample.arrays),
+                          kwargs={k: cast(v) for k, v in sample.kwargs.items()})
+    y64, _, c64 = spec.run(sample, [None if a is None else a.astype(np.float64)
+                                    for a in s32.arrays])
+    y32, _, c32 = spec.run(s32)
+    assert y32.dtype == np.float32
+    assert normwise(y32, y64) < 2e-5
+    dy = _dy(spec, sample, y64.shape)
+    for g32, g64 in zip(spec.backward(dy.astype(np.float32), c32), spec.backward(dy, c64)):
+        if g64 is not None:
+            assert g32.dtype == np.float32
+            assert normwise(g32, g64) < 1e-4
+
+
+def _error_params():
+    return [pytest.param(spec, e, id=f"{spec.name}-{e.sample.name}") for spec in ALL_SPECS
+            if spec.error_inputs for e in spec.error_inputs()]
+
+
+@pytest.mark.parametrize("spec,error", _error_params())
+def test_error_inputs_raise(spec, error):
+    copies = _copies(error.sample)
+    with pytest.raises(error.error_type, match=error.match):
+        spec.run(error.sample)
+    _assert_unchanged(error.sample, copies)
+
+
+def test_every_spec_has_error_inputs_and_sample_inputs():
+    for spec in ALL_SPECS:
+        assert spec.error_inputs is not None and list(spec.error_inputs()), spec.name
+        assert list(spec.sample_inputs(np.random.default_rng(0))), spec.name
