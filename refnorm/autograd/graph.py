@@ -97,12 +97,13 @@ def backprop(root, g, *, create_graph=False):
                         "only, so its gradient cannot be differentiated again")
                 values, out = parents, node
             else:
-                values, out = tuple(p.data for p in parents), node.data
+                values, out = tuple([p.data for p in parents]), node.data
             grads = VJP_RULES[node._op](g, out, values, *node._args)
             for parent, gp in zip(parents, grads):
                 if gp is None or not parent.requires_grad:
                     continue
-                gp = unbroadcast(gp, parent.data.shape)
+                if gp.shape != parent.data.shape:
+                    gp = unbroadcast(gp, parent.data.shape)
                 key = id(parent)
                 previous = pending.get(key)
                 pending[key] = gp if previous is None else previous + gp

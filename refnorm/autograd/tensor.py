@@ -14,6 +14,7 @@ import numpy as np
 from . import graph
 
 DEFAULT_DTYPE = np.float64
+_mode = graph._GradMode  # read on every recorded op: bind it once
 
 
 def _as_float_array(data, dtype, what="data"):
@@ -67,12 +68,14 @@ class Tensor:
         out = cls.__new__(cls)
         out.data = data
         out.grad = None
-        if graph._GradMode.enabled and any(p.requires_grad for p in parents):
-            out.requires_grad = True
-            out._parents, out._op, out._args = parents, op, args
-        else:
-            out.requires_grad = False
-            out._parents, out._op, out._args = (), None, ()
+        if _mode.enabled:
+            for p in parents:  # a plain loop: any() with a generator costs more here
+                if p.requires_grad:
+                    out.requires_grad = True
+                    out._parents, out._op, out._args = parents, op, args
+                    return out
+        out.requires_grad = False
+        out._parents, out._op, out._args = (), None, ()
         return out
 
     # ----- array-like properties -----
