@@ -1,5 +1,6 @@
 """Tests of refnorm.optim: torch.optim parity, the SGDP/AdamP equations and projection, the
-scale-invariant behaviour, the effective step size, schedules, trajectories, purity, argument checks.
+scale-invariant behaviour, the effective step size, schedules, trajectories, purity and the
+argument checks.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from refnorm.optim.adamp import (
 )
 from refnorm.registry import OptimizerSpec, Paper
 
-SHAPES = [(4, 3), (5,), (2, 3, 2), (1,)]
+SHAPES = [(4, 3), (5,), (2, 3, 2), (3,)]
 PARITY_TOL = 1e-12
 
 
@@ -35,7 +36,8 @@ class LeastSquares:
 
     def __init__(self, rng, shapes=SHAPES, m=7):
         self.shapes = shapes
-        self.A = [rng.standard_normal((m, int(np.prod(s)))) * rng.uniform(0.2, 2.0) for s in shapes]
+        self.A = [rng.standard_normal((m, int(np.prod(s)))) * rng.uniform(0.2, 2.0)
+                  for s in shapes]
         self.b = [rng.standard_normal(m) for _ in shapes]
         self.m = m
         self.x0 = [rng.standard_normal(s) for s in shapes]
@@ -98,12 +100,12 @@ def finite_difference(f, w, h=1e-6):
     return g
 
 
-def run(spec_or_step, init, params, grad_fn, steps, **hyper):
+def run(step, init, params, grad_fn, steps, **hyper):
     """Run an optimizer, returning the list of parameter lists (initial one first) and states."""
     state = init(params, **hyper)
     out, states = [list(params)], [state]
     for _ in range(steps):
-        params, state = spec_or_step(params, grad_fn(params), state, **hyper)
+        params, state = step(params, grad_fn(params), state, **hyper)
         out.append(params)
         states.append(state)
     return out, states
@@ -174,7 +176,10 @@ def _parity_run(torch, rng, init, step, torch_cls, hyper, torch_hyper, state_map
     sign = -1.0 if maximize else 1.0  # maximizing -f follows the same path as minimizing f
 
     def grad_fn(params):
-        return [sign * g for g in problem.grad(params)]
+        # Minibatch-like: the full gradient plus noise. Without noise the gradient vanishes at the
+        # minimum, the moment buffers shrink by cancellation, and a relative comparison of them
+        # would measure the rounding of numbers near zero rather than the optimizer.
+        return [sign * (g + 0.1 * rng.standard_normal(g.shape)) for g in problem.grad(params)]
 
     params = [p.copy() for p in problem.x0]
     tparams = _torch_params(torch, params)
@@ -431,6 +436,24 @@ def test_plain_gd_norm_identity(rng):
         w = new
 
 
+def test_momentum_norm_growth_identity(rng):
+    """Heavy ball (torch SGD, dampening 0) on a scale-invariant loss (docs/derivations/adamp.rst):
+    |w_{t+1}|^2 = |w_t|^2 + lr^2 |p_t|^2 + 2 lr^2 sum_{k<t} beta^(t-k) |p_k|^2."""
+    target = rng.standard_normal(6)
+    w = rng.standard_normal(6)
+    lr, beta = 0.1, 0.9
+    state = optim.sgd_init([w])
+    buffers = []
+    for t in range(50):
+        (new,), state = optim.sgd_step([w], [cosine_loss_grad(w, target)], state, lr=lr,
+                                       momentum=beta)
+        p = state.momentum_buffer[0]
+        buffers.append(p)
+        past = sum(beta ** (t - k) * (buffers[k] @ buffers[k]) for k in range(t))
+        assert math.isclose(new @ new, w @ w + lr**2 * (p @ p) + 2 * lr**2 * past, rel_tol=1e-13)
+        w = new
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamp_update_is_orthogonal_to_the_weight(rng, weight_decay):
     """AdamP on a weight-standardized layer: every step projects in the channel view.
@@ -463,9 +486,10 @@ def test_adamp_update_is_orthogonal_to_the_weight(rng, weight_decay):
         cos = np.abs(lhs) / (np.linalg.norm(step, axis=1) * norms)
         assert np.max(cos) < 1e-7  # ~ 2 eps / |w_r|
         if weight_decay == 0:
-            # then the whole step is orthogonal, and the norm grows by Pythagoras
+            # then the whole step is orthogonal and the norm grows by Pythagoras, up to the
+            # eps-sized radial remainder 2 <w, step>
             np.testing.assert_allclose(np.sum(after**2, axis=1),
-                                       norms**2 + np.sum(step**2, axis=1), rtol=1e-12)
+                                       norms**2 + np.sum(step**2, axis=1), rtol=1e-9)
 
 
 def test_adam_update_is_not_orthogonal(rng):
@@ -642,8 +666,8 @@ def test_trajectory_is_deterministic_and_records_decisions(rng, tmp_path):
     state = spec.init(params, **dict(spec.defaults, weight_decay=0.01))
     p = params
     for t, record in enumerate(a):
-        p, state = spec.step(p, grad_fn(p), state, **dict(spec.defaults, lr=lr(t),
-                                                           weight_decay=0.01))
+        hyper = dict(spec.defaults, lr=lr(t), weight_decay=0.01)
+        p, state = spec.step(p, grad_fn(p), state, **hyper)
         np.testing.assert_array_equal(record["params"][0], p[0])
         np.testing.assert_array_equal(record["state"]["exp_avg"][1], state.exp_avg[1])
         assert record["state"]["step"] == t + 1
@@ -698,11 +722,12 @@ def _readonly(arrays):
 def test_nothing_is_mutated(rng, spec):
     hyper = HYPER[spec.name]
     params = _readonly([rng.standard_normal((3, 4)), rng.standard_normal(5)])
-    params[0] = _readonly([orthogonal_rows(params[0], rng.standard_normal((3, 4)))])[0]
     copies = [p.copy() for p in params]
     state = spec.init(params, **hyper)
     for _ in range(3):  # read-only inputs: any in-place write would raise
-        grads = _readonly([rng.standard_normal(p.shape) for p in params])
+        # a per-channel orthogonal gradient for the matrix, so that SGDP/AdamP project it
+        grads = _readonly([orthogonal_rows(params[0], rng.standard_normal((3, 4))),
+                           rng.standard_normal(5)])
         grad_copies = [g.copy() for g in grads]
         snapshot = {f: [None if b is None else b.copy() for b in v]
                     for f, v in state._asdict().items() if isinstance(v, tuple) and v
@@ -714,6 +739,8 @@ def test_nothing_is_mutated(rng, spec):
             for a, b in zip(getattr(state, field), bufs):
                 np.testing.assert_array_equal(a, b)
         assert new_state.step == state.step + 1
+        if hasattr(new_state, "projection"):
+            assert new_state.projection == ("channel", None)
         assert all(np.shares_memory(a, b) is False for a, b in zip(new_params, params))
         params, state = new_params, new_state
         copies = [p.copy() for p in params]

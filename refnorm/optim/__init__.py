@@ -13,7 +13,7 @@ Also here: learning-rate schedules (:mod:`~refnorm.optim.schedules`), the effect
 scale-invariant weights (:mod:`~refnorm.optim.effective_step`) and trajectories for golden files
 (:mod:`~refnorm.optim.trajectory`).
 """
-from . import adam, adamp, schedules, sgd
+from . import adam, adamp, schedules, sgd  # noqa: F401  (the submodules, for users)
 from .adam import AdamState, adam_init, adam_step, adamw_init, adamw_step
 from .adamp import (
     AdamPState,

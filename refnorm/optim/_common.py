@@ -2,8 +2,8 @@
 
 Every optimizer in :mod:`refnorm.optim` is a pair of pure functions,
 ``<name>_init(params, **hyper) -> state`` and
-``<name>_step(params, grads, state, **hyper) -> (new_params, new_state)``. The helpers here keep the
-argument checking out of the optimizer files, so that those read like their equations.
+``<name>_step(params, grads, state, **hyper) -> (new_params, new_state)``. The helpers here keep
+the argument checking out of the optimizer files, so that those read like their equations.
 """
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ def check_grads(params: Sequence[np.ndarray], grads: Any) -> list[np.ndarray]:
     out = []
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.shape != p.shape:
-            raise ValueError(f"grads[{i}] has shape {g.shape}, but params[{i}] has shape {p.shape}")
+            raise ValueError(
+                f"grads[{i}] has shape {g.shape}, but params[{i}] has shape {p.shape}"
+            )
         out.append(g.astype(p.dtype, copy=False))
     return out
 
@@ -92,7 +94,7 @@ def check_nonnegative(name: str, value: Any) -> float:
 
 
 def check_real(name: str, value: Any) -> float:
-    """``float(value)``, or TypeError/ValueError naming the argument when it is not a finite real."""
+    """``float(value)``, or TypeError/ValueError naming the argument if it is not a finite real."""
     try:
         value = float(value)
     except (TypeError, ValueError):

@@ -34,15 +34,17 @@ Where the papers and ``torch.optim`` differ, this module follows the PyTorch sou
   :math:`\hat\epsilon` to :math:`\sqrt{v_t}` before bias correction, nor TensorFlow's form.
 * **AMSGrad.** Reddi et al. keep the running maximum of :math:`v` and use no bias correction.
   PyTorch takes the maximum of the *raw* :math:`v_t` (the docs' pseudo-code says of
-  :math:`\hat v_t`) and divides it by the *current* :math:`\sqrt{1-\beta_2^t}`; we follow the source.
+  :math:`\hat v_t`) and divides it by the *current* :math:`\sqrt{1-\beta_2^t}`; we follow the
+  source.
 * **AdamW's decay is multiplied by the learning rate.** In Loshchilov & Hutter's Algorithm 2 the
-  decay is :math:`\eta_t \lambda \theta` with :math:`\eta_t` the schedule *multiplier*, independent of
-  the base step size :math:`\alpha`. PyTorch uses :math:`\mathrm{lr}\cdot\lambda`, with
-  :math:`\mathrm{lr} = \alpha\eta_t`; the two coincide when :math:`\lambda_{\text{torch}} =
+  decay is :math:`\eta_t \lambda \theta` with :math:`\eta_t` the schedule *multiplier*,
+  independent of the base step size :math:`\alpha`. PyTorch uses :math:`\mathrm{lr}\cdot\lambda`,
+  with :math:`\mathrm{lr} = \alpha\eta_t`; the two coincide when :math:`\lambda_{\text{torch}} =
   \lambda_{\text{paper}}/\alpha`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -148,9 +150,9 @@ def _step(params, grads, state, *, lr, betas, eps, weight_decay, amsgrad, maximi
             # factor (the PyTorch source, not the docs' max of v-hat).
             vmax = np.maximum(state.max_exp_avg_sq[i], v)
             new_vmax.append(frozen(vmax))
-            denom = np.sqrt(vmax) / np.sqrt(bias_correction2) + eps
+            denom = np.sqrt(vmax) / math.sqrt(bias_correction2) + eps
         else:
-            denom = np.sqrt(v) / np.sqrt(bias_correction2) + eps
+            denom = np.sqrt(v) / math.sqrt(bias_correction2) + eps
         new_params.append(theta - step_size * (m / denom))
         new_m.append(frozen(m))
         new_v.append(frozen(v))

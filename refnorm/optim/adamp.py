@@ -5,14 +5,14 @@ scale-invariant weights (Heo et al., ICLR 2021).
 weight-standardized layer) is *scale-invariant*: :math:`f(cw) = f(w)` for :math:`c > 0`. Then
 :math:`\langle w, \nabla f(w)\rangle = 0` and :math:`\nabla f(cw) = \nabla f(w)/c`, so plain
 gradient descent only ever grows :math:`\lVert w\rVert`
-(:math:`\lVert w_{t+1}\rVert^2 = \lVert w_t\rVert^2 + \eta^2\lVert g_t\rVert^2`) and the *effective*
-step size on the sphere, :math:`\eta/\lVert w\rVert^2`, shrinks. Momentum makes it far worse: the
-buffer holds old gradients, which are no longer orthogonal to the current :math:`w`, so the update
-gains a radial, norm-increasing component. SGDP and AdamP project that component out.
+(:math:`\lVert w_{t+1}\rVert^2 = \lVert w_t\rVert^2 + \eta^2\lVert g_t\rVert^2`) and the
+*effective* step size on the sphere, :math:`\eta/\lVert w\rVert^2`, shrinks. Momentum makes it
+far worse: the buffer holds old gradients, which are no longer orthogonal to the current :math:`w`,
+so the update gains a radial, norm-increasing component. SGDP and AdamP project that component out.
 
-**The projection** :math:`\Pi`, applied to the update :math:`u` of every parameter with more than one
-dimension. For a *view* of the weight as rows :math:`w_r` (first one row per output channel, the
-"channel view"; then the whole weight as one row, the "layer view"), with row length :math:`D`:
+**The projection** :math:`\Pi`, applied to the update :math:`u` of every parameter with more than
+one dimension. For a *view* of the weight as rows :math:`w_r` (first one row per output channel,
+the "channel view"; then the whole weight as one row, the "layer view"), with row length :math:`D`:
 
 .. math::
 
@@ -63,8 +63,9 @@ Optimizers on Scale-invariant Weights", ICLR 2021, arXiv:2006.08217. Official co
 Notes
 -----
 We follow the official code (``adamp/sgdp.py``, ``adamp/adamp.py``) where it adds to, or differs
-from, the algorithm as the paper states it (the projection :math:`\Pi_w(x) = x - (\hat w\cdot x)\hat w`
-applied when :math:`\cos(w, \nabla_w f) < \delta/\sqrt{\dim w}`):
+from, the algorithm as the paper states it (the projection
+:math:`\Pi_w(x) = x - (\hat w\cdot x)\hat w`, applied when
+:math:`\cos(w, \nabla_w f) < \delta/\sqrt{\dim w}`):
 
 * **Views.** The paper tests "the weight"; the code tests each output channel separately first
   (the channel view; *all* channels must pass), then the whole layer, and projects in the first
@@ -80,9 +81,9 @@ applied when :math:`\cos(w, \nabla_w f) < \delta/\sqrt{\dim w}`):
 * **Weight decay** is decoupled (applied to the weight, not the gradient) and multiplied by
   ``wd_ratio`` (default 0.1) whenever the projection fires. For SGDP it is also divided by
   :math:`1-\mu`, which matches the steady-state size of coupled L2 decay through a momentum buffer.
-* **SGDP's buffer starts at zero**, so its first step is dampened by :math:`(1-\tau)`; PyTorch's SGD
-  copies the first gradient into the buffer instead. SGDP with :math:`\lambda = 0`, :math:`\tau = 0`
-  and no projection therefore equals ``torch.optim.SGD``.
+* **SGDP's buffer starts at zero**, so its first step is dampened by :math:`(1-\tau)`; PyTorch's
+  SGD copies the first gradient into the buffer instead. SGDP with :math:`\lambda = 0`,
+  :math:`\tau = 0` and no projection therefore equals ``torch.optim.SGD``.
 * The official SGDP accepts ``nesterov`` with zero momentum or nonzero dampening (unlike
   ``torch.optim.SGD``), and so do we. Neither optimizer has ``maximize`` or ``amsgrad``.
 """

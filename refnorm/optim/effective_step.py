@@ -1,20 +1,20 @@
-r"""The effective step size :math:`\eta_t/\lVert w_t\rVert^2` of scale-invariant weights, over training.
+r"""The effective step size :math:`\eta_t/\lVert w_t\rVert^2` of scale-invariant weights.
 
 For a scale-invariant loss (:math:`f(cw) = f(w)`, e.g. a weight followed by a normalization) only
 the direction :math:`\hat w = w/\lVert w\rVert` matters, and :math:`\nabla f(w) = \nabla_{\hat w}
-f/\lVert w\rVert` is orthogonal to :math:`w`. A gradient step :math:`w_{t+1} = w_t - \eta g_t` moves
-the direction by
+f/\lVert w\rVert` is orthogonal to :math:`w`. A gradient step :math:`w_{t+1} = w_t - \eta g_t`
+moves the direction by
 
 .. math::
 
     \hat w_{t+1} - \hat w_t \approx -\frac{\eta}{\lVert w_t\rVert^2}\, \nabla_{\hat w} f(\hat w_t),
 
-so on the sphere the learning rate is in effect :math:`\eta/\lVert w_t\rVert^2`, and it shrinks as the
-norm grows: :math:`\lVert w_{t+1}\rVert^2 = \lVert w_t\rVert^2 + \eta^2\lVert g_t\rVert^2` for plain
-GD, faster with momentum (Heo et al. 2021, arXiv:2006.08217, section 2; also van Laarhoven 2017,
-arXiv:1706.05350). For Adam-type updates, whose size does not scale as :math:`1/\lVert w\rVert`, the
-angular step is about :math:`\eta\lVert u\rVert/\lVert w\rVert` and the relevant quantity is
-:math:`\eta/\lVert w_t\rVert` (``power=1``).
+so on the sphere the learning rate is in effect :math:`\eta/\lVert w_t\rVert^2`, and it shrinks as
+the norm grows: :math:`\lVert w_{t+1}\rVert^2 = \lVert w_t\rVert^2 + \eta^2\lVert g_t\rVert^2`
+for plain GD, faster with momentum (Heo et al. 2021, arXiv:2006.08217; also van Laarhoven 2017,
+arXiv:1706.05350). For Adam-type updates, whose size does not scale as
+:math:`1/\lVert w\rVert`, the angular step is about :math:`\eta\lVert u\rVert/\lVert w\rVert`
+and the relevant quantity is :math:`\eta/\lVert w_t\rVert` (``power=1``).
 
 The functions here take a trajectory and return one number per step and per parameter; the AdamP
 tutorial plots them. :func:`angular_update` needs no assumption about the optimizer.
@@ -40,7 +40,7 @@ def _pairs(trajectory: Iterable[Any]) -> list[tuple[float, list[np.ndarray]]]:
 
 
 def weight_norms(params_seq: Iterable[Sequence[np.ndarray]]) -> np.ndarray:
-    r"""``out[t, i]`` = :math:`\lVert w^{(i)}_t\rVert_2` (the Frobenius norm of parameter ``i``)."""
+    r"""``out[t, i]`` = :math:`\lVert w^{(i)}_t\rVert_2`, the Frobenius norm of parameter ``i``."""
     return np.array([[np.linalg.norm(np.ravel(p)) for p in params] for params in params_seq],
                     dtype=np.float64)
 
@@ -50,7 +50,7 @@ def effective_step_size(trajectory: Iterable[Any], *, power: float = 2) -> np.nd
 
     Parameters
     ----------
-    trajectory : iterable of ``(lr, params)`` pairs, or of dicts with keys ``"lr"`` and ``"params"``
+    trajectory : iterable of ``(lr, params)`` pairs, or of dicts with ``"lr"`` and ``"params"``
         :math:`\eta_t` and the weights :math:`w_t` that step ``t`` is applied to (the weights
         *before* the step; see :func:`pairs_from_records` for the records of
         :func:`refnorm.optim.trajectory.run_trajectory`, which hold the weights after it).
@@ -72,7 +72,8 @@ def effective_step_size(trajectory: Iterable[Any], *, power: float = 2) -> np.nd
 
 def angular_update(params_seq: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     r"""``out[t, i]`` = the angle in radians between :math:`w^{(i)}_t` and :math:`w^{(i)}_{t+1}`,
-    :math:`\arccos\bigl(\langle w_t, w_{t+1}\rangle/(\lVert w_t\rVert\lVert w_{t+1}\rVert)\bigr)`."""
+    :math:`\arccos\bigl(\langle w_t, w_{t+1}\rangle/(\lVert w_t\rVert\,
+    \lVert w_{t+1}\rVert)\bigr)`."""
     out = []
     for before, after in zip(params_seq[:-1], params_seq[1:]):
         row = []

@@ -1,8 +1,8 @@
-r"""Learning-rate schedules as closed forms: ``schedule.lr_at(t)`` is the learning rate of step ``t``.
+r"""Learning-rate schedules as closed forms: ``schedule.lr_at(t)`` is the learning rate of step t.
 
-Each schedule is a small frozen dataclass; calling it is the same as ``lr_at``. Step ``t = 0`` is the
-first optimizer step, and ``lr_at(t)`` equals ``optimizer.param_groups[0]["lr"]`` after ``t`` calls
-of ``scheduler.step()`` for the ``torch.optim.lr_scheduler`` class of the same name (PyTorch
+Each schedule is a small frozen dataclass; calling it is the same as ``lr_at``. Step ``t = 0`` is
+the first optimizer step, and ``lr_at(t)`` equals ``optimizer.param_groups[0]["lr"]`` after ``t``
+calls of ``scheduler.step()`` for the ``torch.optim.lr_scheduler`` class of the same name (PyTorch
 computes most of them recursively, by multiplying the previous value; the closed forms agree with
 those to rounding).
 
@@ -10,7 +10,7 @@ those to rounding).
 schedule                    :math:`\eta_t`
 ==========================  =================================================================
 :class:`StepLR`             :math:`\eta_0\,\gamma^{\lfloor t/s\rfloor}`
-:class:`CosineAnnealingLR`  :math:`\eta_{\min} + (\eta_0-\eta_{\min})\,\tfrac12(1+\cos(\pi t/T_{\max}))`
+:class:`CosineAnnealingLR`  :math:`\eta_{\min}+(\eta_0-\eta_{\min})\frac{1+\cos(\pi t/T)}{2}`
 :class:`LinearLR`           :math:`\eta_0\,\bigl(f_0 + (f_1-f_0)\min(t,T)/T\bigr)` (linear warm-up)
 :class:`SequentialLR`       one schedule after another, each restarted at its milestone
 ==========================  =================================================================

@@ -5,7 +5,8 @@ Per parameter :math:`\theta` with gradient :math:`g_t` at step :math:`t \ge 1`:
 .. math::
 
     g &\leftarrow -g_t \ \text{if maximize, else}\ g_t \\
-    g &\leftarrow g + \lambda\,\theta_{t-1} \qquad \text{(coupled L2 weight decay, if } \lambda \ne 0) \\
+    g &\leftarrow g + \lambda\,\theta_{t-1}
+        \qquad \text{(coupled L2 weight decay, if } \lambda \ne 0) \\
     b_t &= \begin{cases} g & t = 1 \\ \mu\, b_{t-1} + (1 - \tau)\, g & t > 1 \end{cases}
         \qquad \text{(if } \mu \ne 0) \\
     d &= \begin{cases} g + \mu\, b_t & \text{nesterov} \\ b_t & \text{otherwise} \end{cases} \\
@@ -30,7 +31,8 @@ This follows the ``torch.optim.SGD`` source, which differs from the papers in th
 * **Nesterov** is the reformulation in terms of the current parameters (the gradient is taken at
   :math:`\theta_{t-1}`, not at the look-ahead point), as in the PyTorch docs.
 * **The first step is not dampened:** the buffer starts as a copy of the gradient, not as
-  :math:`(1-\tau)g`. (SGDP's official code starts it at zero instead; see :mod:`refnorm.optim.adamp`.)
+  :math:`(1-\tau)g`. (SGDP's official code starts it at zero instead; see
+  :mod:`refnorm.optim.adamp`.)
 """
 from __future__ import annotations
 
@@ -193,7 +195,8 @@ def _check_cases(rng: np.random.Generator):
 
 
 def _check(rng: np.random.Generator) -> float:
-    """Max relative error of :func:`sgd_step` against :func:`refnorm.optim._equations.sgd_reference`."""
+    """Max relative error of :func:`sgd_step` against
+    :func:`refnorm.optim._equations.sgd_reference`."""
     return run_check(
         sgd_init, sgd_step, _equations.sgd_reference, _check_cases(rng),
         buffer_fields=("momentum_buffer",),
