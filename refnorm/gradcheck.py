@@ -1,25 +1,27 @@
 r"""Finite-difference gradient checking for any function on NumPy arrays.
 
 This module checks a hand-written (or another library's) vector-Jacobian product against
-finite differences. It knows nothing of refnorm's autograd engine: it needs two callables.
+finite differences. It knows nothing of refnorm's autograd engine; it needs two callables:
 
-* ``f(*inputs)`` returns one ndarray, or a tuple/list of ndarrays (several outputs).
-* ``vjp(cotangents, *inputs)`` returns a tuple with one gradient per input, where ``cotangents``
-  is a tuple with one array per output (a single output still gets a 1-tuple). The gradient of
-  input ``k`` is :math:`\sum_o J_{o,k}^T u_o`, of the shape of ``inputs[k]``; ``None`` is allowed for
-  an input that is not differentiated (and read as zeros for one that is).
+* ``f(*inputs)`` returns one ndarray, or a tuple/list of ndarrays (several outputs);
+* ``vjp(cotangents, *inputs)`` returns a tuple (or list) with one gradient per input, where
+  ``cotangents`` is a tuple with one array :math:`u_o` per output (a single output still gets a
+  1-tuple). The gradient of input :math:`k` is :math:`\sum_o J_{o,k}^T u_o`, of the shape of
+  ``inputs[k]``. ``None`` stands for an input that is not differentiated (for one that is, it
+  reads as zeros).
 
-Checking PyTorch's ``tanh`` takes two lines::
+Checking PyTorch's ``tanh`` takes a two-line wrapper::
 
-    f = lambda x: torch.tanh(torch.from_numpy(x)).numpy()
-    vjp = lambda cts, x: tuple(g.numpy() for g in torch.func.vjp(torch.tanh, torch.from_numpy(x))[1](torch.from_numpy(cts[0])))
-    report = check_vjp(f, vjp, (np.random.randn(3, 4),))     # bool(report), print(report)
+    f = lambda x: torch.tanh(torch.tensor(x)).numpy()
+    vjp = lambda cts, x: [g.numpy() for g in
+                          torch.func.vjp(torch.tanh, torch.tensor(x))[1](torch.tensor(cts[0]))]
+    report = check_vjp(f, vjp, (np.random.randn(3, 4),))    # bool(report); print(report)
 
-Floating-point inputs are checked in float64 copies (float16/float32 inputs are upcast and the
-report says so); integer and boolean inputs (masks, indices) are passed through and never
-differentiated. ``f`` and ``vjp`` always receive fresh copies: the caller's arrays are never
-written to. Cotangents and directions are random (standard normal), never all ones: an all-ones
-cotangent makes the check of a normalization layer vacuous.
+Floating-point inputs are checked in float64 copies (float16/float32 inputs are upcast, and the
+report says so); integer and boolean inputs (indices, masks) are passed through and never
+differentiated. ``f`` and ``vjp`` always get fresh copies, so the caller's arrays are never
+written to. Cotangents and directions are random normal, never all ones: with an all-ones
+cotangent the check of a normalization layer is vacuous.
 """
 from __future__ import annotations
 
@@ -34,13 +36,14 @@ __all__ = ["check_vjp", "numerical_jacobian", "directional_derivative", "Gradche
 _EPS = np.finfo(np.float64).eps
 _LEVELS = 4          # steps t, t/2, t/4, t/8: 2 * _LEVELS evaluations of f per derivative
 _SAFETY = 4.0        # slack, in units of the estimated finite-difference error
-_NOISE = 16.0        # f is trusted to about _NOISE ulps of its magnitude
+_NOISE = 16.0        # f is trusted to about this many ulps of its magnitude
 _KINK_FACTOR = 10.0  # one-sided slopes must differ by this many of their error estimates ...
 _KINK_RTOL = 1e-6    # ... and by this fraction of their size, to call a point a kink
+_RESOLVE = 1e-4      # a comparison that cannot see a relative error this large is noted
 
 
 class Worst(NamedTuple):
-    """The comparison furthest outside its tolerance (``index`` is None for a projection)."""
+    """The comparison reported as the worst (``index`` is None for a random projection)."""
     input: int | None
     output: int
     index: tuple | None
@@ -59,17 +62,29 @@ class Kink(NamedTuple):
     analytic: float
 
 
-class GradcheckError(AssertionError):
-    """Raised by ``check_vjp(..., raise_on_failure=True)``; the message is the report."""
-
-    def __init__(self, report: GradcheckReport):
-        super().__init__(str(report))
-        self.report = report
-
-
 @dataclass
 class GradcheckReport:
-    """The outcome of :func:`check_vjp`; true when the check passed, printable."""
+    r"""The outcome of :func:`check_vjp`: true when the check passed, readable when printed.
+
+    Attributes
+    ----------
+    passed : bool
+    mode : {"fast", "slow"}
+    n_evals, n_vjp_calls : int
+        How many times ``f`` and ``vjp`` were called.
+    max_rel_error : float
+        Largest :math:`|a - n| / \max(|a|, |n|)` over the failures and the values large enough
+        for ``rtol`` to govern (:math:`|n| \ge atol / rtol`); near zero, ``atol`` judges.
+    worst : Worst or None
+        The failure furthest outside its tolerance, else the largest relative error.
+    kinks : list of Kink
+        Non-differentiable points found (not failures if the gradient is a one-sided slope or
+        between the two).
+    pattern : str
+        On failure, a guess at the kind of mistake (see ``_diagnose``).
+    notes : list of str
+        What else the reader should know: upcast inputs, element-by-element fallbacks, ...
+    """
     passed: bool
     mode: str
     n_evals: int
@@ -94,24 +109,32 @@ class GradcheckReport:
             w = self.worst
             where = "a random projection" if w.index is None else f"element {w.index}"
             where += "" if w.input is None else f" of input {w.input}"
-            lines.append(f"  worst: {where}, output {w.output}: analytic {w.analytic:.10g}, "
-                         f"numerical {w.numerical:.10g}, relative error {w.rel_error:.3e}")
-            lines.append("  (values are " + ("u^T J v for a random cotangent u and direction v)"
-                         if w.index is None else "(J^T u)[element] for a random cotangent u)"))
+            lines += [f"  worst: {where}, output {w.output}: analytic {w.analytic:.10g}, "
+                      f"numerical {w.numerical:.10g}, relative error {w.rel_error:.3e}",
+                      "  (values are " + ("u^T J v for a random cotangent u and direction v)"
+                                          if w.index is None else
+                                          "(J^T u)[element] for a random cotangent u)")]
         if self.pattern:
             lines.append(f"  pattern: {self.pattern}")
         if self.kinks:
-            lines.append(f"  {len(self.kinks)} non-differentiable point(s) (not failures):")
-            for k in self.kinks[:10]:
-                lines.append(f"    input {k.input}, element {k.index}, output {k.output}: slope "
-                             f"left {k.left:.6g}, right {k.right:.6g}, analytic {k.analytic:.6g}")
-        lines += [f"  note: {note}" for note in self.notes]
-        return "\n".join(lines)
+            lines.append(f"  {len(self.kinks)} non-differentiable point(s), not failures:")
+            lines += [f"    input {k.input}, element {k.index}, output {k.output}: slope left "
+                      f"{k.left:.6g}, right {k.right:.6g}, analytic {k.analytic:.6g}"
+                      for k in self.kinks[:10]]
+        return "\n".join(lines + [f"  note: {note}" for note in self.notes])
+
+
+class GradcheckError(AssertionError):
+    """Raised by ``check_vjp(..., raise_on_failure=True)``; the message is the report."""
+
+    def __init__(self, report: GradcheckReport):
+        super().__init__(str(report))
+        self.report = report
 
 
 # --------------------------------------------------------------------------- finite differences
 
-def _richardson(quotients: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+def _richardson(quotients: np.ndarray, order: int, noise) -> tuple[np.ndarray, np.ndarray]:
     r"""Extrapolate difference quotients taken at steps :math:`t, t/2, t/4, \dots` to step 0.
 
     A central difference has an error series in even powers of the step,
@@ -126,10 +149,15 @@ def _richardson(quotients: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarr
         T_{i,k} = T_{i,k-1} + \frac{T_{i,k-1} - T_{i-1,k-1}}{2^{p k} - 1},
 
     with :math:`p = 2` for central and :math:`p = 1` for one-sided differences (whose series has
-    every power of :math:`t`). As in Ridders' method, each entry's error is estimated by how much
-    it moved from its two parents, and the entry with the smallest estimate is returned, so a
-    table whose last columns are ruined by rounding still yields its best level. Works elementwise
-    on ``quotients`` of shape ``(levels, ...)``.
+    every power of :math:`t`). As in Ridders' method, each entry's error is estimated by how far
+    it moved from its two parents, and the entry with the smallest estimate wins, so a table
+    whose last columns are spoilt by rounding still yields its best level.
+
+    Extrapolation is only valid once the error does shrink like :math:`t^p`: successive
+    differences :math:`D(t/2) - D(t)` must shrink by about :math:`2^p` per halving. Where they
+    do not, beyond the rounding ``noise`` (a kink inside the step, or several kinks crossed
+    along a random direction), the table is not trusted: the error becomes the distance from
+    the answer to the farthest quotient. Works elementwise on ``quotients[level, ...]``.
     """
     best, error = quotients[0], np.full(quotients[0].shape, np.inf)
     previous = [quotients[0]]
@@ -141,42 +169,45 @@ def _richardson(quotients: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarr
             better = moved < error
             best, error = np.where(better, row[k], best), np.where(better, moved, error)
         previous = row
-    return best, error
+    change = np.abs(np.diff(quotients, axis=0))
+    stalled = np.any(change[1:] > np.maximum(change[:-1] * 2.0 ** (1 - order), noise), axis=0)
+    spread = np.max(np.abs(quotients - best), axis=0)
+    return best, np.where(stalled, np.maximum(error, spread), error)
 
 
 class _Estimate(NamedTuple):
-    value: np.ndarray      # central difference, extrapolated
+    value: np.ndarray       # the derivative, from extrapolated central differences
     error: np.ndarray
-    left: np.ndarray       # one-sided slopes, used only to recognise kinks
+    left: np.ndarray        # the one-sided slopes, to recognise kinks
     right: np.ndarray
-    side_error: np.ndarray
+    kink_error: np.ndarray
     kink: np.ndarray
 
 
 def _scale(x: np.ndarray) -> np.ndarray:
-    """Per-element step scale: the element's magnitude, but at least the input's mean magnitude."""
-    typical = float(np.mean(np.abs(x))) if x.size else 1.0
+    """Per-element step scale: the element's magnitude, but at least the input's mean one."""
+    typical = float(np.mean(np.abs(x))) if x.size else 0.0
     return np.maximum(np.abs(x), typical if typical > 0 else 1.0)
 
 
-def _along(fn, xs, directions, f0, step, weights=None, atol=0.0) -> list[_Estimate]:
-    """Derivative of every output of ``fn`` along ``directions`` (one per input, None = fixed).
+def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list[_Estimate]:
+    """Derivative of each output of ``fn`` along ``directions`` (one per input; None: fixed).
 
-    The step is relative: no element moves by more than ``step`` times its :func:`_scale`.
-    With ``weights`` (one cotangent per output), each output's difference quotient is projected
-    to the scalar ``sum(u * quotient)`` before extrapolating, so the table works on exactly the
-    quantity that is compared. Differences are taken before projecting: the outputs that do
-    not move then cancel exactly instead of drowning a small change in rounding.
+    The step is relative: the largest moves no element by more than ``step * scales``. With
+    ``weights`` (one cotangent per output) each difference quotient is projected on its
+    cotangent before extrapolating, so the table works on the very number that is compared.
+    Differences come before projections: outputs that do not move then cancel exactly, instead
+    of drowning a small change in the rounding of a large sum.
     """
-    reach = max((float(np.max(np.abs(v) / _scale(x))) for x, v in zip(xs, directions)
+    reach = max((float(np.max(np.abs(v) / s)) for s, v in zip(scales, directions)
                  if v is not None and v.size), default=0.0)
-    if weights is None:
-        project = lambda o, a: a  # noqa: E731
-    else:
-        project = lambda o, a: np.sum(weights[o] * a)  # noqa: E731
+
+    def project(o, a):
+        return a if weights is None else np.sum(weights[o] * a)
+
     if reach == 0.0:  # nothing moves: the derivative is exactly zero
-        zero = [project(o, np.zeros_like(y)) for o, y in enumerate(f0)]
-        return [_Estimate(z, z, z, z, z, np.zeros_like(z, bool)) for z in zero]
+        zeros = [project(o, np.zeros_like(y)) for o, y in enumerate(f0)]
+        return [_Estimate(z, z, z, z, z, np.zeros_like(z, bool)) for z in zeros]
     steps = (step / reach) * 0.5 ** np.arange(_LEVELS)
     central, forward, backward = [], [], []
     moved = [np.zeros(y.shape, bool) for y in f0]
@@ -190,23 +221,28 @@ def _along(fn, xs, directions, f0, step, weights=None, atol=0.0) -> list[_Estima
         backward.append([(b - m) / t for b, m in zip(f0, down)])
     estimates = []
     for o, y in enumerate(f0):
-        # Rounding in f makes each quotient uncertain by about ulp(f) / t, whatever the table says.
-        magnitude = np.abs(y) * moved[o]
-        noise = _NOISE * _EPS * (magnitude if weights is None else
-                                 np.sum(np.abs(weights[o]) * magnitude)) / steps[-1]
-        value, error = _richardson(np.array([project(o, q[o]) for q in central]), 2)
-        right, e_right = _richardson(np.array([project(o, q[o]) for q in forward]), 1)
-        left, e_left = _richardson(np.array([project(o, q[o]) for q in backward]), 1)
-        side_error = e_left + e_right + 4 * noise
-        # A kink: both one-sided slopes are well determined, and they disagree.
+        # Rounding in f blurs every quotient by about ulp(f) / t, whatever the table says.
+        noise = _NOISE * fn.eps * np.abs(y) * moved[o] / steps[-1]
+        noise = noise if weights is None else np.sum(np.abs(weights[o]) * noise)
+        value, error = _richardson(np.array([project(o, q[o]) for q in central]), 2, noise)
+        right, e_right = _richardson(np.array([project(o, q[o]) for q in forward]), 1, 2 * noise)
+        left, e_left = _richardson(np.array([project(o, q[o]) for q in backward]), 1, 2 * noise)
+        kink_error = e_left + e_right + 4 * noise
+        # A kink: the two one-sided slopes are each well determined, and they disagree.
         jump = np.abs(right - left)
-        kink = (jump > _KINK_FACTOR * side_error + atol) & \
+        kink = (jump > _KINK_FACTOR * kink_error + atol) & \
                (jump > _KINK_RTOL * np.maximum(np.abs(left), np.abs(right)))
-        estimates.append(_Estimate(value, error + noise, left, right, side_error, kink))
+        estimates.append(_Estimate(value, error + noise, left, right, kink_error, kink))
     return estimates
 
 
-# --------------------------------------------------------------------------- argument handling
+def _one_hot(x: np.ndarray, index: tuple) -> np.ndarray:
+    v = np.zeros_like(x)
+    v[index] = 1.0
+    return v
+
+
+# --------------------------------------------------------------------------- arguments
 
 def _describe(value) -> str:
     text = repr(value)
@@ -225,13 +261,13 @@ def _prepare_inputs(inputs, diff_argnums=None):
         if a.dtype.kind == "f":
             if a.dtype != np.float64:
                 notes.append(f"inputs[{k}] is {a.dtype}: checked in a float64 copy")
-            xs.append(a.astype(np.float64))  # always a copy: nothing of the caller's is touched
+            xs.append(a.astype(np.float64))  # a copy, even for float64
             floating.append(k)
         elif a.dtype.kind in "iub":
             xs.append(a.copy())
         else:
             raise TypeError(f"inputs[{k}] has dtype {a.dtype}; expected a real floating-point "
-                            "array (or an integer/boolean array that is not differentiated)")
+                            "array (or an integer/boolean one, which is not differentiated)")
     diff = floating if diff_argnums is None else sorted({int(k) for k in diff_argnums})
     for k in diff:
         if not 0 <= k < len(xs):
@@ -245,31 +281,31 @@ def _prepare_inputs(inputs, diff_argnums=None):
 
 
 class _Function:
-    """Calls ``f`` on fresh copies, checks what it returns, and counts the evaluations."""
+    """Calls ``f`` on fresh copies, checks what it returns, and counts the calls."""
 
     def __init__(self, f):
         if not callable(f):
             raise TypeError(f"f must be callable; got {_describe(f)}")
-        self.f, self.n_evals, self.shapes = f, 0, None
+        self.f, self.n_evals, self.shapes, self.eps = f, 0, None, _EPS
 
     def __call__(self, xs) -> list[np.ndarray]:
         self.n_evals += 1
         result = self.f(*[x.copy() for x in xs])
         items = list(result) if isinstance(result, (tuple, list)) else [result]
-        outputs = []
-        for y in items:
-            ok = isinstance(y, (np.ndarray, np.number, float, int)) and not isinstance(y, bool)
-            if not ok or np.asarray(y).dtype.kind not in "fiu" or not items:
-                raise TypeError("f must return a real NumPy array or a tuple/list of them; it "
-                                f"returned {_describe(result)}")
-            outputs.append(np.asarray(y, dtype=np.float64))
-        shapes = [y.shape for y in outputs]
+        arrays = [np.asarray(y) for y in items if isinstance(y, (np.ndarray, np.number, float))
+                  or type(y) is int]
+        if not items or len(arrays) < len(items) or any(a.dtype.kind not in "fiu" for a in arrays):
+            raise TypeError("f must return a real NumPy array or a tuple/list of them; it "
+                            f"returned {_describe(result)}")
+        for a in arrays:  # f computing in float32 is noisier than float64 rounding
+            if a.dtype.kind == "f":
+                self.eps = max(self.eps, float(np.finfo(a.dtype).eps))
         if self.shapes is None:
-            self.shapes = shapes
-        elif shapes != self.shapes:
-            raise ValueError(f"f returned outputs of shapes {shapes} at a perturbed input but "
-                             f"{self.shapes} at the original input; expected the same shapes")
-        return outputs
+            self.shapes = [a.shape for a in arrays]
+        elif [a.shape for a in arrays] != self.shapes:
+            raise ValueError(f"f returned outputs of shapes {[a.shape for a in arrays]} at a "
+                             f"perturbed input but {self.shapes} at the original input")
+        return [a.astype(np.float64) for a in arrays]
 
 
 def _gradients(vjp, cotangents, xs, diff) -> dict[int, np.ndarray]:
@@ -322,19 +358,19 @@ class _Comparison(NamedTuple):
 
 
 def _compare(est: _Estimate, analytic, input, output, index, rtol, atol) -> _Comparison:
-    """Compare one analytic number with its finite-difference estimate.
+    r"""Compare one analytic number :math:`a` with its finite-difference estimate :math:`n`.
 
-    A smooth point passes when :math:`|a - n| \\le atol + rtol |n| + 4 e`, with :math:`e` the
-    extrapolation's error estimate. At a kink any subgradient is right, so the analytic value
-    is compared with the nearest point of the interval between the left and right slopes.
+    A smooth point passes when :math:`|a - n| \le atol + rtol\,|n| + 4 e`, with :math:`e` the
+    extrapolation's error estimate. At a kink any subgradient is right, so :math:`a` is compared
+    with the nearest point between the left and right slopes. That holds for one element; a
+    random projection may cross several kinks at once, so there a kink is never a failure.
     """
     a, left, right = float(analytic), float(est.left), float(est.right)
+    n, error = float(est.value), float(est.error)
     if est.kink:
-        n = min(max(a, min(left, right)), max(left, right))
-        error = est.side_error
-    else:
-        n, error = float(est.value), est.error
-    tolerance = atol + rtol * abs(n) + _SAFETY * float(error)
+        n = a if index is None else min(max(a, min(left, right)), max(left, right))
+        error = float(est.kink_error)
+    tolerance = atol + rtol * abs(n) + _SAFETY * error
     return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right)
 
 
@@ -360,7 +396,8 @@ def _diagnose(comparisons: list[_Comparison], worst: _Comparison) -> str:
     """
     group = [c for c in comparisons if not c.kink and (c.input, c.output) == (worst.input,
              worst.output) and (c.index is None) == (worst.index is None)]
-    a, n, tolerance = (np.array([c[i] for c in group]) for i in (3, 4, 5))
+    a, n, tolerance = (np.array([getattr(c, name) for c in group])
+                       for name in ("analytic", "numerical", "tolerance"))
     factor = _factor(a, n, tolerance)
     if worst.index is None:
         return factor if len(group) > 1 and factor else \
@@ -382,29 +419,32 @@ def _diagnose(comparisons: list[_Comparison], worst: _Comparison) -> str:
 # --------------------------------------------------------------------------- the checker
 
 class _Checker:
-    """The state one call of :func:`check_vjp` shares between its projections and fallbacks."""
+    """What one call of :func:`check_vjp` shares between its projections and fallbacks."""
 
-    def __init__(self, fn, vjp, xs, diff, step, rtol, atol):
-        self.fn, self.vjp, self.xs, self.diff = fn, vjp, xs, diff
+    def __init__(self, f, vjp, xs, diff, step, rtol, atol):
+        self.fn, self.vjp, self.xs, self.diff = _Function(f), vjp, xs, diff
         self.step, self.rtol, self.atol = step, rtol, atol
-        self.f0 = fn(xs)
-        self.n_vjp_calls = 0
+        self.scales = [_scale(x) if x.dtype.kind == "f" else None for x in xs]
+        self.movable = [k for k in diff if xs[k].size]
+        self.f0 = self.fn(xs)
+        self.n_vjp_calls, self.notes = 0, []
 
     def draw(self, rng):
         """Random cotangents, and the analytic J_o^T u_o of each output o (one vjp call each)."""
         cotangents = [rng.standard_normal(y.shape) for y in self.f0]
         grads = []
         for o, u in enumerate(cotangents):
-            # One output at a time, so a wrong gradient is traced to the output that causes it.
+            # One output at a time, so that a wrong gradient is traced to its output.
             alone = [u if i == o else np.zeros_like(y) for i, y in enumerate(self.f0)]
             grads.append(_gradients(self.vjp, alone, self.xs, self.diff))
             self.n_vjp_calls += 1
         return cotangents, grads
 
-    def projection(self, cotangents, grads, directions, input=None) -> list[_Comparison]:
+    def projection(self, cotangents, grads, directions: dict, input=None) -> list[_Comparison]:
         r"""Compare :math:`u^T (J v)`, by finite differences, with :math:`(J^T u)^T v`."""
         moved = [directions.get(k) for k in range(len(self.xs))]
-        estimates = _along(self.fn, self.xs, moved, self.f0, self.step, cotangents, self.atol)
+        estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, self.step, cotangents,
+                           self.atol)
         return [_compare(est, sum(float(np.sum(g[k] * v)) for k, v in directions.items()),
                          input, o, None, self.rtol, self.atol)
                 for o, (est, g) in enumerate(zip(estimates, grads))]
@@ -413,12 +453,46 @@ class _Checker:
         """Compare (J^T u)[j] with its finite difference, one element j of input k at a time."""
         comparisons = []
         for j in np.ndindex(self.xs[k].shape):
-            v = np.zeros_like(self.xs[k])
-            v[j] = 1.0
-            moved = [v if i == k else None for i in range(len(self.xs))]
-            estimates = _along(self.fn, self.xs, moved, self.f0, self.step, cotangents, self.atol)
+            moved = [_one_hot(self.xs[k], j) if i == k else None for i in range(len(self.xs))]
+            estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, self.step,
+                               cotangents, self.atol)
             comparisons += [_compare(est, g[k][j], k, o, j, self.rtol, self.atol)
                             for o, (est, g) in enumerate(zip(estimates, grads))]
+        return comparisons
+
+    def slow(self, rng) -> list[_Comparison]:
+        cotangents, grads = self.draw(rng)
+        return [c for k in self.movable for c in self.elements(k, cotangents, grads)]
+
+    def fast(self, rng, n_projections, max_fallback_size) -> list[_Comparison]:
+        comparisons, checked = [], set()  # checked: inputs already checked element by element
+        for _ in range(n_projections):
+            cotangents, grads = self.draw(rng)
+            directions = {k: rng.standard_normal(self.xs[k].shape) for k in self.movable}
+            joint = self.projection(cotangents, grads, directions)
+            if not any(c.troubled for c in joint):
+                comparisons += joint
+                continue
+            # Find the culprit: one input at a time, then element by element if small enough.
+            explained = bool(checked)
+            for k in sorted(set(self.movable) - checked):
+                local = [c._replace(input=k) for c in joint] if len(self.movable) == 1 else \
+                    self.projection(cotangents, grads, {k: directions[k]}, input=k)
+                explained |= any(c.troubled for c in local)
+                if any(c.troubled for c in local) and self.xs[k].size <= max_fallback_size:
+                    comparisons += self.elements(k, cotangents, grads)
+                    checked.add(k)
+                    why = "failed" if any(c.bad for c in local) else "met a kink"
+                    self.notes.append(f"the fast check of input {k} {why}, so its "
+                                      f"{self.xs[k].size} elements were checked one by one")
+                    continue
+                comparisons += local
+                if any(c.kink for c in local):
+                    self.notes.append(f"a random direction met a kink of input {k}, too large "
+                                      "to check element by element: inconclusive there")
+            if not explained:  # no single input disagrees, but all of them together do
+                comparisons += [c for c in joint if c.bad]
+                self.notes.append("a projection over all inputs failed but no single input did")
         return comparisons
 
 
@@ -438,27 +512,28 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         The point to check at. Floating-point inputs are differentiated (in float64 copies);
         integer and boolean inputs are passed through.
     mode : {"fast", "slow"}
-        ``"slow"``: every element of every differentiable input is moved on its own, which is the
-        full Jacobian by central differences, :math:`2 \cdot 4` evaluations of ``f`` per element;
-        each column is compared, projected on a random cotangent, with ``vjp``'s gradient.
-        ``"fast"``: ``n_projections`` random projections. For a random cotangent :math:`u` and a
-        random direction :math:`v`,
+        ``"slow"``: each element of each differentiable input is moved on its own, which gives
+        the full Jacobian by central differences (8 evaluations of ``f`` per element); each
+        column, projected on a random cotangent :math:`u`, is compared with the element of
+        ``vjp``'s :math:`J^T u`. ``"fast"``: ``n_projections`` random projections. For a random
+        cotangent :math:`u` and a random direction :math:`v`,
 
         .. math::
             u^T (J v) = (J^T u)^T v,
 
-        where the left side is one directional derivative of ``f`` (8 evaluations of ``f``,
-        whatever the size of the inputs) and the right side is one ``vjp`` call dotted with
-        :math:`v`. On a failure (or a kink) the direction is restricted to one input at a time to
+        the left side is one directional derivative of ``f`` (8 evaluations of ``f`` whatever
+        the size of the inputs), the right side one ``vjp`` call dotted with :math:`v`. When a
+        projection fails or meets a kink, the direction is restricted to one input at a time to
         find the culprit, and an input of at most ``max_fallback_size`` elements is then checked
-        element by element, which names the worst element; the report says so.
+        element by element to name the worst element; the report says so.
     rng : numpy.random.Generator or int, optional
         Source of the random cotangents and directions; default ``np.random.default_rng(0)``.
     rtol, atol : float
         A number passes when :math:`|a - n| \le atol + rtol\,|n| + 4 e`, with :math:`e` the
         error estimate of the Richardson extrapolation (see :func:`directional_derivative`).
-        In float64 :math:`e` is typically :math:`10^{-10}` relative, so a gradient off by
-        :math:`10^{-4}` relative fails while finite-difference noise does not.
+        In float64 :math:`e` is typically :math:`10^{-10}` relative or less, so a gradient off
+        by :math:`10^{-4}` relative fails while finite-difference noise does not. Gradients
+        below ``atol / rtol`` in magnitude are judged by ``atol``.
     n_projections : int
         Number of random projections in fast mode.
     raise_on_failure : bool
@@ -474,7 +549,7 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     -------
     GradcheckReport
         True when passed; ``print`` it for the worst element, its analytic and numerical values,
-        the relative error, the error pattern and the non-differentiable points found.
+        the relative error, the error pattern and the non-differentiable points.
     """
     if mode not in ("fast", "slow"):
         raise ValueError(f"mode must be 'fast' or 'slow'; got {mode!r}")
@@ -484,61 +559,50 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         raise TypeError(f"vjp must be callable; got {_describe(vjp)}")
     xs, diff, notes = _prepare_inputs(inputs, diff_argnums)
     rng = np.random.default_rng(0 if rng is None else rng)
-    checker = _Checker(_Function(f), vjp, xs, diff, step, rtol, atol)
-    movable = [k for k in diff if xs[k].size]
+    checker = _Checker(f, vjp, xs, diff, step, rtol, atol)
     notes += [f"input {k} is empty: nothing to check" for k in diff if not xs[k].size]
-
-    comparisons = []
-    if movable and mode == "slow":
-        cotangents, grads = checker.draw(rng)
-        for k in movable:
-            comparisons += checker.elements(k, cotangents, grads)
-    elif movable:
-        projections = []
-        for _ in range(n_projections):
-            cotangents, grads = checker.draw(rng)
-            directions = {k: rng.standard_normal(xs[k].shape) for k in movable}
-            found = checker.projection(cotangents, grads, directions)
-            projections.append((cotangents, grads, directions, found))
-        done = set()  # inputs already checked element by element
-        for cotangents, grads, directions, found in projections:
-            if not any(c.troubled for c in found):
-                comparisons += found
-                continue
-            explained = False
-            for k in movable:
-                if k in done:
-                    explained = True
-                    continue
-                local = [c._replace(input=k) for c in found] if len(movable) == 1 else \
-                    checker.projection(cotangents, grads, {k: directions[k]}, input=k)
-                if any(c.troubled for c in local) and xs[k].size <= max_fallback_size:
-                    comparisons += checker.elements(k, cotangents, grads)
-                    done.add(k)
-                    notes.append(f"the fast check of input {k} failed or met a kink, so its "
-                                 f"{xs[k].size} elements were checked one by one")
-                else:
-                    comparisons += local
-                explained |= any(c.troubled for c in local)
-            if not explained:  # the joint projection disagrees but no single input does
-                comparisons += [c for c in found if c.bad]
-                notes.append("a projection over all inputs failed but no single input did")
-
-    passed = not any(c.bad for c in comparisons)
-    # The worst: a failure if any, else the smooth point closest to failing.
-    worst = max(comparisons, default=None, key=lambda c: (c.bad, not c.kink, np.nan_to_num(
-        abs(c.analytic - c.numerical) / c.tolerance if c.tolerance else np.inf, nan=np.inf)))
-    report = GradcheckReport(
-        passed=passed, mode=mode, n_evals=checker.fn.n_evals, n_vjp_calls=checker.n_vjp_calls,
-        max_rel_error=max((c.rel_error(atol) for c in comparisons), default=0.0),
-        worst=worst and Worst(worst.input, worst.output, worst.index, worst.analytic,
-                              worst.numerical, worst.rel_error(atol)),
-        kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
-               for c in comparisons if c.kink],
-        pattern="" if passed else _diagnose(comparisons, worst), notes=notes, rtol=rtol, atol=atol)
+    if not checker.movable:
+        comparisons = []
+    elif mode == "slow":
+        comparisons = checker.slow(rng)
+    else:
+        comparisons = checker.fast(rng, n_projections, max_fallback_size)
+    report = _report(comparisons, mode, checker, notes + checker.notes, rtol, atol)
     if raise_on_failure and not report:
         raise GradcheckError(report)
     return report
+
+
+def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
+    passed = not any(c.bad for c in comparisons)
+
+    def governed_by_rtol(c):  # near zero atol judges, and a relative error says little
+        return max(abs(c.analytic), abs(c.numerical)) * rtol >= atol
+
+    def badness(c):  # failures first, by how far outside their tolerance; then relative error
+        excess = np.nan_to_num(abs(c.analytic - c.numerical) / c.tolerance, nan=np.inf)
+        return (c.bad, not c.kink, excess if c.bad else c.rel_error(atol) * governed_by_rtol(c))
+
+    if checker.fn.eps > _EPS:
+        notes.append(f"f returns outputs of machine epsilon {checker.fn.eps:.1e} (not float64): "
+                     "finite differences are no more precise than f")
+    loose = [c for c in comparisons if not c.kink
+             and c.tolerance > atol + _RESOLVE * max(abs(c.analytic), abs(c.numerical))]
+    if loose:
+        notes.append(f"{len(loose)} of {len(comparisons)} comparisons could not resolve a "
+                     f"relative error of {_RESOLVE:g}: their finite-difference error estimate is "
+                     "large (f noisy, low-precision, or not smooth at the scale of the step)")
+    worst = max(comparisons, key=badness, default=None)
+    return GradcheckReport(
+        passed=passed, mode=mode, n_evals=checker.fn.n_evals, n_vjp_calls=checker.n_vjp_calls,
+        max_rel_error=max((c.rel_error(atol) for c in comparisons
+                           if c.bad or governed_by_rtol(c)), default=0.0),
+        worst=None if worst is None else Worst(worst.input, worst.output, worst.index,
+                                               worst.analytic, worst.numerical,
+                                               worst.rel_error(atol)),
+        kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
+               for c in comparisons if c.kink],
+        pattern="" if passed else _diagnose(comparisons, worst), notes=notes, rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -550,9 +614,9 @@ def directional_derivative(f: Callable, inputs: Sequence[np.ndarray], directions
     Central differences :math:`D(t) = (f(x + t v) - f(x - t v)) / 2t` at
     :math:`t, t/2, t/4, t/8` are extrapolated to :math:`t \to 0` with Richardson's table
     (error :math:`O(t^2) \to O(t^4) \to O(t^6) \to O(t^8)`); the error estimate is how far the
-    chosen entry moved from the entries it was built from, plus the rounding noise of ``f``
-    divided by the step. The largest step moves no element by more than ``step`` times its
-    magnitude. One-sided differences :math:`(f(x + t v) - f(x)) / t` and
+    chosen entry moved from the entries it was built from, plus the rounding of ``f`` divided by
+    the step. The largest step moves no element by more than ``step`` times its magnitude (at
+    least the input's mean magnitude). One-sided differences :math:`(f(x + t v) - f(x)) / t` and
     :math:`(f(x) - f(x - t v)) / t` are extrapolated the same way; when both are well determined
     and disagree, ``x`` is a non-differentiable point (a kink) along ``v``.
 
@@ -561,12 +625,12 @@ def directional_derivative(f: Callable, inputs: Sequence[np.ndarray], directions
     f : callable
     inputs : sequence of ndarray
     directions : sequence of ndarray or None
-        One per input (None: that input does not move), of the input's shape.
+        One per input, of its shape (None: that input does not move).
 
     Returns
     -------
     value, error_estimate : ndarray, or tuples of ndarrays for several outputs
-        :math:`J v` for each output and its elementwise error estimate.
+        :math:`J v` for each output, and its elementwise error estimate.
     kink : bool
         Whether any output element has a kink along ``directions``.
     """
@@ -579,7 +643,7 @@ def directional_derivative(f: Callable, inputs: Sequence[np.ndarray], directions
         if v is not None and v.shape != xs[k].shape:
             raise ValueError(f"directions[{k}] has shape {v.shape}; expected {xs[k].shape}")
     fn = _Function(f)
-    estimates = _along(fn, xs, moved, fn(xs), step)
+    estimates = _along(fn, xs, [_scale(x) for x in xs], moved, fn(xs), step)
     values, errors = [e.value for e in estimates], [e.error for e in estimates]
     kink = any(bool(np.any(e.kink)) for e in estimates)
     if len(estimates) == 1:
@@ -592,17 +656,15 @@ def numerical_jacobian(f: Callable, inputs: Sequence[np.ndarray], *, argnum: int
     """The Jacobian of ``f`` with respect to ``inputs[argnum]``, one element at a time.
 
     Each column is a :func:`directional_derivative` along one element (8 evaluations of ``f``).
-    The result has shape ``output.shape + input.shape``; a tuple of such arrays for several
-    outputs. This is slow (``8 * input.size`` evaluations) and meant for small inputs.
+    The result has shape ``output.shape + input.shape``, or is a tuple of such arrays for
+    several outputs. Slow (``8 * input.size`` evaluations): meant for small inputs.
     """
     xs, _, _ = _prepare_inputs(inputs, diff_argnums=[argnum])
-    fn = _Function(f)
+    fn, scales = _Function(f), [_scale(x) for x in xs]
     f0 = fn(xs)
     jacobians = [np.zeros(y.shape + xs[argnum].shape) for y in f0]
     for j in np.ndindex(xs[argnum].shape):
-        v = np.zeros_like(xs[argnum])
-        v[j] = 1.0
-        moved = [v if i == argnum else None for i in range(len(xs))]
-        for jac, est in zip(jacobians, _along(fn, xs, moved, f0, step)):
-            jac[(Ellipsis,) + j] = est.value
+        moved = [_one_hot(xs[argnum], j) if i == argnum else None for i in range(len(xs))]
+        for jacobian, est in zip(jacobians, _along(fn, xs, scales, moved, f0, step)):
+            jacobian[(Ellipsis,) + j] = est.value
     return jacobians[0] if len(jacobians) == 1 else tuple(jacobians)
