@@ -6,9 +6,17 @@ lives in its own module (``refnorm.norms.layer_norm``); the differentiable ops o
 by name, are in :mod:`refnorm.functional`.
 """
 from refnorm.norms import layer_norm as _layer_norm
+from refnorm.norms import rms_norm as _rms_norm
+from refnorm.norms import group_norm as _group_norm
+from refnorm.norms import batch_norm as _batch_norm
+from refnorm.norms import instance_norm as _instance_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
+    _rms_norm.SPEC,
+    _group_norm.SPEC,
+    _batch_norm.SPEC,
+    _instance_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

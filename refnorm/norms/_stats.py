@@ -23,6 +23,8 @@ it in its forward pass; the unbiased one appears only in running statistics.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -84,3 +86,89 @@ def check_eps(eps, op, name="eps"):
             or not np.isfinite(eps) or eps < 0:
         raise ValueError(f"{op}: `{name}` must be a finite number >= 0, got {eps!r}")
     return float(eps)
+
+
+def check_normalized_shape(normalized_shape, x, op):
+    """``normalized_shape`` (an int or a tuple of ints) as a tuple, checked against ``x``'s
+    trailing dimensions; raise a ValueError naming it otherwise."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) \
+        else tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else None
+    if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                            for n in shape):
+        raise ValueError(f"{op}: `normalized_shape` must be an int or a non-empty tuple of "
+                         f"ints, got {normalized_shape!r}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) > x.ndim or x.shape[x.ndim - len(shape):] != shape:
+        raise ValueError(f"{op}: `normalized_shape` {shape} must equal the trailing "
+                         f"dimensions of `x`, whose shape is {x.shape}")
+    return shape
+
+
+def check_num_groups(num_groups, channels, op, name="num_groups"):
+    """``num_groups`` as an int dividing ``channels``; else a TypeError/ValueError naming it."""
+    if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool):
+        raise TypeError(f"{op}: `{name}` must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"{op}: `{name}` must be a positive divisor of the number of channels "
+                         f"x.shape[1] = {channels}, got {num_groups}")
+    return int(num_groups)
+
+
+def group_view(x, num_groups):
+    r"""``x`` of shape :math:`(N, C, *)` as :math:`(N, G, (C/G)\prod *)`: group :math:`g` holds the
+    contiguous channels :math:`[gC/G, (g+1)C/G)` and all their spatial positions, so one
+    reduction over the last axis gives the per-(sample, group) statistics. A view, no copy,
+    when ``x`` is C-contiguous (NumPy copies otherwise)."""
+    per_group = x.shape[1] // num_groups * int(np.prod(x.shape[2:], dtype=np.int64))
+    return x.reshape(x.shape[0], num_groups, per_group)
+
+
+# ----- running statistics (BatchNorm, InstanceNorm) -----
+def check_flag(value, name, op):
+    """``value`` as a bool; raise a TypeError naming ``name`` for anything else (``1``, "yes")."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: `{name}` must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_momentum(momentum, op, *, allow_none=False):
+    """``momentum`` as a float (or None where ``allow_none``); raise a ValueError naming it."""
+    if momentum is None and allow_none:
+        return None
+    if not isinstance(momentum, (numbers.Real, np.floating)) or isinstance(momentum, bool) \
+            or not np.isfinite(momentum):
+        expected = "a finite number or None" if allow_none else "a finite number"
+        raise ValueError(f"{op}: `momentum` must be {expected}, got {momentum!r}")
+    return float(momentum)
+
+
+def check_running_stats(running_mean, running_var, op, num_features):
+    """Both ``None`` (no running statistics) or both floating arrays of shape ``(num_features,)``;
+    returns whether they are given."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: `running_mean` and `running_var` must either both be None or "
+                         f"neither be None")
+    check_param(running_mean, "running_mean", op, (num_features,))
+    check_param(running_var, "running_var", op, (num_features,))
+    return running_mean is not None
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, factor):
+    r"""New ``(running_mean, running_var)`` after one batch; the inputs are not modified.
+
+    ``mean`` and ``var`` are per-feature batch statistics with the shape of the running ones,
+    ``var`` **biased** over ``count`` values. The running variance tracks the **unbiased** one:
+
+    .. math::
+
+       r_\mu \leftarrow (1-f)\,r_\mu + f\,\mu,\qquad
+       r_{\sigma^2} \leftarrow (1-f)\,r_{\sigma^2} + f\,\sigma^2\,\frac{m}{m-1},
+
+    with :math:`f` = ``factor`` (PyTorch's ``momentum``: the weight of the **new** value) and
+    :math:`m` = ``count`` (> 1). The results keep the dtypes of the running statistics.
+    """
+    unbiased = var * (count / (count - 1))
+    new_mean = (1.0 - factor) * running_mean + factor * mean
+    new_var = (1.0 - factor) * running_var + factor * unbiased
+    return (new_mean.astype(running_mean.dtype, copy=False),
+            new_var.astype(running_var.dtype, copy=False))

@@ -1,0 +1,403 @@
+r"""Batch Normalization.
+
+Ioffe & Szegedy, *Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+Covariate Shift*, arXiv:1502.03167 (2015).
+
+The input has shape :math:`(N, C, *)` (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``,
+``(N, C, D, H, W)``). Channel :math:`c` is normalized over the set :math:`S` of all axes but axis
+1, which holds :math:`m = N\prod *` values. With **batch statistics** (training):
+
+.. math::
+
+   \mu_c = \langle x\rangle_S,\qquad
+   \sigma^2_c = \langle (x-\mu_c)^2\rangle_S,\qquad
+   r_c = (\sigma^2_c+\epsilon)^{-1/2},\qquad
+   \hat x = (x-\mu_c)\,r_c,\qquad
+   y = \gamma_c\,\hat x + \beta_c ,
+
+where :math:`\langle\cdot\rangle_S` is the mean over :math:`S`, ``weight`` is :math:`\gamma`
+and ``bias`` is :math:`\beta`. In training the **running statistics** are updated too, with
+:math:`f` = ``momentum`` (the weight of the *new* value), or :math:`f = 1/t` where :math:`t` is
+``num_batches_tracked`` after it is incremented, when ``momentum`` is None (a cumulative average):
+
+.. math::
+
+   t \leftarrow t + 1,\qquad
+   \bar\mu_c \leftarrow (1-f)\,\bar\mu_c + f\,\mu_c,\qquad
+   \bar\sigma^2_c \leftarrow (1-f)\,\bar\sigma^2_c + f\,\frac{m}{m-1}\,\sigma^2_c .
+
+The running variance tracks the **unbiased** batch variance; the forward uses the biased one. In
+evaluation (``training=False``) with running statistics the layer is a fixed affine map of
+:math:`x`: :math:`\hat x = (x-\bar\mu_c)(\bar\sigma^2_c+\epsilon)^{-1/2}`.
+
+Backward (derivation: ``docs/derivations/batch_norm.rst``). With batch statistics,
+
+.. math::
+
+   \mathrm{d}x = \gamma_c\,r_c\,\bigl(\mathrm{d}y - \langle \mathrm{d}y\rangle_S
+                 - \hat x\,\langle \mathrm{d}y\odot\hat x\rangle_S\bigr),\qquad
+   \mathrm{d}\gamma_c = \textstyle\sum_S \mathrm{d}y\odot\hat x,\qquad
+   \mathrm{d}\beta_c = \textstyle\sum_S \mathrm{d}y ,
+
+so the two reductions of :math:`\mathrm{d}x` are :math:`\mathrm{d}\beta/m` and
+:math:`\mathrm{d}\gamma/m`, computed once. With running statistics they are constants and
+:math:`\mathrm{d}x = \gamma_c\,r_c\,\mathrm{d}y`. An all-ones :math:`\mathrm{d}y` without
+affine gives :math:`\mathrm{d}x = 0` exactly in training (:math:`\sum_S \hat x = 0`), which is
+why gradient checks must use a random :math:`\mathrm{d}y`.
+
+Conventions, as in ``torch.nn.functional.batch_norm`` and ``torch.nn.BatchNorm{1,2,3}d``: biased
+variance in the forward, unbiased in the running variance, ``eps`` inside the square root,
+``eps = 1e-5``, ``momentum = 0.1``. TensorFlow/Keras call the weight of the *old* value
+``momentum``/``decay``: PyTorch 0.1 is their 0.9.
+
+**State is explicit.** The running statistics are arguments and the updated ones are returned
+in a :class:`BatchNormState`, never written in place. ``num_batches_tracked`` (a keyword, default
+0) is the counter of ``nn.BatchNorm``; it matters only for ``momentum=None``. The options of the
+module map to arguments:
+
+* ``track_running_stats=False``: pass ``running_mean=running_var=None``; batch statistics are
+  then used in evaluation too, as the module does (``F.batch_norm`` itself raises there);
+* ``affine=False``: pass ``weight=bias=None``.
+
+Paper vs code. The paper's inference (Algorithm 2) uses population statistics averaged over
+training mini-batches, :math:`E[x] = E_B[\mu_B]` and :math:`\mathrm{Var}[x] =
+\frac{m}{m-1}E_B[\sigma^2_B]`; ``momentum=None`` computes exactly that over equally sized batches.
+The exponential moving average with ``momentum`` is the implementations' convention.
+
+PyTorch details reproduced: one value per channel in training raises "Expected more than 1 value
+per channel when training"; PyTorch 2.x requires ``eps > 0`` whenever batch statistics are used.
+PyTorch's CPU kernel computes :math:`y = x\,\gamma r + (\beta - \mu\gamma r)`, which cancels on
+channels with a large mean; refnorm computes :math:`(x-\mu)\,r\,\gamma + \beta` from two-pass
+statistics (:mod:`refnorm.norms._stats`) and is the more accurate there.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from refnorm import autograd as ag
+from refnorm.autograd import custom_vjp
+from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
+                                  check_param, check_running_stats, moments, rsqrt,
+                                  update_running_stats)
+from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
+
+_OP = "batch_norm"
+
+
+class BatchNormState(NamedTuple):
+    running_mean: np.ndarray | None    # \bar\mu, shape (C,), or None when not tracked
+    running_var: np.ndarray | None     # \bar\sigma^2 (unbiased), shape (C,), or None
+    num_batches_tracked: np.ndarray    # t, an int64 0-d array
+
+
+class BatchNormCache(NamedTuple):
+    xhat: np.ndarray                # \hat x, same shape as x
+    mean: np.ndarray                # the \mu used (batch or running), shape (1, C, 1, ...)
+    rstd: np.ndarray                # the r used, shape (1, C, 1, ...)
+    weight: np.ndarray | None       # \gamma, or None
+    has_bias: bool
+    axes: tuple[int, ...]           # S: every axis but 1
+    batch_stats: bool               # whether \mu and r depend on x (training, or no running stats)
+
+
+class BatchNormGrads(NamedTuple):
+    dx: np.ndarray
+    dweight: np.ndarray | None
+    dbias: np.ndarray | None
+
+
+def _channel_axes(ndim):
+    """S: every axis but the channel axis 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def _channel_shape(x):
+    """``(1, C, 1, ...)``: a per-channel vector broadcast against ``x``."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def _check_num_batches_tracked(value):
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{_OP}: `num_batches_tracked` must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5, *, num_batches_tracked=0):
+    r"""Batch normalization over every axis but 1; returns ``(y, new_state, cache)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, *)
+    running_mean, running_var : ndarray of shape (C,), or None
+        :math:`\bar\mu` and :math:`\bar\sigma^2` (unbiased). Both None: no running statistics,
+        and batch statistics are used in evaluation too. Never modified.
+    weight, bias : ndarray of shape (C,), optional
+        :math:`\gamma` and :math:`\beta`. ``None`` means 1 and 0.
+    training : bool, default False
+        Batch statistics, and an update of the running ones; else the running statistics.
+    momentum : float or None, default 0.1
+        Weight of the new value in the running averages; None: cumulative average
+        (:math:`f = 1/t`).
+    eps : float, default 1e-5
+        Added to the variance inside the square root; must be > 0 where batch statistics are
+        used.
+    num_batches_tracked : int, keyword-only, default 0
+        The counter :math:`t` before this call; incremented when the running statistics are
+        updated.
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    new_state : BatchNormState
+        Updated copies of the running statistics when they were updated, else the given arrays.
+    cache : BatchNormCache
+    """
+    check_array(x, "x", _OP, ndim_min=2)
+    channels = x.shape[1]
+    tracking = check_running_stats(running_mean, running_var, _OP, channels)
+    check_param(weight, "weight", _OP, (channels,))
+    check_param(bias, "bias", _OP, (channels,))
+    training = check_flag(training, "training", _OP)
+    momentum = check_momentum(momentum, _OP, allow_none=True)
+    eps = check_eps(eps, _OP)
+    t = _check_num_batches_tracked(num_batches_tracked)
+    axes = _channel_axes(x.ndim)
+    shape = _channel_shape(x)
+    batch_stats = training or not tracking
+    if batch_stats:
+        m = axis_count(x.shape, axes)
+        if m <= 1:
+            raise ValueError(f"{_OP}: Expected more than 1 value per channel when training, got "
+                             f"`x` of shape {x.shape}")
+        if eps <= 0:
+            raise ValueError(f"{_OP}: `eps` must be > 0 when batch statistics are used "
+                             f"(training, or no running statistics), got {eps!r}")
+        xhat, mean, var = moments(x, axes)
+        rstd = rsqrt(var + eps)
+        xhat *= rstd  # the centred buffer becomes \hat x in place
+    else:
+        mean = running_mean.reshape(shape).astype(x.dtype, copy=False)
+        rstd = rsqrt(running_var.reshape(shape) + eps).astype(x.dtype, copy=False)
+        xhat = x - mean
+        xhat *= rstd
+    if training and tracking:
+        t += 1
+        f = 1.0 / t if momentum is None else momentum
+        new_mean, new_var = update_running_stats(running_mean, running_var, mean.reshape(-1),
+                                                 var.reshape(-1), m, f)
+        state = BatchNormState(new_mean, new_var, np.asarray(t, dtype=np.int64))
+    else:
+        state = BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
+    y = xhat * weight.reshape(shape) if weight is not None else xhat.copy()
+    if bias is not None:
+        y += bias.reshape(shape)
+    return y, state, BatchNormCache(xhat, mean, rstd, weight, bias is not None, axes, batch_stats)
+
+
+def batch_norm_backward(dy, cache):
+    """Hand-derived VJP of :func:`batch_norm_forward`: ``(dy, cache) -> BatchNormGrads``."""
+    xhat, _, rstd, weight, has_bias, axes, batch_stats = cache
+    # Per-channel sums: dbias and dweight, and (divided by m) the two means of dx.
+    sum_dy = dy.sum(axis=axes, keepdims=True) if batch_stats or has_bias else None
+    dx = np.multiply(dy, xhat)  # first dy * xhat, then reused for dx (one buffer, not two)
+    sum_dyx = dx.sum(axis=axes, keepdims=True) if batch_stats or weight is not None else None
+    scale = rstd if weight is None else rstd * weight.reshape(rstd.shape)
+    if batch_stats:
+        m = dy.size // dy.shape[1]
+        np.multiply(xhat, sum_dyx / m, out=dx)
+        np.subtract(dy, dx, out=dx)
+        dx -= sum_dy / m
+        dx *= scale
+    else:
+        np.multiply(dy, scale, out=dx)
+    dweight = sum_dyx.reshape(-1) if weight is not None else None
+    dbias = sum_dy.reshape(-1) if has_bias else None
+    return BatchNormGrads(dx, dweight, dbias)
+
+
+batch_norm = custom_vjp(batch_norm_forward, batch_norm_backward, ("x", "weight", "bias"),
+                        stateful=True)
+batch_norm.__doc__ = """Differentiable batch normalization (engine op): returns ``(y, new_state)``;
+see :func:`batch_norm_forward`."""
+
+
+def batch_norm_composite(x, running_mean, running_var, weight=None, bias=None, training=False,
+                         momentum=0.1, eps=1e-5, *, num_batches_tracked=0):
+    """The same math with engine primitives only: the engine derives its own gradient.
+
+    The new state is computed independently too (unbiased variance by ``ag.var(correction=1)``,
+    no gradient), so tests can compare it with :func:`batch_norm_forward`'s.
+    """
+    axes = _channel_axes(x.ndim)
+    shape = _channel_shape(x)
+    tracking = running_mean is not None
+    if training or not tracking:
+        xc = x - ag.mean(x, axes, keepdims=True)
+        xhat = xc / ag.sqrt(ag.mean(xc * xc, axes, keepdims=True) + eps)
+    else:
+        xhat = (x - running_mean.reshape(shape)) / np.sqrt(running_var.reshape(shape) + eps)
+    y = xhat * ag.reshape(weight, shape) if weight is not None else xhat
+    y = y + ag.reshape(bias, shape) if bias is not None else y
+    t = int(num_batches_tracked)
+    if training and tracking:
+        t += 1
+        f = 1.0 / t if momentum is None else momentum
+        with ag.no_grad():
+            mu = ag.mean(x, axes).data
+            unbiased = ag.var(x, axes, correction=1).data
+        running_mean = f * mu + (1.0 - f) * running_mean
+        running_var = f * unbiased + (1.0 - f) * running_var
+    return y, BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs for the tests, the goldens and the CLI
+# ----------------------------------------------------------------------------------------------
+def _case(rng, name, shape, *, training=True, running=True, affine=True, bias=True,
+          momentum=0.1, eps=1e-5, num_batches_tracked=0, x=None):
+    x = rng.standard_normal(shape) if x is None else x
+    c = shape[1]
+    weight = rng.standard_normal(c) + 1.0 if affine else None
+    b = rng.standard_normal(c) if affine and bias else None
+    running_mean = rng.standard_normal(c) if running else None
+    running_var = rng.uniform(0.5, 2.0, c) if running else None
+    return SampleInput(name, (x, weight, b), dict(
+        running_mean=running_mean, running_var=running_var, training=training,
+        momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked))
+
+
+def sample_inputs(rng):
+    yield _case(rng, "(4,3)-1d", (4, 3))
+    yield _case(rng, "(3,2,5)-(N,C,L)", (3, 2, 5))
+    yield _case(rng, "(2,3,2,3)-2d", (2, 3, 2, 3))
+    yield _case(rng, "(1,2,3,4)-N1-spatial", (1, 2, 3, 4))
+    yield _case(rng, "(2,2,2,3,2)-3d", (2, 2, 2, 3, 2))
+    yield _case(rng, "(5,1,1)-size-1-axes", (5, 1, 1))
+    yield _case(rng, "(3,2,4)-eval", (3, 2, 4), training=False)
+    yield _case(rng, "(5,3)-1d-eval", (5, 3), training=False)
+    yield _case(rng, "(1,3)-eval-one-value-per-channel", (1, 3), training=False)
+    yield _case(rng, "(2,2,2,2,2)-3d-eval", (2, 2, 2, 2, 2), training=False)
+    yield _case(rng, "(3,2,4)-momentum-None-t3", (3, 2, 4), momentum=None, num_batches_tracked=3)
+    yield _case(rng, "(3,2,4)-no-running-stats", (3, 2, 4), running=False)
+    yield _case(rng, "(3,2,4)-no-running-stats-eval", (3, 2, 4), running=False, training=False)
+    yield _case(rng, "(4,2,3)-no-affine-eps0.1", (4, 2, 3), affine=False, eps=0.1)
+    yield _case(rng, "(3,2,4)-weight-only", (3, 2, 4), bias=False)
+    yield _case(rng, "(2,3,2)-eval-no-affine", (2, 3, 2), training=False, affine=False)
+    constant = rng.standard_normal((3, 2, 4))
+    constant[:, 0] = 0.7
+    yield _case(rng, "(3,2,4)-constant-channel", (3, 2, 4), x=constant)
+    yield _case(rng, "(3,2,4)-mean100", (3, 2, 4), x=100.0 + rng.standard_normal((3, 2, 4)))
+
+
+def oracle_inputs(rng):
+    yield _case(rng, "(16,37,13,11)", (16, 37, 13, 11))
+    yield _case(rng, "(65536,3)-long-channels", (65536, 3))
+    yield _case(rng, "(1,5,17,19)-N1", (1, 5, 17, 19))
+    yield _case(rng, "(3,5,3,7,11)-3d", (3, 5, 3, 7, 11))
+    yield _case(rng, "(16,37,9,9)-eval", (16, 37, 9, 9), training=False)
+    yield _case(rng, "(33,37)-momentum-None-t9", (33, 37), momentum=None, num_batches_tracked=9)
+    yield _case(rng, "(7,5,13)-no-running-stats-no-affine", (7, 5, 13), running=False,
+                affine=False)
+    yield _case(rng, "(8,5,7,9)-mean1e4-std1e-3", (8, 5, 7, 9),
+                x=1e4 + 1e-3 * rng.standard_normal((8, 5, 7, 9)))
+    constant = np.broadcast_to(rng.standard_normal((1, 6, 1, 1)), (8, 6, 5, 5)).copy()
+    yield _case(rng, "(8,6,5,5)-constant-channels", (8, 6, 5, 5), x=constant)
+    yield _case(rng, "(6,7,33)-tiny-scale", (6, 7, 33), x=1e-20 * rng.standard_normal((6, 7, 33)))
+    yield _case(rng, "(6,7,33)-huge-scale", (6, 7, 33), x=1e20 * rng.standard_normal((6, 7, 33)))
+
+
+def error_inputs():
+    x = np.ones((2, 3, 4))
+    c = np.ones(3)
+
+    def call(name, x=x, weight=None, bias=None, **kwargs):
+        return SampleInput(name, (x, weight, bias),
+                           {"running_mean": c.copy(), "running_var": c.copy(), **kwargs})
+
+    yield ErrorInput(call("list x", x=[[1.0, 2.0], [3.0, 4.0]]), TypeError,
+                     r"batch_norm: `x` must be a numpy.ndarray")
+    yield ErrorInput(call("int x", x=np.ones((2, 3), dtype=int)), TypeError,
+                     r"batch_norm: `x` must have a floating dtype")
+    yield ErrorInput(call("1-d x", x=np.ones(3)), ValueError,
+                     r"`x` must have at least 2 dimensions")
+    yield ErrorInput(call("running_mean shape", running_mean=np.ones(4)), ValueError,
+                     r"`running_mean` must have shape \(3,\), got \(4,\)")
+    yield ErrorInput(call("running_var int", running_var=np.ones(3, dtype=int)), TypeError,
+                     r"`running_var` must have a floating dtype")
+    yield ErrorInput(call("running_var only", running_mean=None), ValueError,
+                     r"`running_mean` and `running_var` must either both be None or neither")
+    yield ErrorInput(call("weight", weight=np.ones(2)), ValueError,
+                     r"`weight` must have shape \(3,\), got \(2,\)")
+    yield ErrorInput(call("bias", bias=np.ones((3, 1))), ValueError,
+                     r"`bias` must have shape \(3,\)")
+    yield ErrorInput(call("eps", eps=-1.0), ValueError, r"`eps` must be a finite number >= 0")
+    yield ErrorInput(call("eps 0 training", training=True, eps=0.0), ValueError,
+                     r"`eps` must be > 0 when batch statistics are used")
+    yield ErrorInput(call("momentum", momentum="0.1"), ValueError,
+                     r"`momentum` must be a finite number or None")
+    yield ErrorInput(call("training", training=1), TypeError, r"`training` must be a bool")
+    yield ErrorInput(call("num_batches_tracked", num_batches_tracked=-1), ValueError,
+                     r"`num_batches_tracked` must be an int >= 0")
+    yield ErrorInput(call("one value per channel", x=np.ones((1, 3)), training=True), ValueError,
+                     r"Expected more than 1 value per channel when training")
+    yield ErrorInput(SampleInput("one value per channel, no running stats, eval",
+                                 (np.ones((1, 3, 1)), None, None),
+                                 dict(running_mean=None, running_var=None, training=False)),
+                     ValueError, r"Expected more than 1 value per channel when training")
+
+
+def _torch_call(torch, x, weight, bias, *, running_mean, running_var, training=False,
+                momentum=0.1, eps=1e-5, num_batches_tracked=0):
+    """``F.batch_norm`` driven as ``nn.BatchNorm.forward`` drives it (batch statistics when there
+    are no running ones, the factor 1/t for ``momentum=None``), on copies of the state."""
+    tracking = running_mean is not None
+    t = int(num_batches_tracked)
+    factor = 0.0 if momentum is None else momentum
+    if training and tracking:
+        t += 1
+        factor = 1.0 / t if momentum is None else momentum
+    rm = torch.tensor(running_mean) if tracking else None  # torch.tensor copies
+    rv = torch.tensor(running_var) if tracking else None
+    y = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, training or not tracking,
+                                       factor, eps)
+    state = {"num_batches_tracked": np.asarray(t, dtype=np.int64)}
+    if tracking:
+        state.update(running_mean=rm.numpy(), running_var=rv.numpy())
+    return y, state
+
+
+def _stats_axes(sample):
+    """All axes but 1 where batch statistics are used; None (no standardization) in evaluation
+    with running statistics."""
+    kwargs = sample.kwargs
+    if kwargs.get("training", False) or kwargs.get("running_mean") is None:
+        return _channel_axes(sample.arrays[0].ndim)
+    return None
+
+
+SPEC = NormSpec(
+    name="batch_norm",
+    title="Batch Normalization",
+    paper=Paper("Batch Normalization: Accelerating Deep Network Training by Reducing Internal "
+                "Covariate Shift", "Ioffe, Szegedy", 2015, "arXiv:1502.03167"),
+    forward=batch_norm_forward,
+    backward=batch_norm_backward,
+    op=batch_norm,
+    composite=batch_norm_composite,
+    diff_argnames=("x", "weight", "bias"),
+    sample_inputs=sample_inputs,
+    oracle_inputs=oracle_inputs,
+    error_inputs=error_inputs,
+    stateful=True,
+    train_eval_differ=True,
+    invariances=("shift", "scale"),
+    stats_axes=_stats_axes,
+    torch_equivalent="torch.nn.functional.batch_norm",
+    torch_call=_torch_call,
+)

@@ -1,0 +1,266 @@
+r"""Group Normalization.
+
+Wu & He, *Group Normalization*, ECCV 2018, arXiv:1803.08494.
+
+The input has shape :math:`(N, C, *)`. Its :math:`C` channels are split into :math:`G` groups of
+:math:`C/G` contiguous channels (group :math:`g` holds channels :math:`[gC/G, (g+1)C/G)`), and
+each sample :math:`n` is normalized over each group's set :math:`S_{ng}`: its channels and all
+their spatial positions, :math:`M = (C/G)\prod *` elements:
+
+.. math::
+
+   \mu_{ng} = \langle x\rangle_{S_{ng}},\qquad
+   \sigma^2_{ng} = \langle (x-\mu_{ng})^2\rangle_{S_{ng}},\qquad
+   r_{ng} = (\sigma^2_{ng}+\epsilon)^{-1/2},\qquad
+   \hat x = (x-\mu_{ng})\,r_{ng},\qquad
+   y_{nc\cdot} = \gamma_c\,\hat x_{nc\cdot} + \beta_c ,
+
+with a **per-channel** affine (``weight`` :math:`\gamma` and ``bias`` :math:`\beta` of shape
+:math:`(C,)`), not per group.
+
+Backward (derivation: ``docs/derivations/group_norm.rst``). With :math:`g = \gamma_c\,
+\mathrm{d}y` (:math:`\gamma` varies inside a group, so it is applied before the group means):
+
+.. math::
+
+   \mathrm{d}x = r_{ng}\bigl(g - \langle g\rangle_{S_{ng}}
+                 - \hat x\,\langle g\odot\hat x\rangle_{S_{ng}}\bigr),\qquad
+   \mathrm{d}\gamma_c = \textstyle\sum_{n,*} \mathrm{d}y\odot\hat x,\qquad
+   \mathrm{d}\beta_c = \textstyle\sum_{n,*} \mathrm{d}y .
+
+The code computes the group means from the per-(sample, channel) sums
+:math:`A_{nc} = \sum_* \mathrm{d}y\,\hat x` and :math:`B_{nc} = \sum_* \mathrm{d}y` (which are also
+the summands of :math:`\mathrm{d}\gamma` and :math:`\mathrm{d}\beta`):
+:math:`\langle g\hat x\rangle_{S_{ng}} = \frac1M\sum_{c\in g}\gamma_c A_{nc}` and
+:math:`\langle g\rangle_{S_{ng}} = \frac1M\sum_{c\in g}\gamma_c B_{nc}`, so no array of the size of
+``x`` is formed for ``g`` or ``g * xhat``.
+
+Conventions, as in ``torch.nn.functional.group_norm``: ``num_groups`` required and dividing
+:math:`C`, biased variance (:math:`1/M`), ``eps`` inside the square root, default ``eps = 1e-5``,
+no running statistics (train = eval). ``weight``/``bias`` default to None here, as in
+``F.group_norm`` (the ``nn.GroupNorm`` module holds them, initialised to 1 and 0). Statistics are
+two-pass with a correction pass (:mod:`refnorm.norms._stats`), on the ``(N, G, M)`` view of ``x``
+(no copy when ``x`` is C-contiguous).
+
+Special cases: :math:`G = C` is InstanceNorm with affine parameters; :math:`G = 1` is LayerNorm
+over :math:`(C, *)` followed by the per-channel affine. Each group's output (before the affine)
+is invariant to adding a constant to the group and to scaling it by :math:`a > 0` together with
+:math:`\epsilon\to a^2\epsilon`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refnorm import autograd as ag
+from refnorm.autograd import custom_vjp
+from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
+                                  group_view, moments, rsqrt)
+from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
+
+
+class GroupNormCache(NamedTuple):
+    xhat: np.ndarray                # \hat x, same shape as x
+    mean: np.ndarray                # \mu, shape (N, G, 1)
+    rstd: np.ndarray                # r, shape (N, G, 1)
+    weight: np.ndarray | None       # \gamma, shape (C,), or None
+    has_bias: bool
+
+
+class GroupNormGrads(NamedTuple):
+    dx: np.ndarray
+    dweight: np.ndarray | None
+    dbias: np.ndarray | None
+
+
+def _channel(param, ndim):
+    """A per-channel (C,) parameter, shaped to broadcast against (N, C, *)."""
+    return param.reshape(param.shape + (1,) * (ndim - 2))
+
+
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
+    r"""Group normalization of ``x`` of shape (N, C, \*); returns ``(y, cache)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, \*)
+    num_groups : int
+        :math:`G`; must divide :math:`C`.
+    weight, bias : ndarray of shape (C,), optional
+        Per-channel :math:`\gamma` and :math:`\beta`. ``None`` means 1 and 0.
+    eps : float, default 1e-5
+        Added to each group's variance inside the square root.
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    cache : GroupNormCache
+    """
+    check_array(x, "x", "group_norm", ndim_min=2)
+    channels = x.shape[1]
+    num_groups = check_num_groups(num_groups, channels, "group_norm")
+    check_param(weight, "weight", "group_norm", (channels,))
+    check_param(bias, "bias", "group_norm", (channels,))
+    eps = check_eps(eps, "group_norm")
+    xhat, mean, var = moments(group_view(x, num_groups), (2,))
+    rstd = rsqrt(var + eps)
+    xhat *= rstd  # the centred buffer becomes \hat x in place
+    xhat = xhat.reshape(x.shape)
+    y = xhat * _channel(weight, x.ndim) if weight is not None else xhat.copy()
+    if bias is not None:
+        y += _channel(bias, x.ndim)
+    return y, GroupNormCache(xhat, mean, rstd, weight, bias is not None)
+
+
+def group_norm_backward(dy, cache):
+    """Hand-derived VJP of :func:`group_norm_forward`: ``(dy, cache) -> GroupNormGrads``."""
+    xhat, _, rstd, weight, has_bias = cache
+    n, c = dy.shape[:2]
+    groups, spatial = rstd.shape[1], int(np.prod(dy.shape[2:], dtype=np.int64))
+    per_channel = c // groups
+    per_group = per_channel * spatial  # M
+    dy3, xhat3 = dy.reshape(n, c, spatial), xhat.reshape(n, c, spatial)
+    buf = dy3 * xhat3
+    a = buf.sum(axis=2)          # A_nc = sum_* dy xhat
+    b = dy3.sum(axis=2)          # B_nc = sum_* dy
+    dweight = a.sum(axis=0) if weight is not None else None
+    dbias = b.sum(axis=0) if has_bias else None
+    if weight is not None:
+        a *= weight
+        b *= weight
+    # group means <g xhat> and <g>, shape (N, G, 1), spread over the group's channels to
+    # (N, C, 1); then dx = r (g - <g> - xhat <g xhat>), with g = gamma dy formed in dx's buffer
+    mean_gx = a.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
+    mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
+
+    def spread(v):  # (N, G, 1) -> (N, C, 1)
+        return np.broadcast_to(v, (n, groups, per_channel)).reshape(n, c, 1)
+
+    if weight is not None:
+        dx = dy3 * weight[:, None]
+        dx -= spread(mean_g)
+    else:
+        dx = dy3 - spread(mean_g)
+    dx -= np.multiply(xhat3, spread(mean_gx), out=buf)
+    dx *= spread(rstd)
+    return GroupNormGrads(dx.reshape(dy.shape), dweight, dbias)
+
+
+group_norm = custom_vjp(group_norm_forward, group_norm_backward, ("x", "weight", "bias"))
+group_norm.__doc__ = \
+    """Differentiable group normalization (engine op); see :func:`group_norm_forward`."""
+
+
+def group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """The same math with engine primitives only: the engine derives its own gradient."""
+    n, c = x.shape[:2]
+    x3 = ag.reshape(x, (n, num_groups, -1))
+    xc = x3 - ag.mean(x3, 2, keepdims=True)
+    xc = xc - ag.mean(xc, 2, keepdims=True)  # the correction pass, as in the forward: 0 in exact
+    # arithmetic, and it makes a constant group centre to exactly 0 (so dweight is exactly 0)
+    xhat = ag.reshape(xc / ag.sqrt(ag.mean(xc * xc, 2, keepdims=True) + eps), x.shape)
+    affine = (c,) + (1,) * (x.ndim - 2)
+    y = xhat * ag.reshape(weight, affine) if weight is not None else xhat
+    return y + ag.reshape(bias, affine) if bias is not None else y
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs for the tests, the goldens and the CLI
+# ----------------------------------------------------------------------------------------------
+def _case(rng, name, shape, groups, eps=1e-5, affine=True, bias=True, x=None, dtype=np.float64):
+    x = rng.standard_normal(shape) if x is None else x
+    weight = rng.standard_normal(shape[1]) + 1.0 if affine else None
+    b = rng.standard_normal(shape[1]) if affine and bias else None
+    arrays = tuple(None if a is None else a.astype(dtype) for a in (x, weight, b))
+    return SampleInput(name, arrays, dict(num_groups=groups, eps=eps))
+
+
+def _constant_groups(rng, shape, groups):
+    """Each (sample, group) constant, a different constant per group."""
+    n, c = shape[:2]
+    levels = rng.standard_normal((n, groups, 1))
+    return np.broadcast_to(levels, (n, groups, c // groups * int(np.prod(shape[2:])))) \
+        .reshape(shape).copy()
+
+
+def sample_inputs(rng):
+    yield _case(rng, "(2,4,5)-G2", (2, 4, 5), 2)
+    yield _case(rng, "(2,6,3,2)-G3", (2, 6, 3, 2), 3)
+    yield _case(rng, "(1,4,2,2,2)-G2-5d", (1, 4, 2, 2, 2), 2)
+    yield _case(rng, "(2,4,3)-G1", (2, 4, 3), 1)
+    yield _case(rng, "(2,3,4)-G=C", (2, 3, 4), 3)
+    yield _case(rng, "(3,4)-2d-G2", (3, 4), 2)
+    yield _case(rng, "(3,4,1)-one-element-groups", (3, 4, 1), 4)
+    yield _case(rng, "(2,6,2)-plain-eps0.1", (2, 6, 2), 3, eps=0.1, affine=False)
+    yield _case(rng, "(2,4,3)-weight-only", (2, 4, 3), 2, bias=False)
+    yield _case(rng, "(2,4,3)-constant-groups", (2, 4, 3), 2,
+                x=_constant_groups(rng, (2, 4, 3), 2))
+    yield _case(rng, "(2,4,3)-mean100", (2, 4, 3), 2, x=100.0 + rng.standard_normal((2, 4, 3)))
+
+
+def oracle_inputs(rng):
+    yield _case(rng, "(3,30,7,9)-G5", (3, 30, 7, 9), 5)
+    yield _case(rng, "(4,32,15,15)-G32-eq-C", (4, 32, 15, 15), 32)
+    yield _case(rng, "(2,12,5,7)-G1", (2, 12, 5, 7), 1)
+    yield _case(rng, "(5,8,1)-one-element-groups", (5, 8, 1), 8)
+    yield _case(rng, "(7,6)-2d-G3", (7, 6), 3)
+    yield _case(rng, "(2,6,3,4,5)-G3-5d", (2, 6, 3, 4, 5), 3)
+    yield _case(rng, "(2,4,16384)-G1-long-groups", (2, 4, 16384), 1)
+    yield _case(rng, "(4,6,11,3)-G2-mean1e4-std1e-3", (4, 6, 11, 3), 2,
+                x=1e4 + 1e-3 * rng.standard_normal((4, 6, 11, 3)))
+    yield _case(rng, "(3,8,5,5)-G4-constant-groups", (3, 8, 5, 5), 4,
+                x=_constant_groups(rng, (3, 8, 5, 5), 4))
+    yield _case(rng, "(3,10,33)-G5-tiny-scale", (3, 10, 33), 5,
+                x=1e-20 * rng.standard_normal((3, 10, 33)))
+    yield _case(rng, "(3,10,33)-G5-huge-scale", (3, 10, 33), 5,
+                x=1e20 * rng.standard_normal((3, 10, 33)))
+
+
+def error_inputs():
+    x = np.ones((2, 4, 3))
+    yield ErrorInput(SampleInput("list x", ([[1.0, 2.0]], None, None), dict(num_groups=1)),
+                     TypeError, r"group_norm: `x` must be a numpy.ndarray")
+    yield ErrorInput(SampleInput("int x", (np.ones((2, 4), dtype=int), None, None),
+                                 dict(num_groups=2)), TypeError, r"floating dtype")
+    yield ErrorInput(SampleInput("1d x", (np.ones(4), None, None), dict(num_groups=2)),
+                     ValueError, r"`x` must have at least 2 dimensions, got shape \(4,\)")
+    yield ErrorInput(SampleInput("groups do not divide C", (x, None, None), dict(num_groups=3)),
+                     ValueError, r"`num_groups` must be a positive divisor of the number of "
+                                 r"channels x.shape\[1\] = 4, got 3")
+    yield ErrorInput(SampleInput("zero groups", (x, None, None), dict(num_groups=0)),
+                     ValueError, r"`num_groups` must be a positive divisor")
+    yield ErrorInput(SampleInput("float groups", (x, None, None), dict(num_groups=2.0)),
+                     TypeError, r"`num_groups` must be an int, got float")
+    yield ErrorInput(SampleInput("weight", (x, np.ones(2), None), dict(num_groups=2)),
+                     ValueError, r"`weight` must have shape \(4,\), got \(2,\)")
+    yield ErrorInput(SampleInput("bias", (x, None, np.ones((4, 1))), dict(num_groups=2)),
+                     ValueError, r"`bias` must have shape \(4,\), got \(4, 1\)")
+    yield ErrorInput(SampleInput("eps", (x, None, None), dict(num_groups=2, eps=-1.0)),
+                     ValueError, r"`eps` must be a finite number >= 0")
+
+
+def _torch_call(torch, x, weight, bias, *, num_groups, eps):
+    return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+
+
+SPEC = NormSpec(
+    name="group_norm",
+    title="Group Normalization",
+    paper=Paper("Group Normalization", "Wu, He", 2018, "arXiv:1803.08494"),
+    forward=group_norm_forward,
+    backward=group_norm_backward,
+    op=group_norm,
+    composite=group_norm_composite,
+    diff_argnames=("x", "weight", "bias"),
+    sample_inputs=sample_inputs,
+    oracle_inputs=oracle_inputs,
+    error_inputs=error_inputs,
+    # per (sample, group): shift by a constant per group, scale with eps -> a^2 eps. The generic
+    # tests need stats_axes, which cannot express groups, so tests/norms/test_group_norm.py
+    # checks both, and the per-group statistics.
+    invariances=("shift", "scale"),
+    stats_axes=None,
+    torch_equivalent="torch.nn.functional.group_norm",
+    torch_call=_torch_call,
+)

@@ -1,0 +1,299 @@
+r"""Root Mean Square Layer Normalization (RMSNorm).
+
+Zhang & Sennrich, *Root Mean Square Layer Normalization*, NeurIPS 2019, arXiv:1910.07467.
+
+Each sample is rescaled by the root mean square of its trailing axes :math:`A` (those of
+``normalized_shape``, :math:`N = \prod_{a\in A} n_a` elements); it is **not** re-centred:
+
+.. math::
+
+   m = \langle x^2\rangle_A,\qquad
+   r = (m+\epsilon)^{-1/2},\qquad
+   \hat x = x\,r,\qquad
+   y = \gamma\odot\hat x ,
+
+where :math:`\langle\cdot\rangle_A` is the mean over :math:`A` and ``weight`` is :math:`\gamma`.
+That is ``eps_placement="inside"``, the default. With ``eps_placement="outside"`` the
+:math:`\epsilon` is added to the root mean square instead:
+
+.. math::
+
+   \rho = \sqrt{m},\qquad r = (\rho+\epsilon)^{-1},\qquad \hat x = x\,r,\qquad
+   y = \gamma\odot\hat x .
+
+Backward (derivation: ``docs/derivations/rms_norm.rst``). With :math:`g = \gamma\odot
+\mathrm{d}y`:
+
+.. math::
+
+   \mathrm{d}x = r\,\bigl(g - \hat x\,k\bigr),\qquad
+   k = \begin{cases} \langle g\odot\hat x\rangle_A & \text{inside} \\
+                     \langle g\odot\hat x\rangle_A \,/\, q,\quad q = \rho\,r = \rho/(\rho+\epsilon)
+                     & \text{outside}\end{cases}
+   \qquad
+   \mathrm{d}\gamma = \textstyle\sum_{\text{batch}} \mathrm{d}y\odot\hat x .
+
+With the outside placement :math:`\rho` is not differentiable at a zero row; there
+:math:`\hat x = 0`, the term :math:`\hat x\,k` is taken as 0 and :math:`\mathrm{d}x = g/\epsilon`,
+which is the limit of the gradient as the row shrinks to zero along any direction.
+
+Conventions, as in ``torch.nn.functional.rms_norm`` (``eps_placement="inside"``): no bias, the
+mean square divides by :math:`N`, ``eps`` inside the square root, and ``eps=None`` (the default)
+means the machine epsilon of the computation dtype: ``np.finfo(np.float64).eps`` (2.2e-16) for
+float64 input, ``np.finfo(np.float32).eps`` (1.2e-7) for float32. PyTorch computes
+float16/bfloat16 input in float32 and so uses float32's epsilon there too (its docstring says
+``torch.finfo(x.dtype).eps``; the code does not). refnorm follows the code: ``eps=None`` resolves
+to the epsilon of the input dtype promoted to at least float32 (:func:`default_eps`). So when a
+low-precision candidate's inputs are cast up to float64 to be compared with this reference,
+resolve ``eps`` from the candidate's dtype first.
+
+Where eps goes differs between the authors' own codes (``bzhangGo/rmsnorm``):
+``rmsnorm_torch.py`` adds :math:`\epsilon` **outside** the square root, to
+:math:`\|x\|_2/\sqrt N` (default ``eps=1e-8``); ``rmsnorm_tensorflow.py`` adds it **inside**
+(default 1e-8), as PyTorch's ``F.rms_norm`` and the LLM code (HF ``LlamaRMSNorm``, eps 1e-6 or
+1e-5) do. The two differ only when the root mean square is comparable to :math:`\epsilon`.
+Inside is the default here (PyTorch's code); outside is ``eps_placement="outside"``. The authors'
+optional bias and partial RMSNorm (statistic over the first :math:`pN` features) are not part of
+this op.
+
+RMSNorm is invariant to rescaling a row, :math:`x\to a x` with :math:`a>0`, exactly when
+:math:`\epsilon` is rescaled along with it: by :math:`a^2` (inside) or by :math:`a` (outside). It
+is not invariant to shifts :math:`x\to x+c\mathbf 1`, and on rows with zero mean it equals
+LayerNorm (without bias) exactly, with the same :math:`\epsilon`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from refnorm import autograd as ag
+from refnorm.autograd import custom_vjp
+from refnorm.norms._stats import (check_array, check_eps, check_normalized_shape, check_param,
+                                  rsqrt, trailing_axes)
+from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
+
+EPS_PLACEMENTS = ("inside", "outside")
+
+
+class RMSNormCache(NamedTuple):
+    xhat: np.ndarray                # \hat x = x r, same shape as x
+    rstd: np.ndarray                # r, keepdims over the normalized axes
+    q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
+    weight: np.ndarray | None       # \gamma, or None
+    axes: tuple[int, ...]           # the normalized axes A
+
+
+class RMSNormGrads(NamedTuple):
+    dx: np.ndarray
+    dweight: np.ndarray | None
+
+
+def default_eps(dtype):
+    """The ``eps`` that ``eps=None`` stands for: the machine epsilon of ``dtype`` promoted to at
+    least float32 (PyTorch's computation dtype: float16 input is computed in float32)."""
+    # a Python float, so that it does not promote float16 arithmetic to float32
+    return float(np.finfo(np.promote_types(dtype, np.float32)).eps)
+
+
+def _check_placement(eps_placement):
+    if eps_placement not in EPS_PLACEMENTS:
+        raise ValueError(f"rms_norm: `eps_placement` must be 'inside' or 'outside', got "
+                         f"{eps_placement!r}")
+    return eps_placement
+
+
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside"):
+    r"""RMS normalization over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (..., *normalized_shape)
+    normalized_shape : int or tuple of int
+    weight : ndarray of shape ``normalized_shape``, optional
+        :math:`\gamma`. ``None`` means 1.
+    eps : float or None, default None
+        ``None`` means :func:`default_eps` of ``x.dtype`` (float64: 2.2e-16, float32: 1.2e-7).
+    eps_placement : {"inside", "outside"}, keyword-only, default "inside"
+        ``"inside"``: :math:`x/\sqrt{\langle x^2\rangle+\epsilon}` (PyTorch, the authors' TF code,
+        LLaMA). ``"outside"``: :math:`x/(\sqrt{\langle x^2\rangle}+\epsilon)` (the authors'
+        PyTorch code).
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    cache : RMSNormCache
+    """
+    check_array(x, "x", "rms_norm")
+    shape = check_normalized_shape(normalized_shape, x, "rms_norm")
+    check_param(weight, "weight", "rms_norm", shape)
+    eps = default_eps(x.dtype) if eps is None else check_eps(eps, "rms_norm")
+    outside = _check_placement(eps_placement) == "outside"
+    axes = trailing_axes(x.ndim, len(shape))
+    ms = np.mean(np.square(x), axis=axes, keepdims=True)  # no cancellation: a sum of squares
+    if outside:
+        rms = np.sqrt(ms)
+        rstd = 1.0 / (rms + eps)
+        q = rms * rstd
+    else:
+        rstd, q = rsqrt(ms + eps), None
+    xhat = x * rstd
+    y = xhat * weight if weight is not None else xhat.copy()
+    return y, RMSNormCache(xhat, rstd, q, weight, axes)
+
+
+def rms_norm_backward(dy, cache):
+    """Hand-derived VJP of :func:`rms_norm_forward`: ``(dy, cache) -> RMSNormGrads``."""
+    xhat, rstd, q, weight, axes = cache
+    gx = dy * xhat
+    if weight is not None:
+        dweight = gx.sum(axis=tuple(range(dy.ndim - len(axes))))
+        gx *= weight  # g * xhat, reusing dy * xhat's buffer (dweight is already summed)
+        g = dy * weight
+    else:
+        dweight, g = None, None
+    k = gx.mean(axis=axes, keepdims=True)
+    if q is not None:  # outside: k / q, and 0 on zero rows (where xhat = 0, so k = 0 too)
+        k = np.divide(k, q, out=np.zeros_like(k), where=q > 0)
+    dx = np.multiply(xhat, k, out=gx)  # xhat * k, in the now free g * xhat buffer
+    np.subtract(dy if g is None else g, dx, out=dx)
+    dx *= rstd
+    return RMSNormGrads(dx, dweight)
+
+
+rms_norm = custom_vjp(rms_norm_forward, rms_norm_backward, ("x", "weight"))
+rms_norm.__doc__ = \
+    """Differentiable RMS normalization (engine op); see :func:`rms_norm_forward`."""
+
+
+def rms_norm_composite(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside"):
+    """The same math with engine primitives only: the engine derives its own gradient."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    axes = trailing_axes(x.ndim, len(shape))
+    eps = default_eps(x.dtype) if eps is None else eps
+    ms = ag.mean(x * x, axes, keepdims=True)
+    if eps_placement == "outside":
+        xhat = x / (ag.sqrt(ms) + eps)
+    else:
+        xhat = x / ag.sqrt(ms + eps)
+    return xhat * weight if weight is not None else xhat
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs for the tests, the goldens and the CLI
+# ----------------------------------------------------------------------------------------------
+def _case(rng, name, shape, nd, eps=None, affine=True, x=None, outside=False, dtype=np.float64):
+    x = rng.standard_normal(shape) if x is None else x
+    p = shape[len(shape) - nd:]
+    weight = rng.standard_normal(p) + 1.0 if affine else None
+    arrays = tuple(None if a is None else a.astype(dtype) for a in (x, weight))
+    kwargs = dict(normalized_shape=p, eps=eps)
+    if outside:
+        kwargs["eps_placement"] = "outside"
+    return SampleInput(name, arrays, kwargs)
+
+
+def sample_inputs(rng):
+    yield _case(rng, "(4,6)-eps-None", (4, 6), 1)
+    yield _case(rng, "(2,3,5)-nd2-eps1e-6", (2, 3, 5), 2, eps=1e-6)
+    yield _case(rng, "(3,7)-plain-eps0.1", (3, 7), 1, eps=0.1, affine=False)
+    yield _case(rng, "(5,1)-one-element-rows-eps0.5", (5, 1), 1, eps=0.5)
+    yield _case(rng, "(2,2,3)-nd3", (2, 2, 3), 3, eps=1e-5)
+    constant = np.repeat(rng.standard_normal((3, 1)), 6, axis=1)
+    yield _case(rng, "(3,6)-constant-rows", (3, 6), 1, eps=1e-5, x=constant)
+    yield _case(rng, "(3,5)-mean100", (3, 5), 1, x=100.0 + rng.standard_normal((3, 5)))
+    zero_row = rng.standard_normal((3, 4))
+    zero_row[1] = 0.0
+    yield _case(rng, "(3,4)-zero-row-eps1e-3", (3, 4), 1, eps=1e-3, x=zero_row)
+    yield _case(rng, "(2,8)-small-rows-eps1", (2, 8), 1, eps=1.0,
+                x=0.3 * rng.standard_normal((2, 8)))
+    # eps outside the square root (the authors' PyTorch code); no zero rows: sqrt(m) has a cone
+    # there, which central differences cannot resolve (tested in tests/norms/test_rms_norm.py)
+    yield _case(rng, "(4,6)-outside-eps1e-8", (4, 6), 1, eps=1e-8, outside=True)
+    yield _case(rng, "(3,7)-outside-plain-eps0.1", (3, 7), 1, eps=0.1, affine=False, outside=True)
+    yield _case(rng, "(2,3,4)-outside-nd2-eps-None", (2, 3, 4), 2, outside=True)
+    yield _case(rng, "(2,8)-outside-small-rows-eps1", (2, 8), 1, eps=1.0, outside=True,
+                x=0.3 * rng.standard_normal((2, 8)))
+    yield _case(rng, "(3,5)-outside-mean100", (3, 5), 1, eps=1e-5, outside=True,
+                x=100.0 + rng.standard_normal((3, 5)))
+
+
+def oracle_inputs(rng):
+    yield _case(rng, "(37,1000)", (37, 1000), 1)
+    yield _case(rng, "(37,1000)-eps1e-6", (37, 1000), 1, eps=1e-6)
+    yield _case(rng, "(3,1)-one-element-rows", (3, 1), 1, eps=1e-5)
+    yield _case(rng, "(4,7,13)-nd2", (4, 7, 13), 2)
+    yield _case(rng, "(2,65536)-long-rows", (2, 65536), 1, eps=1e-5)
+    yield _case(rng, "(8,129)-mean1e4-std1e-3", (8, 129), 1,
+                x=1e4 + 1e-3 * rng.standard_normal((8, 129)))
+    zeros = rng.standard_normal((8, 100))
+    zeros[::3] = 0.0
+    yield _case(rng, "(8,100)-zero-rows", (8, 100), 1, x=zeros)
+    yield _case(rng, "(8,100)-constant-rows", (8, 100), 1,
+                x=np.repeat(rng.standard_normal((8, 1)), 100, axis=1))
+    # eps dominates: y ~ x / sqrt(eps)
+    yield _case(rng, "(6,33)-tiny-scale", (6, 33), 1, x=1e-20 * rng.standard_normal((6, 33)))
+    yield _case(rng, "(6,33)-huge-scale", (6, 33), 1, x=1e20 * rng.standard_normal((6, 33)))
+    yield _case(rng, "(37,1000)-outside-eps1e-8", (37, 1000), 1, eps=1e-8, outside=True)
+    yield _case(rng, "(6,33)-outside-tiny-scale", (6, 33), 1, eps=1e-8, outside=True,
+                x=1e-10 * rng.standard_normal((6, 33)))
+
+
+def error_inputs():
+    x = np.ones((2, 3))
+    yield ErrorInput(SampleInput("list x", ([[1.0, 2.0]], None), dict(normalized_shape=2)),
+                     TypeError, r"rms_norm: `x` must be a numpy.ndarray")
+    yield ErrorInput(SampleInput("int x", (np.ones((2, 3), dtype=int), None),
+                                 dict(normalized_shape=3)), TypeError, r"floating dtype")
+    yield ErrorInput(SampleInput("shape", (x, None), dict(normalized_shape=(2,))),
+                     ValueError, r"`normalized_shape` \(2,\) must equal the trailing dimensions")
+    yield ErrorInput(SampleInput("shape too long", (x, None), dict(normalized_shape=(1, 2, 3))),
+                     ValueError, r"`normalized_shape` \(1, 2, 3\) must equal the trailing")
+    yield ErrorInput(SampleInput("shape empty", (x, None), dict(normalized_shape=())),
+                     ValueError, r"`normalized_shape` must be an int or a non-empty tuple")
+    yield ErrorInput(SampleInput("weight", (x, np.ones(2)), dict(normalized_shape=3)),
+                     ValueError, r"`weight` must have shape \(3,\), got \(2,\)")
+    yield ErrorInput(SampleInput("int weight", (x, np.ones(3, dtype=int)),
+                                 dict(normalized_shape=3)),
+                     TypeError, r"`weight` must have a floating dtype")
+    yield ErrorInput(SampleInput("eps", (x, None), dict(normalized_shape=3, eps=-1.0)),
+                     ValueError, r"`eps` must be a finite number >= 0")
+    yield ErrorInput(SampleInput("eps nan", (x, None), dict(normalized_shape=3, eps=float("nan"))),
+                     ValueError, r"`eps` must be a finite number >= 0")
+    yield ErrorInput(SampleInput("placement", (x, None),
+                                 dict(normalized_shape=3, eps_placement="both")),
+                     ValueError, r"`eps_placement` must be 'inside' or 'outside', got 'both'")
+
+
+def _torch_call(torch, x, weight, *, normalized_shape, eps=None, eps_placement="inside"):
+    if eps_placement == "inside":
+        return torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)
+    # PyTorch has no outside placement: the same formula with torch ops
+    nd = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    rms = torch.sqrt(torch.mean(x * x, dim=tuple(range(-nd, 0)), keepdim=True))
+    y = x / (rms + eps)
+    return y * weight if weight is not None else y
+
+
+SPEC = NormSpec(
+    name="rms_norm",
+    title="Root Mean Square Layer Normalization",
+    paper=Paper("Root Mean Square Layer Normalization", "Zhang, Sennrich", 2019,
+                "arXiv:1910.07467"),
+    forward=rms_norm_forward,
+    backward=rms_norm_backward,
+    op=rms_norm,
+    composite=rms_norm_composite,
+    diff_argnames=("x", "weight"),
+    sample_inputs=sample_inputs,
+    oracle_inputs=oracle_inputs,
+    error_inputs=error_inputs,
+    # "scale" holds with eps scaled by a^2 (inside) or by a (outside), and not at all when
+    # eps=None (eps is then fixed by the dtype): no declaration covers every sample, so the
+    # invariance is tested per placement in tests/norms/test_rms_norm.py.
+    invariances=(),
+    stats_axes=None,  # not standardizing: no zero mean, unit variance
+    torch_equivalent="torch.nn.functional.rms_norm",
+    torch_call=_torch_call,
+)
