@@ -78,10 +78,11 @@ class PrimitiveSpec:
 class NormSpec:
     """One normalization variant (see ``DESIGN.md``).
 
-    forward(*arrays, **kwargs) -> (y, cache) or, when ``stateful``, (y, new_state, cache)
-    backward(dy, cache) -> Grads NamedTuple whose fields follow ``diff_argnames`` (``d`` + name)
-    op: the engine op built with ``custom_vjp(forward, backward)``
-    composite: the same math with engine primitives only (same signature as ``op``)
+    * ``forward(**arguments) -> (y, cache)``, or ``(y, new_state, cache)`` when ``stateful``;
+    * ``backward(dy, cache) -> Grads``, a NamedTuple with a field ``d<name>`` per
+      ``diff_argnames`` entry;
+    * ``op``: the engine op built with ``custom_vjp(forward, backward)``;
+    * ``composite``: the same math with engine primitives only (same signature as ``op``).
     """
 
     # identity and citation

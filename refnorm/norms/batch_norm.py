@@ -133,7 +133,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, *)
+    x : ndarray of shape ``(N, C, *)``
     running_mean, running_var : ndarray of shape (C,), or None
         :math:`\bar\mu` and :math:`\bar\sigma^2` (unbiased). Both None: no running statistics,
         and batch statistics are used in evaluation too. Never modified.

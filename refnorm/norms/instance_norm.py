@@ -116,7 +116,7 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, *)
+    x : ndarray of shape ``(N, C, *)``
     running_mean, running_var : ndarray of shape (C,), optional
         :math:`\bar\mu` and :math:`\bar\sigma^2` (unbiased), both or neither. Never modified.
     weight, bias : ndarray of shape (C,), optional

@@ -75,7 +75,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
     Parameters
     ----------
-    x : ndarray, shape (..., *normalized_shape)
+    x : ndarray of shape ``(..., *normalized_shape)``
     normalized_shape : int or tuple of int
     weight, bias : ndarray of shape ``normalized_shape``, optional
         :math:`\\gamma` and :math:`\\beta`. ``None`` means 1 and 0.

@@ -108,7 +108,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
 
     Parameters
     ----------
-    x : ndarray, shape (..., *normalized_shape)
+    x : ndarray of shape ``(..., *normalized_shape)``
     normalized_shape : int or tuple of int
     weight : ndarray of shape ``normalized_shape``, optional
         :math:`\gamma`. ``None`` means 1.
