@@ -10,6 +10,9 @@ from refnorm.norms import rms_norm as _rms_norm
 from refnorm.norms import group_norm as _group_norm
 from refnorm.norms import batch_norm as _batch_norm
 from refnorm.norms import instance_norm as _instance_norm
+from refnorm.norms import local_response_norm as _local_response_norm
+from refnorm.norms import weight_norm as _weight_norm
+from refnorm.norms import spectral_norm as _spectral_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -17,6 +20,9 @@ ALL_SPECS = (
     _group_norm.SPEC,
     _batch_norm.SPEC,
     _instance_norm.SPEC,
+    _local_response_norm.SPEC,
+    _weight_norm.SPEC,
+    _spectral_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}
