@@ -91,6 +91,9 @@ class GradcheckReport:
     n_vjp_calls: int
     max_rel_error: float
     worst: Worst | None
+    # max |analytic - numerical| / max |numerical| over every comparison: the error at the scale
+    # of the whole gradient, which is not inflated by elements that are nearly zero
+    normwise_error: float = 0.0
     kinks: list = field(default_factory=list)
     pattern: str = ""
     notes: list = field(default_factory=list)
@@ -104,7 +107,8 @@ class GradcheckReport:
         lines = [f"gradcheck {'passed' if self.passed else 'FAILED'} ({self.mode} mode, "
                  f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp)",
                  f"  max relative error: {self.max_rel_error:.3e} (rtol={self.rtol:g}, "
-                 f"atol={self.atol:g}, plus {_SAFETY:g}x the finite-difference error estimate)"]
+                 f"atol={self.atol:g}, plus {_SAFETY:g}x the finite-difference error estimate)",
+                 f"  normwise error (max |a - n| / max |n|): {self.normwise_error:.3e}"]
         if self.worst is not None:
             w = self.worst
             where = "a random projection" if w.index is None else f"element {w.index}"
@@ -573,6 +577,15 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     return report
 
 
+def _normwise(comparisons) -> float:
+    smooth = [c for c in comparisons if not c.kink]
+    if not smooth:
+        return 0.0
+    gap = max(abs(c.analytic - c.numerical) for c in smooth)
+    scale = max(abs(c.numerical) for c in smooth)
+    return gap / scale if scale > 0 else gap
+
+
 def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
     passed = not any(c.bad for c in comparisons)
 
@@ -597,6 +610,7 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
         passed=passed, mode=mode, n_evals=checker.fn.n_evals, n_vjp_calls=checker.n_vjp_calls,
         max_rel_error=max((c.rel_error(atol) for c in comparisons
                            if c.bad or governed_by_rtol(c)), default=0.0),
+        normwise_error=_normwise(comparisons),
         worst=None if worst is None else Worst(worst.input, worst.output, worst.index,
                                                worst.analytic, worst.numerical,
                                                worst.rel_error(atol)),

@@ -111,6 +111,7 @@ def test_hand_backward_matches_engine_and_finite_differences(spec, sample):
     report = check_vjp(f, vjp, [sample.arrays[i] for i in present], mode="slow",
                        rng=np.random.default_rng(SEED), rtol=1e-10, atol=1e-12)
     assert report, str(report)
+    assert report.normwise_error < 1e-9, str(report)
 
 
 @pytest.mark.parametrize("spec,sample", SAMPLES)
