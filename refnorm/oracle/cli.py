@@ -1,0 +1,213 @@
+"""The oracle's commands: ``refnorm compare`` and ``refnorm goldens export|verify``.
+
+``refnorm.cli.build_parser`` calls :func:`add_commands`. Exit codes: 0 everything passed, 1 a
+candidate failed (or a golden directory did not verify), 2 the command could not run (unknown
+variant, missing package, ``--device cuda`` without CUDA, an untrustworthy golden file).
+
+Examples::
+
+    refnorm compare --impl torch --dtype bfloat16                 # every variant PyTorch has
+    refnorm compare --impl torch --device cuda --dtype float32 float16 bfloat16 \\
+        --report out/report.txt --json out/report.json
+    refnorm compare --impl mypkg.kernels:candidate --variant layer_norm --dtype bfloat16
+    refnorm goldens export goldens/ --variant layer_norm --dtype bfloat16 float32
+    refnorm goldens verify goldens/
+    refnorm compare --impl torch --goldens goldens/               # the cases of a golden dir
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_commands", "cmd_compare", "cmd_goldens_export", "cmd_goldens_verify"]
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _err(msg):
+    print(f"refnorm: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _progress(total, label, enabled):
+    from refnorm.cli import Progress
+
+    return Progress(total, label, enabled=enabled)
+
+
+def cmd_compare(args):
+    from refnorm.oracle import adapters, core, goldens
+
+    try:
+        adapter = adapters.resolve(args.impl, args.device)
+        specs = core.select_specs(args.variant)
+    except (adapters.AdapterError, ValueError, TypeError) as exc:
+        return _err(str(exc))
+    variants = [s.name for s in specs] if args.variant else None
+    reports = []
+    if args.goldens:
+        try:
+            cases = goldens.load(args.goldens, variants=variants,
+                                 dtypes=args.dtype if args.dtype_given else None)
+        except goldens.GoldenError as exc:
+            return _err(str(exc))
+        if not cases:
+            return _err(f"{args.goldens}: no golden case matches the selection")
+        runs = [(sorted({c.case.dtype for c in cases})[0], cases)]
+    else:
+        runs = [(d, None) for d in args.dtype]
+    for dtype, cases in runs:
+        if cases is None:
+            total = core.count_cases(adapter, variants, dtype, args.seed, args.size, args.strict,
+                                     bool(args.ftz if args.ftz is not None else adapter.ftz))
+        else:
+            total = len(cases)
+        bar = _progress(total, f"compare {dtype}", args.progress)
+        try:
+            report = core.check(adapter, variants, dtype=dtype, device=args.device,
+                                seed=args.seed, size=args.size, strict=args.strict,
+                                ftz=args.ftz, cases=cases, progress=bar.step)
+        finally:
+            bar.close()
+        if not report.results and not report.skipped:
+            print(report.format())
+            return _err(f"{adapter.name} implements none of the selected variants "
+                        f"({', '.join(report.unsupported) or 'none'})")
+        reports.append(report)
+        print(report.format(details=not args.brief))
+        print()
+    ok = all(r.passed for r in reports)
+    text = "\n\n".join(r.format() for r in reports)
+    summary = ("ALL PASSED" if ok else "FAILED") + ": " + ", ".join(
+        f"{r.dtype} {'pass' if r.passed else 'FAIL'}" for r in reports)
+    print(summary)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(text + "\n\n" + summary + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1,
+                                              sort_keys=True) + "\n")
+    return 0 if ok else 1
+
+
+def cmd_goldens_export(args):
+    from refnorm.oracle import core, goldens
+
+    try:
+        specs = core.select_specs(args.variant)
+    except ValueError as exc:
+        return _err(str(exc))
+    bar = _progress(len(specs) * len(args.dtype), "export", args.progress)
+    try:
+        manifest = goldens.export(args.directory, [s.name for s in specs], args.dtype,
+                                  seed=args.seed, size=args.size, emulated=args.emulated,
+                                  overwrite=args.force, progress=bar.step)
+    except goldens.GoldenError as exc:
+        return _err(str(exc))
+    finally:
+        bar.close()
+    n = len(manifest["cases"])
+    print(f"wrote {n} golden cases ({len(specs)} variant(s) x {len(args.dtype)} dtype(s), seed "
+          f"{args.seed}, size {args.size}) and {goldens.MANIFEST} to {args.directory}; "
+          f"{len(manifest['skipped'])} case(s) skipped (reasons in the manifest)")
+    return 0
+
+
+def cmd_goldens_verify(args):
+    from refnorm.oracle import goldens
+
+    try:
+        total = len(goldens._read_manifest(Path(args.directory))["cases"])
+    except goldens.GoldenError as exc:
+        print(f"refnorm goldens verify: REJECTED: {exc}", file=sys.stderr)
+        return 2
+    bar = _progress(total, "verify", args.progress)
+    try:
+        result = goldens.verify(args.directory, recompute=not args.no_recompute,
+                                progress=bar.step)
+    except goldens.GoldenError as exc:
+        bar.close()
+        print(f"refnorm goldens verify: REJECTED: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    print(result)
+    return 0 if result.ok else 1
+
+
+class _DtypeAction(argparse.Action):
+    """``--dtype a b`` or ``--dtype a --dtype b``; replaces the default on first use."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, "dtype_given", False):
+            namespace.dtype = []
+            namespace.dtype_given = True
+        for v in values:
+            if v not in DTYPES:
+                parser.error(f"--dtype: {v!r} is not one of {', '.join(DTYPES)}")
+            if v not in namespace.dtype:
+                namespace.dtype.append(v)
+
+
+def _common(p, default_dtypes, default_size="full"):
+    p.add_argument("--variant", nargs="+", action="extend", metavar="NAME",
+                   help="variants (default: all registered; `refnorm list` shows them)")
+    p.add_argument("--dtype", nargs="+", action=_DtypeAction, default=list(default_dtypes),
+                   metavar="DTYPE", help=f"candidate dtype(s): {', '.join(DTYPES)} "
+                   f"(default: {' '.join(default_dtypes)})")
+    p.set_defaults(dtype_given=False)
+    p.add_argument("--seed", type=int, default=0, help="case seed (default 0)")
+    p.add_argument("--size", choices=("full", "ci"), default=default_size,
+                   help=f"'ci' leaves out the inputs above ~135k elements (the 65536-long "
+                   f"rows stay); 'full' has them all (default: {default_size})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def add_commands(subparsers):
+    """Add ``compare`` and ``goldens`` to the ``refnorm`` command."""
+    p = subparsers.add_parser(
+        "compare", help="check another implementation (torch, jax, module:function) against "
+        "the reference, forward and backward; exits 1 on failure",
+        description="Run a candidate's forward and backward on every oracle case of every "
+        "variant it implements, compare every output and gradient with the float64 reference "
+        "under the dtype-derived tolerance, and print a table per variant (worst ULP error, "
+        "tolerance, worst case). Exit 0: all passed; 1: a failure; 2: could not run.")
+    p.add_argument("--impl", required=True, metavar="IMPL",
+                   help="'torch', 'jax', or 'module:function' (a callable following the "
+                   "protocol of refnorm.oracle.adapters)")
+    p.add_argument("--device", default="cpu", help="device for torch/jax: cpu (default), cuda")
+    _common(p, ("float32",))
+    p.add_argument("--strict", action="store_true",
+                   help="require float32 accumulation everywhere (parameter gradients and "
+                   "intermediates too)")
+    p.add_argument("--ftz", action=argparse.BooleanOptionalAction, default=None,
+                   help="accept flushing of subnormal numbers to zero (default: the adapter's "
+                   "own setting: on for jax, off otherwise)")
+    p.add_argument("--goldens", metavar="DIR",
+                   help="use the cases of a golden directory instead of generating them")
+    p.add_argument("--report", metavar="FILE", help="also write the full text report here")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
+    p.add_argument("--brief", action="store_true", help="tables only, no failure details")
+    p.set_defaults(func=cmd_compare)
+
+    g = subparsers.add_parser("goldens", help="export or verify golden files",
+                              description="Golden files: manifest.json plus one .npz per case.")
+    gsub = g.add_subparsers(dest="goldens_command", metavar="ACTION")
+    e = gsub.add_parser("export", help="write golden files for the given variants and dtypes")
+    e.add_argument("directory", metavar="DIR")
+    _common(e, DTYPES, "ci")  # all variants x dtypes: ~180 MB at ci size, ~350 MB at full
+    e.add_argument("--emulated", action="store_true",
+                   help="also store the emulated correct low-precision outputs")
+    e.add_argument("--force", action="store_true", help="overwrite the golden files in DIR")
+    e.set_defaults(func=cmd_goldens_export)
+    v = gsub.add_parser("verify", help="check the schema, every SHA-256 and that this refnorm "
+                        "reproduces the stored references; exits 1 (mismatch) or 2 (rejected)")
+    v.add_argument("directory", metavar="DIR")
+    v.add_argument("--no-recompute", action="store_true",
+                   help="check hashes and structure only, do not recompute the references")
+    v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    v.set_defaults(func=cmd_goldens_verify)
+    g.set_defaults(func=lambda args: (g.print_help(), 2)[1])

@@ -1,0 +1,466 @@
+"""Golden files: the oracle's cases and answers on disk, safe to load and bit-reproducible.
+
+Layout of a golden directory::
+
+    DIR/manifest.json
+    DIR/layer_norm-bfloat16-000.npz
+    DIR/layer_norm-bfloat16-001.npz
+    ...
+
+``manifest.json`` holds the schema name and version, the refnorm and NumPy versions, the seed,
+the case-set size, the tolerance model's constants, and for every case: its file, the file's
+SHA-256, the variant, the dtype, the case name, the hyper-parameters, the shapes and storage
+dtypes of every array, and the cases that were skipped with their reasons. The manifest's own
+SHA-256 (of its canonical JSON without that field) is its last field.
+
+Each ``.npz`` holds, as plain ``.npy`` members (never pickles):
+
+==================  ============================================================================
+``input__<name>``   the differentiable inputs (``x``, ``weight``, ``bias``...), exactly
+                    representable in the case's dtype, stored in float32 (float64 for float64)
+``kwarg__<name>``   array hyper-parameters and state (``running_mean``...), likewise
+``dy``              the upstream gradient, likewise
+``ref__<name>``     the float64 reference: ``y``, every gradient (``dx``, ``dweight``...), the new
+                    state, and the saved ``mean`` and ``rstd``
+``tol__<name>``     the per-element tolerance of each reference output (float32): a candidate
+                    passes where ``|out - ref| <= tol`` (and the NaN/infinity pattern agrees)
+``exact__<name>``   integer state compared exactly (``num_batches_tracked``)
+``emulated__<name>``  (with ``emulated=True``) a correct kernel's output in the dtype
+``meta``            the case's manifest entry as UTF-8 JSON (uint8), to cross-check
+==================  ============================================================================
+
+Writing is deterministic: sorted members, fixed zip timestamps, no compression, canonical JSON,
+no clock: the same seed and versions give bit-identical files.
+
+Loading (:func:`load`, :func:`verify`) never unpickles (``allow_pickle=False`` and object
+arrays refused), resolves every file name inside the directory (no ``..``, no absolute path,
+no symbolic link leading out), checks the schema version, the manifest's own hash and every
+file's SHA-256 before parsing it, and checks each file's embedded metadata against the
+manifest. Any failure raises :class:`GoldenError` with the reason; nothing is executed.
+
+Two lines in a GPU test suite::
+
+    from refnorm.oracle import goldens, check
+    assert check(my_candidate, cases=goldens.load("goldens/")), "see the report"
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from refnorm.oracle import cases as _cases
+from refnorm.oracle.formats import get_format
+
+__all__ = ["export", "load", "verify", "GoldenError", "GoldenCase", "SCHEMA", "SCHEMA_VERSION",
+           "MANIFEST"]
+
+SCHEMA = "refnorm-goldens"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*\.npz$")
+_MEMBER_RE = re.compile(r"^[A-Za-z0-9_]+\.npy$")
+_MAX_MANIFEST = 64 * 2 ** 20
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+class GoldenError(ValueError):
+    """A golden directory or file that cannot be trusted; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON encoding of hyper-parameters (tuples and non-finite floats survive the round trip)
+# ----------------------------------------------------------------------------------------------
+def _encode(value):
+    if isinstance(value, (bool, type(None), str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if np.isfinite(v) else {"float": repr(v)}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iub":
+        return {"int0d": int(value)}
+    raise TypeError(f"cannot store hyper-parameter of type {type(value).__name__}")
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        if set(value) == {"float"} and value["float"] in ("inf", "-inf", "nan"):
+            return float(value["float"])
+        if set(value) == {"tuple"} and isinstance(value["tuple"], list):
+            return tuple(_decode(v) for v in value["tuple"])
+        if set(value) == {"int0d"} and isinstance(value["int0d"], int):
+            return np.asarray(value["int0d"], dtype=np.int64)
+        raise GoldenError(f"unknown hyper-parameter encoding {value!r}")
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    raise GoldenError(f"unknown hyper-parameter value {value!r}")
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic, pickle-free .npz
+# ----------------------------------------------------------------------------------------------
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            a = np.asarray(arrays[name])
+            a = a if a.flags.c_contiguous else a.copy(order="C")  # (0-d stays 0-d)
+            member = io.BytesIO()
+            np.lib.format.write_array(member, a, version=(1, 0), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def _read_npz(data: bytes, label: str) -> dict:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise GoldenError(f"{label}: not a valid .npz (zip) file: {exc}") from exc
+    out = {}
+    with zf:
+        for info in zf.infolist():
+            if not _MEMBER_RE.match(info.filename):
+                raise GoldenError(f"{label}: unexpected member {info.filename!r} (only plain "
+                                  f"<name>.npy members are allowed)")
+            with zf.open(info) as fp:
+                try:
+                    arr = np.lib.format.read_array(fp, allow_pickle=False)
+                except ValueError as exc:
+                    raise GoldenError(f"{label}: member {info.filename!r} holds a pickled "
+                                      f"object; refusing to load it ({exc})") from exc
+            if arr.dtype.kind not in "fiub" or arr.dtype.hasobject:
+                raise GoldenError(f"{label}: member {info.filename!r} has dtype {arr.dtype}; "
+                                  f"only numeric arrays are allowed")
+            out[info.filename[:-4]] = arr
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+def _entry(case, prep, filename, arrays_meta):
+    return {
+        "file": filename,
+        "variant": case.variant,
+        "dtype": case.dtype,
+        "case": case.name,
+        "tags": list(case.tags),
+        "seed": case.seed,
+        "argnames": list(case.argnames),
+        "absent": [n for n, a in zip(case.argnames, case.arrays) if a is None],
+        "hyperparameters": {k: _encode(v) for k, v in sorted(case.kwargs.items())
+                            if not (isinstance(v, np.ndarray) and v.ndim > 0)
+                            and not (isinstance(v, np.ndarray) and v.dtype.kind == "f")},
+        "arrays": arrays_meta,
+    }
+
+
+def _case_arrays(case, prep, emulated):
+    fmt = get_format(case.dtype)
+    store = fmt.storage
+    arrays = {}
+    for n, a in zip(case.argnames, case.arrays):
+        if a is not None:
+            arrays["input__" + n] = a.astype(store)
+    for k, v in case.kwargs.items():
+        if isinstance(v, np.ndarray) and (v.ndim > 0 or v.dtype.kind == "f"):
+            arrays["kwarg__" + k] = v.astype(store) if v.dtype.kind == "f" else v
+    arrays["dy"] = case.dy.astype(store)
+    for k, v in prep.ref.outputs.items():
+        arrays["ref__" + k] = np.asarray(v, np.float64)
+        arrays["tol__" + k] = np.asarray(prep.bounds[k], np.float32)
+    for k, v in prep.ref.exact.items():
+        arrays["exact__" + k] = np.asarray(v)
+    if emulated and prep.emulated:
+        for k, v in prep.emulated.items():
+            arrays["emulated__" + k] = np.asarray(v, store)
+    return arrays
+
+
+def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "float64"), *,
+           seed=0, size="full", emulated=False, overwrite=False, progress=None) -> dict:
+    """Write the golden files of ``variants`` x ``dtypes`` into ``directory``; returns the
+    manifest. The directory must be empty or absent unless ``overwrite``."""
+    import refnorm
+    from refnorm.oracle.core import _prepared_cases, select_specs
+
+    directory = Path(directory)
+    if directory.exists():
+        if not directory.is_dir():
+            raise GoldenError(f"{directory} exists and is not a directory")
+        existing = [p for p in directory.iterdir()]
+        if existing and not overwrite:
+            raise GoldenError(f"{directory} is not empty; pass overwrite=True (--force) to "
+                              f"replace its golden files")
+        for p in existing:
+            if p.name == MANIFEST or _FILE_RE.match(p.name):
+                p.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    from refnorm.oracle.tolerance import LAMBDA, SAFETY
+
+    manifest = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        "refnorm_version": refnorm.__version__, "numpy_version": np.__version__,
+        "seed": int(seed), "size": size,
+        "tolerance": {"model": "refnorm.oracle.tolerance", "lambda": LAMBDA, "safety": SAFETY,
+                      "strict": False},
+        "cases": [], "skipped": [],
+    }
+    for spec in select_specs(variants):
+        for dtype in dtypes:
+            fmt = get_format(dtype)
+            preps, skipped = _prepared_cases(spec, fmt.name, seed, size, False)
+            manifest["skipped"] += [{"variant": s.variant, "dtype": s.dtype, "case": s.name,
+                                     "reason": s.reason} for s in skipped]
+            for i, prep in enumerate(preps):
+                case = prep.case
+                filename = f"{spec.name}-{fmt.name}-{i:03d}.npz"
+                arrays = _case_arrays(case, prep, emulated)
+                meta = {k: {"shape": list(a.shape), "dtype": a.dtype.name}
+                        for k, a in sorted(arrays.items())}
+                entry = _entry(case, prep, filename, meta)
+                arrays["meta"] = np.frombuffer(_canonical(entry), dtype=np.uint8)
+                data = _npz_bytes(arrays)
+                (directory / filename).write_bytes(data)
+                manifest["cases"].append({**entry, "sha256": _sha256(data)})
+            if progress is not None:  # once per (variant, dtype)
+                progress(f"{spec.name} {fmt.name}")
+    manifest["manifest_sha256"] = _sha256(_canonical(manifest))
+    (directory / MANIFEST).write_bytes(json.dumps(manifest, indent=1, sort_keys=True,
+                                                  allow_nan=False).encode() + b"\n")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Load and verify
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GoldenCase:
+    """One golden case: the :class:`~refnorm.oracle.cases.Case`, the stored reference outputs
+    and tolerances, and its manifest entry."""
+
+    case: _cases.Case
+    reference: dict
+    tolerance: dict
+    exact: dict = field(default_factory=dict)
+    emulated: dict = field(default_factory=dict)
+    entry: dict = field(default_factory=dict)
+
+    # a GoldenCase is accepted wherever a Case is (check(..., cases=load(DIR)))
+    def __getattr__(self, name):
+        if name == "case":
+            raise AttributeError(name)
+        return getattr(self.case, name)
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise GoldenError(f"{directory}: not a directory")
+    if not path.is_file():
+        raise GoldenError(f"{directory}: no {MANIFEST}")
+    if path.stat().st_size > _MAX_MANIFEST:
+        raise GoldenError(f"{path}: larger than {_MAX_MANIFEST} bytes")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GoldenError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise GoldenError(f"{path}: the manifest must be a JSON object")
+    if manifest.get("schema") != SCHEMA:
+        raise GoldenError(f"{path}: schema {manifest.get('schema')!r}, expected {SCHEMA!r}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise GoldenError(f"{path}: schema version {manifest.get('schema_version')!r}; this "
+                          f"refnorm reads version {SCHEMA_VERSION} only (re-export the goldens "
+                          f"with this refnorm, or install the refnorm that wrote them: "
+                          f"{manifest.get('refnorm_version')!r})")
+    claimed = manifest.get("manifest_sha256")
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    try:
+        actual = _sha256(_canonical(body))
+    except ValueError as exc:
+        raise GoldenError(f"{path}: not canonical JSON ({exc})") from exc
+    if claimed != actual:
+        raise GoldenError(f"{path}: the manifest was modified: its SHA-256 is {actual}, the "
+                          f"manifest_sha256 it records is {claimed!r}")
+    if not isinstance(manifest.get("cases"), list):
+        raise GoldenError(f"{path}: 'cases' must be a list")
+    return manifest
+
+
+def _safe_path(directory: Path, name) -> Path:
+    if not isinstance(name, str) or not name:
+        raise GoldenError(f"manifest entry names no file: {name!r}")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise GoldenError(f"manifest entry {name!r} is an absolute path: golden files must lie "
+                          f"inside the golden directory")
+    if ".." in Path(name).parts or "/" in name or "\\" in name or not _FILE_RE.match(name):
+        raise GoldenError(f"manifest entry {name!r} is a path outside the golden directory (or "
+                          f"not a plain <name>.npz file name)")
+    root = directory.resolve()
+    path = (directory / name)
+    if path.is_symlink() or not path.resolve().is_relative_to(root):
+        raise GoldenError(f"manifest entry {name!r} resolves outside the golden directory")
+    if not path.is_file():
+        raise GoldenError(f"manifest entry {name!r}: no such file in {directory}")
+    return path
+
+
+def _load_entry(directory, entry, index):
+    from refnorm.norms import BY_NAME
+
+    if not isinstance(entry, dict):
+        raise GoldenError(f"manifest case {index} is not an object")
+    path = _safe_path(directory, entry.get("file"))
+    data = path.read_bytes()
+    digest = _sha256(data)
+    if digest != entry.get("sha256"):
+        raise GoldenError(f"{path.name}: SHA-256 mismatch (file {digest}, manifest "
+                          f"{entry.get('sha256')!r}): the file or the manifest was modified")
+    arrays = _read_npz(data, path.name)
+    meta = arrays.pop("meta", None)
+    expected = {k: v for k, v in entry.items() if k != "sha256"}
+    if meta is None or meta.dtype != np.uint8 or meta.ndim != 1:
+        raise GoldenError(f"{path.name}: no embedded metadata")
+    try:
+        embedded = json.loads(meta.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GoldenError(f"{path.name}: embedded metadata is not JSON") from exc
+    if embedded != expected:
+        raise GoldenError(f"{path.name}: embedded metadata disagrees with the manifest entry")
+    variant = entry.get("variant")
+    if variant not in BY_NAME:
+        raise GoldenError(f"{path.name}: unknown variant {variant!r} (this refnorm has "
+                          f"{', '.join(BY_NAME)})")
+    spec = BY_NAME[variant]
+    fmt = get_format(entry.get("dtype"))
+    if list(entry.get("argnames", [])) != list(spec.diff_argnames):
+        raise GoldenError(f"{path.name}: inputs {entry.get('argnames')} do not match "
+                          f"{variant}'s {list(spec.diff_argnames)}")
+    for key, info in entry.get("arrays", {}).items():
+        a = arrays.get(key)
+        if a is None or list(a.shape) != info.get("shape") or a.dtype.name != info.get("dtype"):
+            raise GoldenError(f"{path.name}: array {key!r} missing or not as the manifest says")
+    inputs = tuple(arrays["input__" + n].astype(np.float64) if "input__" + n in arrays else None
+                   for n in spec.diff_argnames)
+    kwargs = {k: _decode(v) for k, v in entry.get("hyperparameters", {}).items()}
+    for k, a in arrays.items():
+        if k.startswith("kwarg__"):
+            kwargs[k[7:]] = a.astype(np.float64) if a.dtype.kind == "f" else a
+    case = _cases.Case(variant, entry.get("case", f"case{index}"), fmt.name, inputs, kwargs,
+                       arrays["dy"].astype(np.float64), int(entry.get("seed", 0)),
+                       tuple(entry.get("tags", [])), tuple(spec.diff_argnames))
+
+    def pick(prefix, dtype=np.float64):
+        return {k[len(prefix):]: (a.astype(dtype) if dtype is not None else a)
+                for k, a in arrays.items() if k.startswith(prefix)}
+
+    return GoldenCase(case, pick("ref__"), pick("tol__"), pick("exact__", None),
+                      pick("emulated__"), entry)
+
+
+def load(directory, *, variants=None, dtypes=None) -> list:
+    """The verified golden cases of ``directory`` (a list of :class:`GoldenCase`), optionally
+    only those of ``variants`` / ``dtypes``. Raises :class:`GoldenError` on any doubt."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    out = []
+    for i, entry in enumerate(manifest["cases"]):
+        if isinstance(entry, dict):
+            if variants is not None and entry.get("variant") not in variants:
+                continue
+            if dtypes is not None and entry.get("dtype") not in dtypes:
+                continue
+        out.append(_load_entry(directory, entry, i))
+    return out
+
+
+@dataclass
+class VerifyResult:
+    directory: str
+    cases: int = 0
+    identical: int = 0
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self):
+        return self.ok
+
+    def __str__(self):
+        lines = [f"{self.directory}: {self.cases} golden cases, hashes and schema verified; "
+                 f"{self.identical} reproduce the reference bit for bit"]
+        lines += [f"  PROBLEM {p}" for p in self.problems]
+        lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+
+def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
+    """Check every hash, the schema and the embedded metadata (raising :class:`GoldenError` on
+    the first untrustworthy file), then, with ``recompute``, that this refnorm reproduces each
+    stored reference output (bit for bit, or within the float64 model's bound)."""
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle.reference import compute
+    from refnorm.oracle.tolerance import bounds
+
+    golden = load(directory)
+    result = VerifyResult(str(directory), len(golden))
+    for g in golden:
+        if not recompute:
+            continue
+        spec = BY_NAME[g.case.variant]
+        ref = compute(spec, g.case)
+        case64 = _cases.with_dtype(g.case, "float64")
+        b64 = bounds(spec, case64, ref)
+        same = True
+        for k, stored in g.reference.items():
+            fresh = ref.outputs.get(k)
+            if fresh is None or fresh.shape != stored.shape:
+                result.problems.append(f"{g.entry['file']}: output {k!r} not produced by this "
+                                       f"refnorm")
+                same = False
+                continue
+            if np.array_equal(fresh, stored, equal_nan=True):
+                continue
+            same = False
+            both = np.isfinite(fresh) & np.isfinite(stored)
+            bad = np.any(np.isfinite(fresh) != np.isfinite(stored)) or np.any(
+                np.abs(fresh[both] - stored[both]) > b64[k][both])
+            if bad:
+                result.problems.append(f"{g.entry['file']} ({g.case.variant} {g.case.dtype} "
+                                       f"{g.case.name}): stored {k} differs from this refnorm's "
+                                       f"reference beyond float64 rounding")
+        result.identical += same
+        if progress is not None:
+            progress(g.entry["file"])
+    return result

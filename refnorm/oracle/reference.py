@@ -1,0 +1,113 @@
+"""The reference answer for a case, and the emulation of a correct low-precision kernel.
+
+:func:`compute` runs the variant's own float64 forward and hand-derived backward (two-pass
+statistics with a correction pass, see :mod:`refnorm.norms._stats`) on the case's inputs, which
+are exactly the candidate's inputs cast back up. Its outputs, by name:
+
+* ``y``; ``d<name>`` for every present differentiable input (``dx``, ``dweight``, ``dbias``);
+* for a stateful variant, every float field of the new state (``running_mean``, ...);
+* ``mean`` and ``rstd`` when the forward saves them (the statistics a kernel's backward reuses).
+
+:func:`emulate` computes what a *correct* kernel in the candidate dtype would return: the same
+algorithm run in the accumulation format (float32 for float32, float16 and bfloat16
+candidates), with the outputs rounded once to the candidate dtype. Its distance from the
+float64 reference is rounding error that no correct kernel avoids; a candidate far beyond it
+has a bug, however large the tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refnorm.oracle.formats import get_format, round_to
+
+__all__ = ["Reference", "compute", "emulate", "state_dict", "STAT_NAMES"]
+
+STAT_NAMES = ("mean", "rstd")
+
+
+def state_dict(state) -> dict:
+    """A new state (NamedTuple, dict or None) as a dict of its fields."""
+    if state is None:
+        return {}
+    if isinstance(state, dict):
+        return dict(state)
+    if hasattr(state, "_asdict"):
+        return dict(state._asdict())
+    return {"state": state}
+
+
+@dataclass
+class Reference:
+    """The float64 answer for one case."""
+
+    outputs: dict                                  # name -> float64 array
+    exact: dict = field(default_factory=dict)      # non-float state fields, compared exactly
+    cache: object = None
+    required: tuple = ()                           # the names a candidate must return
+
+    def __getitem__(self, key):
+        return self.outputs[key]
+
+
+def _outputs(spec, case, y, state, cache, grads, dtype=np.float64):
+    outs = {"y": np.asarray(y, dtype)}
+    required = ["y"]
+    for name, g, a in zip(spec.diff_argnames, grads, case.arrays):
+        if a is not None and g is not None:
+            outs["d" + name] = np.asarray(g, dtype)
+            required.append("d" + name)
+    exact = {}
+    for key, value in state_dict(state).items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            outs[key] = np.asarray(value, dtype)
+        elif isinstance(value, (float, np.floating)):
+            outs[key] = np.asarray(value, dtype)
+        elif value is not None:
+            exact[key] = value
+    for key in STAT_NAMES:
+        value = getattr(cache, key, None)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and key not in outs:
+            outs[key] = np.asarray(value, dtype)
+    return outs, exact, tuple(required)
+
+
+def compute(spec, case) -> Reference:
+    """The float64 reference: the record's forward and backward on the case's inputs."""
+    sample = case.sample
+    with np.errstate(all="ignore"):  # non-finite cases produce NaN on purpose
+        y, state, cache = spec.run(sample)
+        grads = spec.backward(case.dy, cache)
+    outs, exact, required = _outputs(spec, case, y, state, cache, grads)
+    for a in outs.values():
+        a.setflags(write=False)
+    return Reference(outs, exact, cache, required)
+
+
+def emulate(spec, case, accumulate=None, *, rounded=True) -> dict | None:
+    """The outputs of a correct kernel in ``case.dtype``: computed in ``accumulate`` (default:
+    the dtype's accumulator, float32 below float64) and rounded once to ``case.dtype``.
+
+    Returns None for float64 candidates (the reference itself) or if the variant's code
+    cannot run in the accumulation format. ``rounded=False`` keeps the accumulation format's
+    results (cast to float64), before the rounding to ``case.dtype``.
+    """
+    fmt = get_format(case.dtype)
+    acc = np.dtype(accumulate or fmt.accumulate)
+    if fmt.name == "float64" and acc == np.float64:
+        return None
+
+    def cast(v):
+        return v.astype(acc) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+
+    arrays = tuple(None if a is None else a.astype(acc) for a in case.arrays)
+    kwargs = {k: cast(v) for k, v in case.kwargs.items()}
+    try:
+        with np.errstate(all="ignore"):
+            y, state, cache = spec.run(case.sample._replace(arrays=arrays, kwargs=kwargs))
+            grads = spec.backward(case.dy.astype(acc), cache)
+    except Exception:  # noqa: BLE001 - a variant whose code is float64-only has no emulation
+        return None
+    outs, _, _ = _outputs(spec, case, y, state, cache, grads)
+    return {k: round_to(v, fmt) if rounded else v for k, v in outs.items()}

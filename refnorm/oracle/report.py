@@ -1,0 +1,374 @@
+"""Comparing a candidate's outputs with the reference, and the report that says how it went.
+
+**ULPs.** Errors are counted in units in the last place of the candidate dtype, at the
+magnitude of the reference value, with a floor at the output's scale:
+
+.. math::
+
+   \\mathrm{ulps}_i = \\frac{|\\tilde y_i - y_i|}{\\mathrm{ulp}_D\\bigl(\\max(|y_i|, s_i)\\bigr)},
+   \\qquad s_i = \\text{RMS of } y \\text{ over the group of } i
+
+(the group is the row, channel or (sample, group) that shares the statistics; for a parameter
+gradient and for a variant without groups it is the whole tensor). Without the floor, an
+element that is zero by cancellation (``y = gamma * xhat + beta`` near zero) would count any
+legitimate rounding error of the terms as millions of ULPs. The relative error is measured
+the same way: :math:`|\\tilde y_i - y_i| / \\max(|y_i|, s_i)`.
+
+**Pass or fail** is decided by the tolerance model (:mod:`refnorm.oracle.tolerance`), element
+by element: an output passes when every element is within its bound and its non-finite
+values agree with the reference's: where the reference is NaN (undefined) any NaN or infinity
+is accepted, where it is an infinity only the same infinity, and where it is finite only a
+finite value, or the infinity it correctly rounds to when it lies beyond the dtype's range.
+``budget`` is the largest ratio error/bound (at most 1 to pass); the *worst
+index* is where it is reached. ``tol ULP`` is the bound there, in ULPs. Where a whole group of
+the reference is zero the ULP floor is the tensor's RMS, and 1 if that is zero too.
+
+A :class:`Report` is bool-like (true when everything passed), prints as a table per variant,
+and keeps every case's results (:class:`CaseResult`) and every output's (:class:`OutputResult`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from refnorm.oracle.formats import get_format, representable, round_to, ulp
+
+__all__ = ["OutputResult", "CaseResult", "Report", "compare_outputs", "within"]
+
+
+@dataclass
+class OutputResult:
+    """How one output (``y``, ``dx``, ``dweight``, ``running_var``, ``rstd``...) of a case did."""
+
+    name: str
+    status: str                 # "pass", "FAIL", "missing", "shape", "nonfinite"
+    worst_ulp: float = 0.0      # the largest error over the elements, in ULPs
+    budget: float = 0.0         # the largest error/bound over the elements (<= 1 passes)
+    ulp: float = 0.0            # the error at the worst index (where error/bound peaks), in ULPs
+    tol_ulp: float = 0.0        # the bound at the worst index, in ULPs
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    index: tuple | None = None  # where error/bound is largest
+    expected: float | None = None
+    got: float | None = None
+    n_bad: int = 0
+    size: int = 0
+    emulated_ulp: float | None = None   # a correct kernel's error (emulation), in ULPs
+    loose: bool = False         # the bound reaches the output's scale: no information here
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def describe(self) -> str:
+        if self.status == "missing":
+            return f"{self.name}: missing from the candidate's outputs"
+        if self.status == "shape":
+            return f"{self.name}: {self.note}"
+        where = "" if self.index is None else f" at {list(self.index)}"
+        vals = "" if self.expected is None else \
+            f" (expected {self.expected:.6g}, got {self.got:.6g})"
+        head = (f"{self.name}: {_num(self.ulp)} ULP > tol {_num(self.tol_ulp)} ULP{where}"
+                f"{vals}; max {_num(self.worst_ulp)} ULP, max abs {self.max_abs:.3g}, "
+                f"max rel {self.max_rel:.3g}")
+        if self.n_bad:
+            head += f"; {self.n_bad}/{self.size} elements out of tolerance"
+        if self.note:
+            head += f"; {self.note}"
+        return head
+
+
+@dataclass
+class CaseResult:
+    """One case: its outputs, its status and, for a failure, which known mistake it matches."""
+
+    variant: str
+    case: str
+    dtype: str
+    status: str                          # "pass", "FAIL", "error", "skipped"
+    outputs: dict = field(default_factory=dict)
+    message: str = ""
+    diagnosis: str = ""
+    tags: tuple = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("pass", "skipped")
+
+    def failing(self):
+        return [o for o in self.outputs.values() if not o.passed]
+
+
+def _num(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    return f"{v:.3g}" if v < 1e4 else f"{v:.2e}"
+
+
+def _scale(ref, groups):
+    """The ULP floor: RMS over the group; over the tensor where that is 0; else 1.
+
+    Computed as ``m * rms(a / m)`` with ``m = max|a|``, so that squares cannot underflow."""
+    a = np.abs(np.where(np.isfinite(ref), ref, 0.0))
+    m = float(a.max()) if a.size else 0.0
+    whole = m * float(np.sqrt(np.mean((a / m) ** 2))) if m > 0 else 1.0
+    if groups is not None and ref.shape == groups.labels.shape:
+        gm = groups.max(a)
+        gm = np.where(gm > 0, gm, 1.0)
+        rms = gm * np.sqrt(groups.mean((a / groups.spread(gm)) ** 2))
+        return np.where(groups.spread(rms) > 0, groups.spread(rms), whole)
+    return np.full(ref.shape, whole)
+
+
+def _ulps(err, ref, scale, fmt):
+    return err / ulp(np.maximum(np.abs(np.where(np.isfinite(ref), ref, 0.0)), scale), fmt)
+
+
+def within(ref, got, bound, fmt) -> bool:
+    """Whether ``got`` passes against ``ref`` under ``bound`` (the test of
+    :func:`compare_outputs`, without the statistics)."""
+    fmt = get_format(fmt)
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != ref.shape:
+        return False
+    ratio, pattern_bad = _violations(ref, got, bound, fmt)
+    return not np.any(pattern_bad) and not np.any(ratio > 1)
+
+
+def _violations(ref, got, bound, fmt):
+    # non-finite values: where the reference is NaN (undefined) any NaN or infinity is
+    # accepted; where it is an infinity, the same infinity; where it is finite, a finite value.
+    # A finite reference beyond the dtype's range rounds to an infinity: that infinity is
+    # then the correctly rounded answer, and is accepted.
+    fr, fg = np.isfinite(ref), np.isfinite(got)
+    both = fr & fg
+    pattern_bad = ~both
+    if np.any(pattern_bad):
+        same_nan = np.isnan(ref) & ~fg
+        same_inf = np.isinf(ref) & (ref == got)
+        overflow = fr & ~fg & (np.abs(np.where(fr, ref, 0.0)) >= fmt.max) & \
+            (round_to(np.where(fr, ref, 0.0), fmt) == got)
+        pattern_bad = pattern_bad & ~same_nan & ~same_inf & ~overflow
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.where(both, np.abs(got - np.where(both, ref, 0.0)), 0.0)
+        ratio = np.where(both, err / np.where(bound > 0, bound, np.inf), 0.0)
+        ratio = np.where(both & (bound <= 0) & (err > 0), np.inf, ratio)
+        ratio = np.where(np.isnan(ratio), 0.0, ratio)
+    return ratio, pattern_bad
+
+
+def compare_outputs(name, ref, got, bound, fmt, groups=None, emulated=None) -> OutputResult:
+    """Compare one output ``got`` with ``ref`` under the per-element ``bound``."""
+    fmt = get_format(fmt)
+    if got is None:
+        return OutputResult(name, "missing")
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != ref.shape:
+        if got.size == ref.size and name in ("mean", "rstd"):
+            got = got.reshape(ref.shape)
+        else:
+            return OutputResult(name, "shape", note=f"shape {tuple(got.shape)}, expected "
+                                f"{tuple(ref.shape)}", size=ref.size)
+    res = OutputResult(name, "pass", size=ref.size)
+    scale = _scale(ref, groups)
+    ratio, pattern_bad = _violations(ref, got, bound, fmt)
+    fr = np.isfinite(ref)
+    both = fr & np.isfinite(got)
+    err = np.where(both, np.abs(got - np.where(both, ref, 0.0)), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ulps = np.where(both, _ulps(err, ref, scale, fmt), 0.0)
+        tol_ulps = _ulps(np.where(np.isfinite(bound), bound, 0.0), ref, scale, fmt)
+        rel = np.where(both, err / np.maximum(np.abs(np.where(both, ref, 0.0)), scale), 0.0)
+        rel = np.where(np.isnan(rel), np.inf, rel)
+    if ref.size:
+        res.worst_ulp = float(ulps.max())
+        res.max_abs = float(err.max())
+        res.max_rel = float(rel.max())
+        res.budget = float(ratio.max())
+        k = int(np.argmax(ratio))
+        res.index = tuple(int(i) for i in np.unravel_index(k, ref.shape))
+        res.tol_ulp = float(tol_ulps.flat[k])
+        res.ulp = float(ulps.flat[k])
+        res.expected, res.got = float(ref.flat[k]), float(got.flat[k])
+        res.n_bad = int(np.count_nonzero(ratio > 1))
+        fin = np.isfinite(bound) & fr
+        res.loose = bool(np.any((bound[fin] >= 0.5 * np.maximum(scale[fin], np.abs(ref[fin])))
+                                & (scale[fin] > 0)))
+    if np.any(pattern_bad):
+        k = int(np.flatnonzero(pattern_bad)[0])
+        res.status = "nonfinite"
+        res.index = tuple(int(i) for i in np.unravel_index(k, ref.shape))
+        res.expected, res.got = float(ref.flat[k]), float(got.flat[k])
+        res.n_bad += int(np.count_nonzero(pattern_bad))
+        res.worst_ulp = res.ulp = math.inf
+        res.note = (f"NaN/infinity pattern differs from the reference at "
+                    f"{int(np.count_nonzero(pattern_bad))} element(s)")
+    elif res.budget > 1:
+        res.status = "FAIL"
+    if emulated is not None and emulated.shape == ref.shape:
+        e = np.where(np.isfinite(ref) & np.isfinite(emulated), np.abs(emulated - np.where(
+            np.isfinite(ref), ref, 0.0)), 0.0)
+        res.emulated_ulp = float(_ulps(e, ref, scale, fmt).max()) if ref.size else 0.0
+    if fmt.name != "float64" and not representable(got[np.isfinite(got)], fmt):
+        extra = f"values are not all representable in {fmt.name} (computed in a wider type?)"
+        res.note = f"{res.note}; {extra}" if res.note else extra
+    return res
+
+
+@dataclass
+class Report:
+    """The result of :func:`refnorm.oracle.check`: bool-like, printable, and complete."""
+
+    impl: str
+    dtype: str
+    device: str = "cpu"
+    seed: int = 0
+    size: str = "full"
+    strict: bool = False
+    ftz: bool = False
+    results: list = field(default_factory=list)      # CaseResult, in order
+    skipped: list = field(default_factory=list)      # cases.Skipped
+    diagnoses: dict = field(default_factory=dict)    # variant -> text
+    unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def variants(self):
+        seen = []
+        for r in self.results:
+            if r.variant not in seen:
+                seen.append(r.variant)
+        return seen
+
+    def failures(self):
+        return [r for r in self.results if not r.passed]
+
+    def worst(self, variant, output):
+        """The OutputResult with the largest budget for ``output`` of ``variant``, or None."""
+        best = None
+        for r in self.results:
+            o = r.outputs.get(output) if r.variant == variant else None
+            if o is not None and (best is None or _key(o) > _key(best[1])):
+                best = (r, o)
+        return best
+
+    def summary(self, variant):
+        rs = [r for r in self.results if r.variant == variant]
+        return {"cases": len(rs), "pass": sum(r.status == "pass" for r in rs),
+                "fail": sum(r.status in ("FAIL", "error") for r in rs),
+                "skipped": sum(r.status == "skipped" for r in rs)
+                + sum(s.variant == variant for s in self.skipped)}
+
+    def format(self, *, details=True, max_failures=12) -> str:
+        lines = [f"refnorm oracle: impl={self.impl} device={self.device} dtype={self.dtype} "
+                 f"seed={self.seed} size={self.size}" + (" strict" if self.strict else "")
+                 + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")]
+        for v in self.variants:
+            s = self.summary(v)
+            ok = s["fail"] == 0
+            lines.append("")
+            lines.append(f"{v}: {s['cases']} cases, {s['pass']} pass, {s['fail']} fail, "
+                         f"{s['skipped']} skipped  [{'PASS' if ok else 'FAIL'}]")
+            outputs = []
+            for r in self.results:
+                if r.variant == v:
+                    outputs += [k for k in r.outputs if k not in outputs]
+            width = max([len(o) for o in outputs] + [6]) + 2
+            if outputs:
+                lines.append(f"  {'output':<{width}}{'ULP':>9}{'tol ULP':>9}{'budget':>8}"
+                             f"{'emul ULP':>9}{'max abs':>10}{'max rel':>10}  "
+                             f"worst case [index]")
+            for out in outputs:
+                r, o = self.worst(v, out)
+                idx = "" if o.index is None else f" {list(o.index)}"
+                flag = "" if o.passed else f"  {o.status}"
+                lines.append(f"  {out:<{width}}{_num(o.ulp):>9}{_num(o.tol_ulp):>9}"
+                             f"{_budget(o):>8}{_num(o.emulated_ulp):>9}{o.max_abs:>10.2e}"
+                             f"{o.max_rel:>10.2e}  {r.case}{idx}{flag}")
+            if v in self.diagnoses:
+                lines.append(f"  diagnosis: {self.diagnoses[v]}")
+            fails = [r for r in self.results if r.variant == v and not r.passed]
+            if details and fails:
+                lines.append("  failures:")
+                for r in fails[:max_failures]:
+                    if r.status == "error":
+                        lines.append(f"    {r.case}: error: {r.message}")
+                        continue
+                    for o in r.failing():
+                        lines.append(f"    {r.case}: {o.describe()}")
+                    if r.diagnosis:
+                        lines.append(f"      -> {r.diagnosis}")
+                if len(fails) > max_failures:
+                    lines.append(f"    ... and {len(fails) - max_failures} more failing cases")
+            skipped = [s for s in self.skipped if s.variant == v]
+            if details and skipped:
+                lines.append("  skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in skipped))
+            loose = {}
+            for r in self.results:
+                if r.variant == v:
+                    for k, o in r.outputs.items():
+                        if o.loose and o.passed:
+                            loose.setdefault(k, []).append(r.case)
+            if details and loose:
+                lines.append("  bound reaches the output's scale (no information) in: "
+                             + "; ".join(f"{k} {len(c)} case{'s' if len(c) > 1 else ''}"
+                                         for k, c in loose.items()))
+        if self.unsupported:
+            lines.append("")
+            lines.append("no equivalent in the candidate: " + ", ".join(self.unsupported))
+        n_fail = sum(not r.passed for r in self.results)
+        lines.append("")
+        lines.append(f"{'PASS' if self.passed else 'FAIL'}: {len(self.results)} cases, "
+                     f"{n_fail} failed, {len(self.skipped)} skipped, "
+                     f"{len(self.variants)} variant(s)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, tuple):
+                return list(v)
+            return v
+
+        return {
+            "impl": self.impl, "dtype": self.dtype, "device": self.device, "seed": self.seed,
+            "size": self.size, "strict": self.strict, "ftz": self.ftz, "passed": self.passed,
+            "diagnoses": self.diagnoses, "unsupported": self.unsupported,
+            "skipped": [asdict(s) for s in self.skipped],
+            "results": [{"variant": r.variant, "case": r.case, "dtype": r.dtype,
+                         "status": r.status, "message": r.message, "diagnosis": r.diagnosis,
+                         "outputs": {k: {f: clean(v) for f, v in asdict(o).items()}
+                                     for k, o in r.outputs.items()}} for r in self.results],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+def _key(o):
+    bad = 0 if o.passed else 1
+    return (bad, o.budget if math.isfinite(o.budget) else 1e300)
+
+
+def _budget(o):
+    if o.status in ("missing", "shape"):
+        return o.status
+    if o.status == "nonfinite":
+        return "nan/inf"
+    return f"{100 * o.budget:.0f}%" if o.budget < 100 else f"{o.budget:.0f}x"

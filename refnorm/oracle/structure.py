@@ -1,0 +1,156 @@
+"""Which elements share a statistic, and how a per-feature parameter lines up with ``x``.
+
+The tolerance model and the catalogue of mistakes need two facts about a variant that the
+registry records only indirectly:
+
+* the **groups**: the sets of elements of ``x`` that share one mean and one ``rstd`` (a row for
+  LayerNorm, a channel for BatchNorm, a (sample, group) pair for GroupNorm). They come from the
+  record's ``stats_axes`` and are checked against the size of the ``rstd`` the forward saves;
+  a variant whose groups are not a set of axes (GroupNorm) has an entry in :data:`GROUPS`.
+* the **broadcast** of a parameter such as ``weight`` against ``x``: PyTorch's conventions are
+  either the trailing axes (LayerNorm, RMSNorm) or the channel axis 1 (BatchNorm, GroupNorm,
+  InstanceNorm).
+
+A variant for which neither is known still works: the tolerance model then falls back to its
+normwise form (see ``docs/notes/tolerances.rst``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Groups", "groups_of", "labels_from_axes", "param_view", "unbroadcast_sum", "GROUPS",
+           "PARAM_LAYOUT"]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Group ids of the elements of an array of ``shape``: ``labels[i]`` in ``range(count)``."""
+
+    labels: np.ndarray          # int64, the shape of x
+    count: int                  # number of groups G
+    sizes: np.ndarray           # (G,) elements per group
+
+    @property
+    def size(self) -> int:
+        """The largest group size N (the reduction length of the statistics)."""
+        return int(self.sizes.max()) if self.sizes.size else 0
+
+    def sum(self, a) -> np.ndarray:
+        """``(G,)`` sums of ``a`` (the shape of x) over each group, in float64."""
+        return np.bincount(self.labels.ravel(), weights=np.asarray(a, np.float64).ravel(),
+                           minlength=self.count)
+
+    def mean(self, a) -> np.ndarray:
+        return self.sum(a) / np.maximum(self.sizes, 1)
+
+    def max(self, a) -> np.ndarray:
+        out = np.full(self.count, -np.inf)
+        np.maximum.at(out, self.labels.ravel(), np.asarray(a, np.float64).ravel())
+        return out
+
+    def spread(self, g) -> np.ndarray:
+        """A per-group ``(G,)`` array spread back to the shape of x."""
+        return np.asarray(g).ravel()[self.labels]
+
+
+def labels_from_axes(shape, axes):
+    keep = [a for a in range(len(shape)) if a not in axes]
+    kshape = tuple(shape[a] for a in keep)
+    idx = np.indices(shape, sparse=False)
+    labels = np.ravel_multi_index(tuple(idx[a] for a in keep), kshape) if keep \
+        else np.zeros(shape, dtype=np.int64)
+    return labels.astype(np.int64), int(np.prod(kshape, dtype=np.int64))
+
+
+def _group_norm_groups(sample):
+    x = sample.arrays[0]
+    g = sample.kwargs.get("num_groups")
+    if g is None or x.ndim < 2 or x.shape[1] % g:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    idx = np.indices(x.shape)
+    labels = idx[0] * g + idx[1] // (c // g)
+    return labels.astype(np.int64), n * g
+
+
+def _trailing_groups(sample):
+    x = sample.arrays[0]
+    ns = sample.kwargs.get("normalized_shape")
+    if ns is None:
+        return None
+    nd = 1 if isinstance(ns, (int, np.integer)) else len(ns)
+    return labels_from_axes(x.shape, tuple(range(x.ndim - nd, x.ndim)))
+
+
+#: Variants whose groups the record's ``stats_axes`` does not give (GroupNorm's are not a set
+#: of axes; RMSNorm does not standardize but shares one rstd per row):
+#: ``name -> (sample -> (labels, G))``.
+GROUPS = {"group_norm": _group_norm_groups, "rms_norm": _trailing_groups}
+
+
+def groups_of(spec, sample, cache=None) -> Groups | None:
+    """The groups of ``spec`` on ``sample``, or None when they are unknown.
+
+    When the forward's ``cache`` holds an ``rstd``, its size must equal the number of groups:
+    a disagreement means the guess is wrong, and None is returned.
+    """
+    x = sample.arrays[0] if sample.arrays else None
+    if not isinstance(x, np.ndarray):
+        return None
+    found = None
+    if spec.name in GROUPS:
+        found = GROUPS[spec.name](sample)
+    elif spec.stats_axes is not None:
+        try:
+            axes = tuple(int(a) % x.ndim for a in spec.stats_axes(sample))
+        except Exception:  # noqa: BLE001 - a record's helper that cannot say means "unknown"
+            axes = None
+        if axes:
+            found = labels_from_axes(x.shape, axes)
+    if found is None:
+        return None
+    labels, count = found
+    rstd = getattr(cache, "rstd", None) if cache is not None else None
+    if isinstance(rstd, np.ndarray) and rstd.size != count:
+        return None
+    sizes = np.bincount(labels.ravel(), minlength=count)
+    return Groups(labels, count, sizes)
+
+
+#: How a variant's per-feature parameters broadcast against ``x``: ``"channel"`` (a ``(C,)``
+#: vector along axis 1) or ``"trailing"`` (the shape of the trailing axes). Variants not listed
+#: are tried trailing first, then channel.
+PARAM_LAYOUT = {"batch_norm": "channel", "group_norm": "channel", "instance_norm": "channel",
+                "layer_norm": "trailing", "rms_norm": "trailing"}
+
+
+def param_view(p, x_shape, variant=None):
+    """``p`` reshaped to broadcast against ``x_shape`` the PyTorch way, or None.
+
+    The trailing axes (``weight`` of shape ``normalized_shape``), or the channel axis 1 (a
+    ``(C,)`` parameter of BatchNorm, GroupNorm, InstanceNorm), as :data:`PARAM_LAYOUT` says for
+    ``variant``.
+    """
+    if p is None:
+        return None
+    p = np.asarray(p)
+    layout = PARAM_LAYOUT.get(variant)
+    trailing = p.ndim <= len(x_shape) and tuple(x_shape[len(x_shape) - p.ndim:]) == p.shape
+    channel = p.ndim == 1 and len(x_shape) >= 2 and x_shape[1] == p.shape[0]
+    if trailing and layout != "channel":
+        return p
+    if channel and layout != "trailing":
+        return p.reshape((1, p.shape[0]) + (1,) * (len(x_shape) - 2))
+    return None
+
+
+def unbroadcast_sum(a, view_shape, out_shape):
+    """Sum ``a`` (shaped like x) over the axes along which a ``view_shape`` parameter spreads."""
+    a = np.asarray(a, np.float64)
+    lead = a.ndim - len(view_shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(view_shape)
+                                      if n == 1 and a.shape[lead + i] != 1)
+    return a.sum(axis=axes, keepdims=False).reshape(out_shape) if axes \
+        else a.reshape(out_shape)
