@@ -80,8 +80,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats, moments, rsqrt,
-                                  update_running_stats)
+                                  check_param, check_running_stats, row_broadcasting, row_dots,
+                                  row_sums, rsqrt, shifted_moments, update_running_stats)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
@@ -94,13 +94,25 @@ class BatchNormState(NamedTuple):
 
 
 class BatchNormCache(NamedTuple):
-    xhat: np.ndarray                # \hat x, same shape as x
-    mean: np.ndarray                # the \mu used (batch or running), shape (1, C, 1, ...)
-    rstd: np.ndarray                # the r used, shape (1, C, 1, ...)
+    x: np.ndarray                   # the input, not a copy (like PyTorch's saved tensors):
+    #                                 it must not be modified before the backward
+    shift: np.ndarray               # m0, the rounded batch mean (or the running mean),
+    correction: np.ndarray          # c = <x - m0> (0 with running statistics): mean = m0 + c,
+    rstd: np.ndarray                # and the r used: all three per channel, shape (1, C, 1, ...)
     weight: np.ndarray | None       # \gamma, or None
     has_bias: bool
     axes: tuple[int, ...]           # S: every axis but 1
     batch_stats: bool               # whether \mu and r depend on x (training, or no running stats)
+
+    @property
+    def mean(self):
+        """The mean used, m0 + c, rounded to one float."""
+        return self.shift + self.correction
+
+    @property
+    def xhat(self):
+        """xhat = (x - m0 - c) r: recomputed on access, not stored."""
+        return (self.x - self.shift - self.correction) * self.rstd
 
 
 class BatchNormGrads(NamedTuple):
@@ -170,6 +182,9 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     axes = _channel_axes(x.ndim)
     shape = _channel_shape(x)
     batch_stats = training or not tracking
+    x3 = _ncl(x)  # (N, C, L): a view when x is contiguous
+    spatial = x3.shape[2]
+    y = np.empty(x3.shape, dtype=x.dtype)
     if batch_stats:
         m = axis_count(x.shape, axes)
         if m <= 1:
@@ -178,47 +193,85 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         if eps <= 0:
             raise ValueError(f"{_OP}: `eps` must be > 0 when batch statistics are used "
                              f"(training, or no running statistics), got {eps!r}")
-        xhat, mean, var = moments(x, axes)
+        shift, c, var = shifted_moments(x3, out=y)  # y holds d = x - m0 for now
         rstd = rsqrt(var + eps)
-        xhat *= rstd  # the centred buffer becomes \hat x in place
     else:
-        mean = running_mean.reshape(shape).astype(x.dtype, copy=False)
-        rstd = rsqrt(running_var.reshape(shape) + eps).astype(x.dtype, copy=False)
-        xhat = x - mean
-        xhat *= rstd
+        shift = running_mean.reshape(-1, 1).astype(x.dtype, copy=False)
+        c = np.zeros_like(shift)
+        rstd = rsqrt(running_var.reshape(-1, 1) + eps).astype(x.dtype, copy=False)
+        with row_broadcasting(spatial):
+            np.subtract(x3, shift, out=y)
     if training and tracking:
         t += 1
         f = 1.0 / t if momentum is None else momentum
-        new_mean, new_var = update_running_stats(running_mean, running_var, mean.reshape(-1),
-                                                 var.reshape(-1), m, f)
+        new_mean, new_var = update_running_stats(running_mean, running_var, (shift + c).ravel(),
+                                                 var.ravel(), m, f)
         state = BatchNormState(new_mean, new_var, np.asarray(t, dtype=np.int64))
     else:
         state = BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
-    y = xhat * weight.reshape(shape) if weight is not None else xhat.copy()
-    if bias is not None:
-        y += bias.reshape(shape)
-    return y, state, BatchNormCache(xhat, mean, rstd, weight, bias is not None, axes, batch_stats)
+    # in y's own buffer, which holds d = x - m0 (or x - running mean)
+    with row_broadcasting(spatial):
+        if batch_stats:
+            # y = (d - c) r gamma + beta = d a + b, with per channel a = r gamma, b = beta - c a
+            a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
+            y *= a
+            y += bias.reshape(-1, 1) - c * a if bias is not None else -c * a
+        else:  # ((x - running mean) r) gamma + beta, rounded as InstanceNorm rounds it
+            y *= rstd
+            if weight is not None:
+                y *= weight.reshape(-1, 1)
+            if bias is not None:
+                y += bias.reshape(-1, 1)
+    cache = BatchNormCache(x, shift.reshape(shape), c.reshape(shape), rstd.reshape(shape), weight,
+                           bias is not None, axes, batch_stats)
+    return y.reshape(x.shape), state, cache
 
 
 def batch_norm_backward(dy, cache):
-    """Hand-derived VJP of :func:`batch_norm_forward`: ``(dy, cache) -> BatchNormGrads``."""
-    xhat, _, rstd, weight, has_bias, axes, batch_stats = cache
-    # Per-channel sums: dbias and dweight, and (divided by m) the two means of dx.
-    sum_dy = dy.sum(axis=axes, keepdims=True) if batch_stats or has_bias else None
-    dx = np.multiply(dy, xhat)  # first dy * xhat, then reused for dx (one buffer, not two)
-    sum_dyx = dx.sum(axis=axes, keepdims=True) if batch_stats or weight is not None else None
-    scale = rstd if weight is None else rstd * weight.reshape(rstd.shape)
-    if batch_stats:
-        m = dy.size // dy.shape[1]
-        np.multiply(xhat, sum_dyx / m, out=dx)
-        np.subtract(dy, dx, out=dx)
-        dx -= sum_dy / m
-        dx *= scale
-    else:
-        np.multiply(dy, scale, out=dx)
-    dweight = sum_dyx.reshape(-1) if weight is not None else None
-    dbias = sum_dy.reshape(-1) if has_bias else None
-    return BatchNormGrads(dx, dweight, dbias)
+    r"""Hand-derived VJP of :func:`batch_norm_forward`: ``(dy, cache) -> BatchNormGrads``.
+
+    :math:`\hat x` is not stored: with :math:`d = x - m_0` (recomputed, exact) and
+    :math:`\hat x = (d - c)\,r`, the per-channel sums are
+    :math:`\sum_S \mathrm{d}y\,\hat x = r\,(\sum_S \mathrm{d}y\,d - c\sum_S \mathrm{d}y)`, and
+    with :math:`a = \gamma r` and :math:`k = r\,\langle \mathrm{d}y\,\hat x\rangle`
+
+    .. math::
+
+       \mathrm{d}x = a\,\bigl(\mathrm{d}y - d\,k - (\langle \mathrm{d}y\rangle - c\,k)\bigr):
+
+    four passes with per-channel coefficients, in :math:`d`'s buffer, the only array of the
+    size of ``x`` that is allocated. The sums are BLAS dot products over each (sample,
+    channel) row, so no array is formed for them either.
+    """
+    x, shift, c, rstd, weight, has_bias, axes, batch_stats = cache
+    x3, dy3 = _ncl(x), _ncl(dy)
+    n, spatial = x3.shape[0], x3.shape[2]
+    shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
+    a = r * weight.reshape(-1, 1) if weight is not None else r
+    sum_dy = row_sums(dy3).sum(axis=0)[:, None]  # per channel; (sample, channel) rows first
+    sum_dyx = None
+    dx = np.empty(x3.shape, dtype=x.dtype)
+    with row_broadcasting(spatial):
+        if batch_stats or weight is not None:  # sum_S dy xhat = r (sum_S dy d - c sum_S dy)
+            np.subtract(x3, shift, out=dx)  # d = x - m0 again, exact as in the forward
+            sum_dyx = r * (row_dots(dy3, dx).sum(axis=0)[:, None] - c * sum_dy)
+        if batch_stats:
+            # dx = a (dy - <dy> - xhat <dy xhat>) = a (dy - d k - (<dy> - c k)), in d's buffer
+            k = r * sum_dyx / (n * spatial)  # r <dy xhat>
+            dx *= -k
+            dx += dy3
+            dx -= sum_dy / (n * spatial) - c * k
+            dx *= a
+        else:  # the statistics are constants: dx = a dy
+            np.multiply(dy3, a, out=dx)
+    dweight = sum_dyx.ravel().astype(weight.dtype, copy=False) if weight is not None else None
+    dbias = sum_dy.ravel().astype(dy.dtype, copy=False) if has_bias else None
+    return BatchNormGrads(dx.reshape(dy.shape), dweight, dbias)
+
+
+def _ncl(a):
+    """``a`` of shape (N, C, *) as (N, C, L), L the product of the spatial axes."""
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
 
 
 batch_norm = custom_vjp(batch_norm_forward, batch_norm_backward, ("x", "weight", "bias"),

@@ -56,27 +56,36 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  group_view, moments, rsqrt)
+                                  group_view, row_blocks, row_broadcasting, row_dots, row_sums,
+                                  rsqrt, shifted_moments)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
 class GroupNormCache(NamedTuple):
-    xhat: np.ndarray                # \hat x, same shape as x
-    mean: np.ndarray                # \mu, shape (N, G, 1)
+    x: np.ndarray                   # the input, not a copy (like PyTorch's saved tensors):
+    #                                 it must not be modified before the backward
+    shift: np.ndarray               # m0, the rounded group means, shape (N, G, 1)
+    correction: np.ndarray          # c = <x - m0>: the mean is m0 + c (see _stats); (N, G, 1)
     rstd: np.ndarray                # r, shape (N, G, 1)
     weight: np.ndarray | None       # \gamma, shape (C,), or None
     has_bias: bool
+
+    @property
+    def mean(self):
+        """The mean m0 + c, rounded to one float, shape (N, G, 1)."""
+        return self.shift + self.correction
+
+    @property
+    def xhat(self):
+        """xhat = (x - m0 - c) r, same shape as x: recomputed on access, not stored."""
+        groups = group_view(self.x, self.rstd.shape[1])
+        return ((groups - self.shift - self.correction) * self.rstd).reshape(self.x.shape)
 
 
 class GroupNormGrads(NamedTuple):
     dx: np.ndarray
     dweight: np.ndarray | None
     dbias: np.ndarray | None
-
-
-def _channel(param, ndim):
-    """A per-channel (C,) parameter, shaped to broadcast against (N, C, *)."""
-    return param.reshape(param.shape + (1,) * (ndim - 2))
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -103,48 +112,104 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     check_param(weight, "weight", "group_norm", (channels,))
     check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
-    xhat, mean, var = moments(group_view(x, num_groups), (2,))
+    n, groups = x.shape[0], num_groups
+    per_channel = channels // groups
+    y = np.empty(x.shape, dtype=x.dtype)
+    xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
+    rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
+    stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows))
+    shift, c, var = (v.reshape(n, groups, 1) for v in stats)  # y holds d = x - m0 for now
     rstd = rsqrt(var + eps)
-    xhat *= rstd  # the centred buffer becomes \hat x in place
-    xhat = xhat.reshape(x.shape)
-    y = xhat * _channel(weight, x.ndim) if weight is not None else xhat.copy()
+    # y = (d - c) r gamma + beta = d * scale + offset with, per (sample, channel), scale = r gamma
+    # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row)
+    scale = np.repeat(rstd, per_channel, axis=1)  # (N, C, 1)
+    if weight is not None:
+        scale *= weight[:, None]
+    offset = -np.repeat(c, per_channel, axis=1) * scale
     if bias is not None:
-        y += _channel(bias, x.ndim)
-    return y, GroupNormCache(xhat, mean, rstd, weight, bias is not None)
+        offset += bias[:, None]
+    y3 = _ncl(y)
+    with row_broadcasting(y3.shape[2]):
+        y3 *= scale
+        y3 += offset
+    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None)
 
 
 def group_norm_backward(dy, cache):
-    """Hand-derived VJP of :func:`group_norm_forward`: ``(dy, cache) -> GroupNormGrads``."""
-    xhat, _, rstd, weight, has_bias = cache
-    n, c = dy.shape[:2]
-    groups, spatial = rstd.shape[1], int(np.prod(dy.shape[2:], dtype=np.int64))
-    per_channel = c // groups
+    r"""Hand-derived VJP of :func:`group_norm_forward`: ``(dy, cache) -> GroupNormGrads``.
+
+    :math:`\hat x` is not stored: with :math:`d = x - m_0` (recomputed, exact) and
+    :math:`\hat x = (d - c)\,r`, the per-(sample, channel) sums :math:`A_{nc} = \sum_*
+    \mathrm{d}y\,\hat x = r\,(\sum_* \mathrm{d}y\,d - c\,B_{nc})` and :math:`B_{nc} = \sum_*
+    \mathrm{d}y` are BLAS dot products over each (sample, channel) row, and with
+    :math:`k = r\,\langle g\hat x\rangle_{S_{ng}}`
+
+    .. math::
+
+       \mathrm{d}x = (r\gamma_c)\,\mathrm{d}y - d\,(r k)
+                     + r\,(c\,k - \langle g\rangle_{S_{ng}}):
+
+    four passes with per-(sample, channel) coefficients. The samples are independent but for
+    the sums over the batch (``dweight``, ``dbias``), so they are done a block of samples at a
+    time (:func:`~refnorm.norms._stats.row_blocks`, about 1 MiB): :math:`d` is then one block,
+    not an array of the size of ``x``.
+    """
+    x, shift, c, r, weight, has_bias = cache
+    n, channels = x.shape[:2]
+    dx = np.empty(x.shape, dtype=x.dtype)
+    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
+    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
+    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+        a, b = _backward_samples(dy[blk], x[blk], shift[blk], c[blk], r[blk], weight, dx[blk])
+        sum_dyx += a
+        sum_dy += b
+    dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
+    dbias = sum_dy.astype(dy.dtype, copy=False) if has_bias else None
+    return GroupNormGrads(dx, dweight, dbias)
+
+
+def _backward_samples(dy, x, shift, c, r, weight, dx):
+    """The backward on a block of samples (``shift``, ``c``, ``r`` of shape (N, G, 1), ``weight``
+    of shape (C,) or None): writes ``dx`` and returns the block's sums over its samples of
+    :math:`A_{nc}` and :math:`B_{nc}` (its parts of ``dweight`` and ``dbias``)."""
+    n, channels = x.shape[:2]
+    groups = r.shape[1]
+    per_channel = channels // groups
+    x3, dy3, dx3 = _ncl(x), _ncl(dy), _ncl(dx)  # dx3: a view, dx is contiguous
+    spatial = x3.shape[2]
     per_group = per_channel * spatial  # M
-    dy3, xhat3 = dy.reshape(n, c, spatial), xhat.reshape(n, c, spatial)
-    buf = dy3 * xhat3
-    a = buf.sum(axis=2)          # A_nc = sum_* dy xhat
-    b = dy3.sum(axis=2)          # B_nc = sum_* dy
-    dweight = a.sum(axis=0) if weight is not None else None
-    dbias = b.sum(axis=0) if has_bias else None
+
+    def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
+        return np.repeat(v, per_channel, axis=1)
+
+    with row_broadcasting(per_group):
+        d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
+    d3 = d.reshape(x3.shape)
+    b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
+    a = spread(r) * (row_dots(dy3, d3)[..., None] - spread(c) * b)    # A_nc = sum_* dy xhat
+    sums = a.sum(axis=0).ravel(), b.sum(axis=0).ravel()
+    if per_group == 1:  # a one-element group normalizes to 0 whatever x is: y = beta, dx = 0
+        dx[...] = 0     # (exactly; the formula below rounds (r gamma) dy - r (gamma dy))
+        return sums
     if weight is not None:
-        a *= weight
-        b *= weight
-    # group means <g xhat> and <g>, shape (N, G, 1), spread over the group's channels to
-    # (N, C, 1); then dx = r (g - <g> - xhat <g xhat>), with g = gamma dy formed in dx's buffer
+        a *= weight[:, None]  # sum_* g xhat and sum_* g, with g = gamma dy
+        b *= weight[:, None]
+    # the group means <g xhat> and <g>: sums over the group's channels, / M; (N, G, 1)
     mean_gx = a.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
+    k = r * mean_gx
+    r_gamma = spread(r) * weight[:, None] if weight is not None else spread(r)
+    with row_broadcasting(spatial):
+        np.multiply(dy3, r_gamma, out=dx3)
+        d3 *= spread(r * k)
+        dx3 -= d3
+        dx3 += spread(r * (c * k - mean_g))
+    return sums
 
-    def spread(v):  # (N, G, 1) -> (N, C, 1)
-        return np.broadcast_to(v, (n, groups, per_channel)).reshape(n, c, 1)
 
-    if weight is not None:
-        dx = dy3 * weight[:, None]
-        dx -= spread(mean_g)
-    else:
-        dx = dy3 - spread(mean_g)
-    dx -= np.multiply(xhat3, spread(mean_gx), out=buf)
-    dx *= spread(rstd)
-    return GroupNormGrads(dx.reshape(dy.shape), dweight, dbias)
+def _ncl(a):
+    """``a`` of shape (N, C, *) as (N, C, L), L the product of the spatial axes."""
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
 
 
 group_norm = custom_vjp(group_norm_forward, group_norm_backward, ("x", "weight", "bias"))

@@ -69,7 +69,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (check_array, check_eps, check_normalized_shape, check_param,
+from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
+                                  check_param, row_blocks, row_broadcasting, row_dots, row_sums,
                                   rsqrt, trailing_axes)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -77,11 +78,17 @@ EPS_PLACEMENTS = ("inside", "outside")
 
 
 class RMSNormCache(NamedTuple):
-    xhat: np.ndarray                # \hat x = x r, same shape as x
+    x: np.ndarray                   # the input, not a copy (like PyTorch's saved tensors):
+    #                                 it must not be modified before the backward
     rstd: np.ndarray                # r, keepdims over the normalized axes
     q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
     weight: np.ndarray | None       # \gamma, or None
     axes: tuple[int, ...]           # the normalized axes A
+
+    @property
+    def xhat(self):
+        """xhat = x r: recomputed on access, not stored."""
+        return self.x * self.rstd
 
 
 class RMSNormGrads(NamedTuple):
@@ -130,35 +137,79 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     eps = default_eps(x.dtype) if eps is None else check_eps(eps, "rms_norm")
     outside = _check_placement(eps_placement) == "outside"
     axes = trailing_axes(x.ndim, len(shape))
-    ms = np.mean(np.square(x), axis=axes, keepdims=True)  # no cancellation: a sum of squares
+    rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
+    # the mean square, a BLAS dot product per row; no cancellation: a sum of squares
+    ms = (row_dots(rows, rows)[:, None] / rows.shape[1]).astype(x.dtype, copy=False)
     if outside:
         rms = np.sqrt(ms)
         rstd = 1.0 / (rms + eps)
         q = rms * rstd
     else:
         rstd, q = rsqrt(ms + eps), None
-    xhat = x * rstd
-    y = xhat * weight if weight is not None else xhat.copy()
-    return y, RMSNormCache(xhat, rstd, q, weight, axes)
+    with row_broadcasting(rows.shape[1]):
+        y = np.multiply(rows, rstd)
+        if weight is not None:
+            y *= weight.reshape(-1)
+    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
+    cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
+                         axes)
+    return y.reshape(x.shape), cache
 
 
 def rms_norm_backward(dy, cache):
-    """Hand-derived VJP of :func:`rms_norm_forward`: ``(dy, cache) -> RMSNormGrads``."""
-    xhat, rstd, q, weight, axes = cache
-    gx = dy * xhat
+    r"""Hand-derived VJP of :func:`rms_norm_forward`: ``(dy, cache) -> RMSNormGrads``.
+
+    :math:`\hat x = x\,r` is not stored: the sums over the batch and over each row are formed
+    from :math:`\mathrm{d}y\odot x` and the per-row :math:`r`, and
+    :math:`\mathrm{d}x = r\,(g - x\,(r k))`. As in LayerNorm's backward, the rows are done a
+    block at a time (:func:`~refnorm.norms._stats.row_blocks`), so that the passes over a block
+    find it in the CPU cache, and the one temporary is the size of a block.
+    """
+    x, rstd, q, weight, axes = cache
+    rows = _rows(x, axes)
+    dy2 = dy.reshape(rows.shape)
+    r = rstd.reshape(-1, 1)
+    q = q.reshape(-1, 1) if q is not None else None
+    w = weight.reshape(-1) if weight is not None else None
+    dx = np.empty(rows.shape, dtype=x.dtype)
+    dweight = np.zeros(rows.shape[1], np.promote_types(x.dtype, np.float32)) \
+        if weight is not None else None
+    for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+        part = _backward_rows(dy2[blk], rows[blk], r[blk], None if q is None else q[blk], w,
+                              dx[blk])
+        if weight is not None:
+            dweight += part
     if weight is not None:
-        dweight = gx.sum(axis=tuple(range(dy.ndim - len(axes))))
-        gx *= weight  # g * xhat, reusing dy * xhat's buffer (dweight is already summed)
-        g = dy * weight
-    else:
-        dweight, g = None, None
-    k = gx.mean(axis=axes, keepdims=True)
+        dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
+    return RMSNormGrads(dx.reshape(dy.shape), dweight)
+
+
+def _backward_rows(dy, x, r, q, w, dx):
+    """The backward on a block of rows: ``dy``, ``x``, ``dx`` of shape (rows, N), the columns
+    ``r`` and ``q`` (None inside), and ``w`` the flat weight or None. Writes ``dx`` and returns
+    the block's part of ``dweight``, the sum of ``dy * xhat`` over its rows (None without
+    weight)."""
+    n = x.shape[1]
+    np.multiply(dy, x, out=dx)  # dy * x for the sums below; later dx itself
+    sum_dyx = row_sums(dx.T, r[:, 0]) if w is not None else None  # dy xhat = dy x r
+    k = r * row_sums(dx, w)[:, None] / n  # <g xhat>, g = gamma dy
     if q is not None:  # outside: k / q, and 0 on zero rows (where xhat = 0, so k = 0 too)
         k = np.divide(k, q, out=np.zeros_like(k), where=q > 0)
-    dx = np.multiply(xhat, k, out=gx)  # xhat * k, in the now free g * xhat buffer
-    np.subtract(dy if g is None else g, dx, out=dx)
-    dx *= rstd
-    return RMSNormGrads(dx, dweight)
+    with row_broadcasting(n):
+        xk = np.multiply(x, r * k)          # xhat k
+        if w is not None:
+            np.multiply(dy, w, out=dx)      # g
+            dx -= xk
+        else:
+            np.subtract(dy, xk, out=dx)
+        dx *= r
+    return sum_dyx
+
+
+def _rows(x, axes):
+    """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
+    n = axis_count(x.shape, axes)
+    return x.reshape(x.size // n if n else 0, n)
 
 
 rms_norm = custom_vjp(rms_norm_forward, rms_norm_backward, ("x", "weight"))

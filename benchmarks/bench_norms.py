@@ -1,0 +1,258 @@
+"""Forward+backward of the normalization layers: refnorm (NumPy) against PyTorch CPU, float64.
+
+For each case, one forward and one backward with a given ``dy`` (gradients for ``x``, ``weight``
+and ``bias``) are timed for refnorm and for PyTorch, **interleaved repeat by repeat in one
+process** (the order alternates between repeats), so that the noise of a shared machine hits both
+alike. PyTorch runs single-threaded (``torch.set_num_threads(1)``); OpenBLAS is pinned to one
+thread too (NumPy's elementwise loops and reductions are single-threaded anyway). The backward is
+fed ``dy`` directly: no ``sum(y * dy)`` loss is timed.
+
+Reported per case, for each implementation (times in ms, "ratio" is refnorm / torch):
+
+* ``wall med``/``wall min``: median and minimum over the repeats of the wall time;
+* ``cpu med``/``cpu min``: the same for the process CPU time (``time.process_time``: user +
+  system, exact). On a shared machine the wall time of a run includes time spent waiting for
+  a core; the CPU time does not;
+* ``user avg``/``sys avg``: the user and system parts, from ``getrusage``, averaged over the
+  repeats. This kernel splits CPU time into user and system by sampling at the timer tick
+  (4 ms), so single-run values are meaningless (0 or 4 ms) but their mean is not. The system
+  part is mostly page faults: when glibc has returned a large freed block to the OS, the next
+  array of that size is faulted in again page by page, which can double a run;
+* ``faults``: minor page faults of one run (median);
+* ``peak mem/x``: refnorm's peak extra memory over forward+backward (``tracemalloc``, which sees
+  NumPy's buffers) divided by ``x.nbytes``, from just before the forward, with ``x``, ``dy``
+  and the parameters allocated and ``y`` kept alive through the backward (as a caller holding
+  the output would): ``y``, the cache, ``dx`` and every temporary count.
+
+    python benchmarks/bench_norms.py [--repeats 30] [--cases LN,BN] [--out table.md|table.json]
+
+Both implementations share one glibc heap, so how often either pays for page faults depends
+on the other's allocations too. To see the cost without them, run the same command with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296`` (glibc keeps freed
+memory instead of returning it); the library itself sets nothing.
+"""
+from __future__ import annotations
+
+import os
+
+# Before NumPy is imported: one BLAS thread, for a fair comparison with single-threaded torch.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import tracemalloc  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from refnorm.norms import BY_NAME  # noqa: E402
+
+
+@dataclass
+class Case:
+    label: str          # short name for the table and --cases
+    name: str           # the registry name
+    shape: tuple
+    arrays: Callable    # rng, shape -> (x, weight, bias-or-absent) in diff_argnames order
+    kwargs: dict
+    torch_fn: Callable  # (F, x, *params) -> y, with the torch tensors
+
+
+def _affine(rng, shape, n_param, with_bias=True):
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal(n_param) + 1.0
+    return (x, w, rng.standard_normal(n_param)) if with_bias else (x, w)
+
+
+CASES = [
+    Case("LN (512,4096)", "layer_norm", (512, 4096),
+         lambda rng, s: _affine(rng, s, s[-1]), dict(normalized_shape=(4096,)),
+         lambda F, x, w, b: F.layer_norm(x, (4096,), w, b, 1e-5)),
+    Case("LN (8,128,768)", "layer_norm", (8, 128, 768),
+         lambda rng, s: _affine(rng, s, s[-1]), dict(normalized_shape=(768,)),
+         lambda F, x, w, b: F.layer_norm(x, (768,), w, b, 1e-5)),
+    Case("BN (16,64,28,28) train", "batch_norm", (16, 64, 28, 28),
+         lambda rng, s: _affine(rng, s, s[1]),
+         dict(running_mean=np.zeros(64), running_var=np.ones(64), training=True),
+         # fresh running statistics each call: F.batch_norm updates them in place
+         lambda F, x, w, b: F.batch_norm(x, x.new_zeros(64), x.new_ones(64), w, b,
+                                         training=True, momentum=0.1, eps=1e-5)),
+    Case("GN32 (16,64,28,28)", "group_norm", (16, 64, 28, 28),
+         lambda rng, s: _affine(rng, s, s[1]), dict(num_groups=32),
+         lambda F, x, w, b: F.group_norm(x, 32, w, b, 1e-5)),
+    Case("RMS (512,4096)", "rms_norm", (512, 4096),
+         lambda rng, s: _affine(rng, s, s[-1], with_bias=False), dict(normalized_shape=(4096,)),
+         lambda F, x, w: F.rms_norm(x, (4096,), w, None)),
+]
+
+
+def refnorm_runner(case, arrays, dy):
+    spec = BY_NAME[case.name]
+    forward, backward = spec.forward, spec.backward
+    kwargs = {**dict(zip(spec.diff_argnames, arrays)), **case.kwargs}
+
+    def run():
+        out = forward(**kwargs)  # (y, cache) or, stateful, (y, state, cache)
+        return out[0], backward(dy, out[-1])
+    return run
+
+
+def torch_runner(case, arrays, dy):
+    import torch
+    import torch.nn.functional as F
+    leaves = [torch.from_numpy(a).requires_grad_(True) for a in arrays]
+    dy_t = torch.from_numpy(dy)
+
+    def run():
+        y = case.torch_fn(F, *leaves)
+        return y, torch.autograd.grad(y, leaves, dy_t)
+    return run
+
+
+def _rusage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def time_one(run):
+    """(wall s, CPU s, user s, sys s, minor page faults) of one call; the result is dropped
+    untimed. CPU is ``time.process_time`` (user + sys, exact); the user/sys split comes from
+    ``getrusage``, which this kernel apportions by sampling at the timer tick, so it is
+    meaningful only summed over many repeats."""
+    u0, s0, f0 = _rusage()
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = run()
+    w1, c1 = time.perf_counter(), time.process_time()
+    u1, s1, f1 = _rusage()
+    del result
+    return w1 - w0, c1 - c0, u1 - u0, s1 - s0, f1 - f0
+
+
+def peak_memory(run, nbytes):
+    """Peak traced memory of one call, above what was traced before it, in units of ``nbytes``."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = run()
+        peak = tracemalloc.get_traced_memory()[1]
+        del result
+    finally:
+        tracemalloc.stop()
+    return (peak - before) / nbytes
+
+
+def check_agreement(r_out, t_out):
+    """Both implementations compute the same y and gradients (a guard against timing a bug)."""
+    (y, grads), (ty, tgrads) = r_out, t_out
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-9, atol=1e-9)
+    for g, tg in zip(grads, tgrads):
+        np.testing.assert_allclose(g, tg.numpy(), rtol=1e-8, atol=1e-8)
+
+
+def bench_case(case, repeats, warmup=2):
+    rng = np.random.default_rng(0)
+    arrays = case.arrays(rng, case.shape)
+    dy = rng.standard_normal(case.shape)
+    runners = {"refnorm": refnorm_runner(case, arrays, dy),
+               "torch": torch_runner(case, arrays, dy)}
+    check_agreement(runners["refnorm"](), runners["torch"]())
+    samples = {name: [] for name in runners}
+    order = list(runners)
+    for i in range(warmup + repeats):
+        gc.collect()
+        for name in order:
+            sample = time_one(runners[name])
+            if i >= warmup:
+                samples[name].append(sample)
+        order.reverse()  # alternate which one runs first
+    mem = peak_memory(runners["refnorm"], arrays[0].nbytes)
+    row = {"case": case.label}
+    for name, s in samples.items():
+        wall, cpu, user, sys_, faults = (list(col) for col in zip(*s))
+        row[name] = dict(wall_median=statistics.median(wall), wall_min=min(wall),
+                         cpu_median=statistics.median(cpu), cpu_min=min(cpu),
+                         user_mean=statistics.fmean(user), sys_mean=statistics.fmean(sys_),
+                         faults_median=statistics.median(faults))
+    r, t = row["refnorm"], row["torch"]
+    row["ratio"] = {k: r[k] / t[k] if t[k] > 0 else float("nan")
+                    for k in ("wall_median", "wall_min", "cpu_median", "cpu_min", "user_mean")}
+    row["peak_memory_x_input"] = mem
+    return row
+
+
+# (column title, key in the per-implementation dict, width); times in ms
+COLUMNS = (("wall med", "wall_median", 9), ("wall min", "wall_min", 9),
+           ("cpu med", "cpu_median", 8), ("cpu min", "cpu_min", 8),
+           ("user avg", "user_mean", 9), ("sys avg", "sys_mean", 8))
+
+
+def table_lines(rows, markdown=False, header=True):
+    """The table: per case, a refnorm line, a torch line and their ratio (refnorm / torch)."""
+    titles = ["case", "impl"] + [t for t, _, _ in COLUMNS] + ["faults", "peak mem/x"]
+    widths = [24, 8] + [w for _, _, w in COLUMNS] + [7, 11]
+    lines = []
+    if header and markdown:
+        lines += ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    elif header:
+        lines.append("".join(f"{t:<{w}}" if i < 2 else f"{t:>{w}}"
+                             for i, (t, w) in enumerate(zip(titles, widths))))
+    for row in rows:
+        for name in ("refnorm", "torch", "ratio"):
+            d = row[name]
+            if name == "ratio":
+                cells = [f"{d[k]:.2f}x" if k in d else "" for _, k, _ in COLUMNS] + ["", ""]
+            else:
+                cells = [f"{d[k] * 1e3:.2f}" for _, k, _ in COLUMNS]
+                cells += [f"{d['faults_median']:.0f}",
+                          f"{row['peak_memory_x_input']:.2f}x" if name == "refnorm" else ""]
+            cells = [row["case"] if name == "refnorm" else "", name] + cells
+            if markdown:
+                lines.append("| " + " | ".join(cells) + " |")
+            else:
+                lines.append("".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"
+                                     for i, (c, w) in enumerate(zip(cells, widths))))
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--cases", default="",
+                        help="comma-separated prefixes of the case labels (e.g. 'LN,GN'); "
+                             "all cases if empty")
+    parser.add_argument("--out", default=None,
+                        help="also write the results to this path: JSON if it ends in .json, "
+                             "else a markdown table")
+    args = parser.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(1)
+    wanted = [p.strip() for p in args.cases.split(",") if p.strip()]
+    cases = [c for c in CASES if not wanted or any(c.label.startswith(p) for p in wanted)]
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    print(f"forward+backward, float64, {args.repeats} repeats interleaved; numpy "
+          f"{np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} thread); "
+          f"glibc malloc: {malloc or 'defaults'}")
+    rows = []
+    for case in cases:
+        rows.append(bench_case(case, args.repeats))
+        print("\n".join(table_lines(rows[-1:], header=len(rows) == 1)), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            if args.out.endswith(".json"):
+                json.dump(dict(numpy=np.__version__, torch=torch.__version__,
+                               repeats=args.repeats, malloc=malloc, rows=rows), f, indent=2)
+            else:
+                f.write("\n".join(table_lines(rows, markdown=True)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
