@@ -1,8 +1,8 @@
 """Shared fixtures: a seeded rng, the optional backends, and the REFNORM_REQUIRE_OPTIONAL rule.
 
-Tests that need PyTorch or JAX take the ``torch`` or ``jax`` fixture (or carry the marker of the
-same name). Where the package is missing they skip, unless ``REFNORM_REQUIRE_OPTIONAL=1`` is set
-(as in CI), in which case the skip becomes a failure.
+Tests that need PyTorch, JAX or Triton take the ``torch``, ``jax`` or ``triton`` fixture (or
+carry the marker of the same name). Where the package is missing they skip, unless
+``REFNORM_REQUIRE_OPTIONAL=1`` is set (as in CI), in which case the skip becomes a failure.
 """
 from __future__ import annotations
 
@@ -27,7 +27,12 @@ try:  # a fixed, derandomised profile for CI; a longer one for local runs
 except ImportError:  # pragma: no cover - hypothesis is in the test extras
     pass
 
-OPTIONAL_MARKERS = ("torch", "jax")
+OPTIONAL_MARKERS = ("torch", "jax", "triton")
+
+# Triton reads TRITON_INTERPRET once, when it is first imported, and other libraries (PyTorch's
+# compiler stack, JAX) may import it before test_triton.py runs. The suite checks Triton kernels
+# on the CPU, in the interpreter; export TRITON_INTERPRET=0 to run them compiled on a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def require_optional() -> bool:
@@ -65,6 +70,11 @@ def jax():
     return jax
 
 
+@pytest.fixture
+def triton():
+    return optional_import("triton")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture in OPTIONAL_MARKERS:
@@ -74,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under REFNORM_REQUIRE_OPTIONAL=1 a skipped torch/jax test is a failure."""
+    """Under REFNORM_REQUIRE_OPTIONAL=1 a skipped torch/jax/triton test is a failure."""
     outcome = yield
     report = outcome.get_result()
     if report.skipped and require_optional():
