@@ -26,7 +26,9 @@ from refnorm.oracle.mistakes import MISTAKES, Mistake, student
 from refnorm.oracle.reference import emulate
 from refnorm.oracle.report import CaseResult, OutputResult, Report
 from refnorm.oracle.tolerance import bounds
+from refnorm.oracle.trajectories import TrajectoryReport, check_trajectory, torch_optimizer
 
 __all__ = ["check", "Report", "CaseResult", "OutputResult", "Case", "generate", "bounds",
            "round_to", "ulp", "get_format", "FORMATS", "MISTAKES", "Mistake", "student", "emulate",
-           "TorchAdapter", "JaxAdapter", "torch_function", "AdapterError", "DeviceUnavailable"]
+           "TorchAdapter", "JaxAdapter", "torch_function", "AdapterError", "DeviceUnavailable",
+           "check_trajectory", "TrajectoryReport", "torch_optimizer"]

@@ -11,6 +11,7 @@ Examples::
         --report out/report.txt --json out/report.json
     refnorm compare --impl mypkg.kernels:candidate --variant layer_norm --dtype bfloat16
     refnorm goldens export goldens/ --variant layer_norm --dtype bfloat16 float32
+    refnorm goldens export traj/ --variant none --optimizer adamp sgdp   # trajectories only
     refnorm goldens verify goldens/
     refnorm compare --impl torch --goldens goldens/               # the cases of a golden dir
 """
@@ -94,25 +95,31 @@ def cmd_compare(args):
 
 
 def cmd_goldens_export(args):
-    from refnorm.oracle import core, goldens
+    from refnorm.oracle import core, goldens, trajectories
 
+    # --variant and --optimizer each narrow only their own kind; "none" drops that kind.
+    variants = args.variant
     try:
-        specs = core.select_specs(args.variant)
+        specs = [] if variants and "none" in variants else core.select_specs(variants)
+        optimizers = trajectories.select_optimizers(args.optimizer)
     except ValueError as exc:
         return _err(str(exc))
-    bar = _progress(len(specs) * len(args.dtype), "export", args.progress)
+    bar = _progress(len(specs) * len(args.dtype) + len(optimizers), "export", args.progress)
     try:
         manifest = goldens.export(args.directory, [s.name for s in specs], args.dtype,
                                   seed=args.seed, size=args.size, emulated=args.emulated,
-                                  overwrite=args.force, progress=bar.step)
+                                  overwrite=args.force, progress=bar.step,
+                                  optimizers=[s.name for s in optimizers])
     except goldens.GoldenError as exc:
         return _err(str(exc))
     finally:
         bar.close()
     n = len(manifest["cases"])
     print(f"wrote {n} golden cases ({len(specs)} variant(s) x {len(args.dtype)} dtype(s), seed "
-          f"{args.seed}, size {args.size}) and {goldens.MANIFEST} to {args.directory}; "
-          f"{len(manifest['skipped'])} case(s) skipped (reasons in the manifest)")
+          f"{args.seed}, size {args.size}), {len(manifest['trajectories'])} optimizer "
+          f"trajectories ({len(optimizers)} optimizer(s), {trajectories.STEPS} steps each) and "
+          f"{goldens.MANIFEST} to {args.directory}; {len(manifest['skipped'])} case(s) skipped "
+          f"(reasons in the manifest)")
     return 0
 
 
@@ -120,7 +127,9 @@ def cmd_goldens_verify(args):
     from refnorm.oracle import goldens
 
     try:
-        total = len(goldens._read_manifest(Path(args.directory))["cases"])
+        manifest = goldens._read_manifest(Path(args.directory))
+        traj = manifest.get("trajectories", [])
+        total = len(manifest["cases"]) + (len(traj) if isinstance(traj, list) else 0)
     except goldens.GoldenError as exc:
         print(f"refnorm goldens verify: REJECTED: {exc}", file=sys.stderr)
         return 2
@@ -199,15 +208,20 @@ def add_commands(subparsers):
     e = gsub.add_parser("export", help="write golden files for the given variants and dtypes")
     e.add_argument("directory", metavar="DIR")
     _common(e, DTYPES, "ci")  # all variants x dtypes: ~180 MB at ci size, ~350 MB at full
+    e.add_argument("--optimizer", nargs="+", action="extend", metavar="NAME",
+                   help="optimizer trajectories to write (default: all registered; 'none' "
+                   "writes none, and '--variant none' writes no norm case)")
     e.add_argument("--emulated", action="store_true",
                    help="also store the emulated correct low-precision outputs")
     e.add_argument("--force", action="store_true", help="overwrite the golden files in DIR")
     e.set_defaults(func=cmd_goldens_export)
     v = gsub.add_parser("verify", help="check the schema, every SHA-256 and that this refnorm "
-                        "reproduces the stored references; exits 1 (mismatch) or 2 (rejected)")
+                        "reproduces the stored references and optimizer trajectories; exits 1 "
+                        "(mismatch) or 2 (rejected)")
     v.add_argument("directory", metavar="DIR")
     v.add_argument("--no-recompute", action="store_true",
-                   help="check hashes and structure only, do not recompute the references")
+                   help="check hashes and structure only, do not recompute the references "
+                   "or re-run the optimizers")
     v.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     v.set_defaults(func=cmd_goldens_verify)
     g.set_defaults(func=lambda args: (g.print_help(), 2)[1])

@@ -6,6 +6,8 @@ Layout of a golden directory::
     DIR/layer_norm-bfloat16-000.npz
     DIR/layer_norm-bfloat16-001.npz
     ...
+    DIR/optim-adamp-000.npz           (optimizer trajectories, see below)
+    ...
 
 ``manifest.json`` holds the schema name and version, the refnorm and NumPy versions, the seed,
 the case-set size, the tolerance model's constants, and for every case: its file, the file's
@@ -28,6 +30,11 @@ Each ``.npz`` holds, as plain ``.npy`` members (never pickles):
 ``emulated__<name>``  (with ``emulated=True``) a correct kernel's output in the dtype
 ``meta``            the case's manifest entry as UTF-8 JSON (uint8), to cross-check
 ==================  ============================================================================
+
+Optimizer trajectories (``optim-<name>-<k>.npz``, listed under the manifest's
+``"trajectories"`` with ``kind: "optimizer"``) sit beside the cases: the parameters, gradients,
+state and projection decisions of every registered optimizer over a few steps of a small
+problem, for checking another optimizer step by step; see :mod:`refnorm.oracle.trajectories`.
 
 Writing is deterministic: sorted members, fixed zip timestamps, no compression, canonical JSON,
 no clock: the same seed and versions give bit-identical files.
@@ -139,7 +146,7 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def _read_npz(data: bytes, label: str) -> dict:
+def _read_npz(data: bytes, label: str, kinds: str = "fiub") -> dict:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
@@ -156,9 +163,10 @@ def _read_npz(data: bytes, label: str) -> dict:
                 except ValueError as exc:
                     raise GoldenError(f"{label}: member {info.filename!r} holds a pickled "
                                       f"object; refusing to load it ({exc})") from exc
-            if arr.dtype.kind not in "fiub" or arr.dtype.hasobject:
+            if arr.dtype.kind not in kinds or arr.dtype.hasobject:
                 raise GoldenError(f"{label}: member {info.filename!r} has dtype {arr.dtype}; "
-                                  f"only numeric arrays are allowed")
+                                  f"only numeric arrays are allowed"
+                                  + (" (and fixed-width strings)" if "U" in kinds else ""))
             out[info.filename[:-4]] = arr
     return out
 
@@ -206,11 +214,23 @@ def _case_arrays(case, prep, emulated):
 
 
 def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "float64"), *,
-           seed=0, size="full", emulated=False, overwrite=False, progress=None) -> dict:
+           seed=0, size="full", emulated=False, overwrite=False, progress=None,
+           optimizers=None, steps=None) -> dict:
     """Write the golden files of ``variants`` x ``dtypes`` into ``directory``; returns the
-    manifest. The directory must be empty or absent unless ``overwrite``."""
+    manifest. The directory must be empty or absent unless ``overwrite``.
+
+    Also writes the optimizer trajectories (:mod:`refnorm.oracle.trajectories`) of
+    ``optimizers``: None (default) or ``"all"`` for every registered optimizer, ``()`` or
+    ``"none"`` for none; ``steps`` steps each (default
+    :data:`~refnorm.oracle.trajectories.STEPS`). ``variants=()`` writes no norm case."""
     import refnorm
+    from refnorm.oracle import trajectories as _traj
     from refnorm.oracle.core import _prepared_cases, select_specs
+
+    try:
+        optim_specs = _traj.select_optimizers(optimizers)
+    except ValueError as exc:
+        raise GoldenError(str(exc)) from exc
 
     directory = Path(directory)
     if directory.exists():
@@ -232,7 +252,7 @@ def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "
         "seed": int(seed), "size": size,
         "tolerance": {"model": "refnorm.oracle.tolerance", "lambda": LAMBDA, "safety": SAFETY,
                       "strict": False},
-        "cases": [], "skipped": [],
+        "cases": [], "skipped": [], "trajectories": [],
     }
     for spec in select_specs(variants):
         for dtype in dtypes:
@@ -253,6 +273,9 @@ def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "
                 manifest["cases"].append({**entry, "sha256": _sha256(data)})
             if progress is not None:  # once per (variant, dtype)
                 progress(f"{spec.name} {fmt.name}")
+    manifest["trajectories"] = _traj.export_trajectories(
+        directory, [s.name for s in optim_specs], seed=seed,
+        steps=_traj.STEPS if steps is None else steps, progress=progress)  # once per optimizer
     manifest["manifest_sha256"] = _sha256(_canonical(manifest))
     (directory / MANIFEST).write_bytes(json.dumps(manifest, indent=1, sort_keys=True,
                                                   allow_nan=False).encode() + b"\n")
@@ -409,6 +432,8 @@ class VerifyResult:
     cases: int = 0
     identical: int = 0
     problems: list = field(default_factory=list)
+    trajectories: int = 0
+    trajectories_identical: int = 0
 
     @property
     def ok(self) -> bool:
@@ -420,6 +445,10 @@ class VerifyResult:
     def __str__(self):
         lines = [f"{self.directory}: {self.cases} golden cases, hashes and schema verified; "
                  f"{self.identical} reproduce the reference bit for bit"]
+        if self.trajectories:
+            lines.append(f"{self.directory}: {self.trajectories} optimizer trajectories, hashes "
+                         f"and schema verified; {self.trajectories_identical} reproduced by "
+                         f"refnorm's optimizers bit for bit")
         lines += [f"  PROBLEM {p}" for p in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
         return "\n".join(lines)
@@ -428,12 +457,17 @@ class VerifyResult:
 def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
     """Check every hash, the schema and the embedded metadata (raising :class:`GoldenError` on
     the first untrustworthy file), then, with ``recompute``, that this refnorm reproduces each
-    stored reference output (bit for bit, or within the float64 model's bound)."""
+    stored reference output (bit for bit, or within the float64 model's bound) and every
+    optimizer trajectory (bit for bit: parameters, state and decisions after every step, from
+    the recorded initial parameters and gradients)."""
     from refnorm.norms import BY_NAME
     from refnorm.oracle.reference import compute
     from refnorm.oracle.tolerance import bounds
 
+    from refnorm.oracle.trajectories import load_trajectories, verify_trajectories
+
     golden = load(directory)
+    trajectories = load_trajectories(directory)   # every file is checked before any recompute
     result = VerifyResult(str(directory), len(golden))
     for g in golden:
         if not recompute:
@@ -463,4 +497,5 @@ def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
         result.identical += same
         if progress is not None:
             progress(g.entry["file"])
-    return result
+    return verify_trajectories(directory, result, recompute=recompute, progress=progress,
+                               trajectories=trajectories)
