@@ -558,3 +558,13 @@ def test_bounds_explain_which_model():
     b, how = bounds(spec, case, compute(spec, case), explain=True)
     assert how["y"] == "itemized" and b["y"].shape == case.inputs["x"].shape
     assert np.all(b["y"] > 0)
+
+
+def test_a_candidate_that_declines_every_case_does_not_pass():
+    def declines(variant, inputs, dy, kwargs, *, dtype):
+        raise NotImplementedError("this kernel has no float32 path")
+
+    report = check(declines, "layer_norm", dtype="float32", size="ci")
+    assert not report
+    text = str(report)
+    assert "nothing was compared" in text and "this kernel has no float32 path" in text

@@ -239,7 +239,9 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        # at least one case must have been compared: a candidate that declined every case
+        # has not been shown to be right
+        return any(r.status == "pass" for r in self.results) and all(r.passed for r in self.results)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -312,9 +314,11 @@ class Report:
                         lines.append(f"      -> {r.diagnosis}")
                 if len(fails) > max_failures:
                     lines.append(f"    ... and {len(fails) - max_failures} more failing cases")
-            skipped = [s for s in self.skipped if s.variant == v]
+            skipped = [f"{s.name} ({s.reason})" for s in self.skipped if s.variant == v]
+            skipped += [f"{r.case} (declined by the candidate: {r.message})" for r in self.results
+                        if r.variant == v and r.status == "skipped"]
             if details and skipped:
-                lines.append("  skipped: " + "; ".join(f"{s.name} ({s.reason})" for s in skipped))
+                lines.append("  skipped: " + "; ".join(skipped))
             loose = {}
             for r in self.results:
                 if r.variant == v:
@@ -329,10 +333,13 @@ class Report:
             lines.append("")
             lines.append("no equivalent in the candidate: " + ", ".join(self.unsupported))
         n_fail = sum(not r.passed for r in self.results)
+        n_declined = sum(r.status == "skipped" for r in self.results)
+        n_compared = len(self.results) - n_declined
         lines.append("")
-        lines.append(f"{'PASS' if self.passed else 'FAIL'}: {len(self.results)} cases, "
-                     f"{n_fail} failed, {len(self.skipped)} skipped, "
-                     f"{len(self.variants)} variant(s)")
+        lines.append(f"{'PASS' if self.passed else 'FAIL'}: {n_compared} cases compared, "
+                     f"{n_fail} failed, {len(self.skipped) + n_declined} skipped, "
+                     f"{len(self.variants)} variant(s)"
+                     + ("" if n_compared else " (nothing was compared)"))
         return "\n".join(lines)
 
     def __str__(self) -> str:
