@@ -44,6 +44,7 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import numpy as np
@@ -87,27 +88,94 @@ def row_dots(a, b):
     return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
 
 
-def shifted_moments(x3, out):
+def shifted_moments(x3, out, eps):
     r"""Statistics of ``x3``, of shape :math:`(A, K, L)`, for each :math:`k` over axes 0 and 2.
 
     The fast form of :func:`moments` (see the module docstring). Writes :math:`d = x - m_0` into
     ``out`` (an array of ``x3``'s shape and dtype; it may be the caller's output buffer) and
-    returns ``(shift, c, var)``, each of shape :math:`(K, 1)` and of ``x3``'s dtype:
-    :math:`m_0` (the rounded mean), :math:`c = \langle d\rangle` (:math:`m_0`'s rounding error,
-    so that the mean is :math:`m_0 + c`, more accurately than any one float) and the biased
-    variance :math:`\langle (d-c)^2\rangle`. Then :math:`x - \mu = d - c`, right to about one
-    ULP. Layouts: LayerNorm rows are ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)``,
-    BatchNorm ``(N, C, H*W)``.
+    returns ``(shift, c, var, rstd)``, each of shape :math:`(K, 1)`: :math:`m_0` (the rounded
+    mean), :math:`c = \langle d\rangle` (:math:`m_0`'s rounding error, so that the mean is
+    :math:`m_0 + c`, more accurately than any one float), in ``x3``'s dtype, and the biased
+    variance :math:`\langle (d-c)^2\rangle` and :math:`r = (\sigma^2+\epsilon)^{-1/2}`
+    in the accumulation dtype (:func:`accumulation_dtype`: float32 for float16 input, where
+    :math:`r` may exceed the float16 range while :math:`(d - c)\,r` does not). Then
+    :math:`x - \mu = d - c`, right to about one ULP. Layouts: LayerNorm rows are
+    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)``, BatchNorm ``(N, C, H*W)``.
+
+    ``var`` may overflow the dtype (float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; it is then
+    ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
     """
     count = x3.shape[0] * x3.shape[2]
     shift = (row_sums(x3).sum(axis=0)[:, None] / count).astype(x3.dtype, copy=False)  # m0
     with row_broadcasting(x3.shape[2]):
         d = np.subtract(x3, shift, out=out)  # exact where x is within a factor 2 of m0 (Sterbenz)
-    c = row_sums(d).sum(axis=0)[:, None] / count
-    # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
-    var = row_dots(d, d).sum(axis=0)[:, None] / count - c * c
-    var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
-    return shift, c.astype(x3.dtype, copy=False), var.astype(x3.dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
+        c = row_sums(d).sum(axis=0)[:, None] / count
+        # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
+        var = row_dots(d, d).sum(axis=0)[:, None] / count - c * c
+        var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
+        rstd = 1.0 / np.sqrt(var + eps)
+    bad = needs_rescaling(var, eps)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0], eps, axes=(0, 2))
+            var[rows, 0], rstd[rows, 0] = rvar, rr
+    return shift, c.astype(x3.dtype, copy=False), var, rstd
+
+
+def accumulation_dtype(dtype):
+    """The dtype the statistics are computed and kept in: float16 is promoted to float32."""
+    return np.promote_types(dtype, np.float32)
+
+
+def needs_rescaling(var, eps):
+    r"""Where the variance (or the mean square) ``var``, computed in the accumulation dtype from
+    the squares of ``d``, cannot be trusted: it is not finite (the squares overflowed), or
+    ``var + eps`` is below :math:`2^{p+2}` times the smallest normal number, :math:`p` the
+    number of mantissa bits (float32: 4e-31; float64: 4e-292), where the squares may have
+    underflowed or be subnormal and inexact. With ``eps`` of any usual size (1e-5) the second
+    never holds; it flags the tiny groups only with ``eps = 0`` or an ``eps`` as tiny. A group
+    with ``d`` zero or non-finite is flagged too and then left as it is by
+    :func:`rescaled_rstd`. Cheap: one comparison per group."""
+    info = np.finfo(var.dtype)
+    limit = float(info.smallest_normal) * 2.0 ** (info.nmant + 2)
+    with np.errstate(invalid="ignore"):
+        return ~((var + eps >= limit) & (var < np.inf)).ravel()
+
+
+def rescaled_rstd(d, c, eps, axes):
+    r"""``(var, rstd)`` of the flagged groups, from :math:`d` scaled by a power of two.
+
+    ``d`` holds the flagged groups along its axis 1 (a copy: they are few), ``c`` their
+    corrections (shape ``(F,)``; 0 for RMSNorm's mean square), ``axes`` the reduced axes. With
+    :math:`2^e` the power of two at or above :math:`\max|d|` of a group, :math:`d' = d\,2^{-e}`
+    is exact (a power of two only moves the exponent) and in :math:`[-1, 1]`, so its squares
+    neither overflow nor underflow beyond what rounding allows, and
+
+    .. math::
+
+       \sigma^2 = 2^{2e}\,\sigma'^2,\qquad
+       r = 2^{-e}\,(\sigma'^2 + \epsilon\,2^{-2e})^{-1/2} .
+
+    Computed in float64 and returned in float64 (the caller casts): ``var`` may be ``inf`` (its
+    true value exceeds the dtype, as it does for float32 above :math:`\sigma pprox
+    1.8\cdot 10^{19}`), while ``rstd`` is finite. Groups with :math:`\max|d|` zero or not finite
+    get the unscaled formula (a constant group with ``eps = 0`` is undefined; a non-finite input
+    gives NaN).
+    """
+    d = d.astype(np.float64)
+    c = np.asarray(c, np.float64)
+    shape = [1] * d.ndim
+    shape[1] = d.shape[1]
+    s = np.max(np.abs(d), axis=axes) if d.size else np.zeros(d.shape[1])
+    ok = np.isfinite(s) & (s > 0)
+    e = np.where(ok, np.frexp(np.where(ok, s, 1.0))[1], 0)
+    ds = np.ldexp(d, -e.reshape(shape))
+    cs = np.ldexp(c, -e)
+    var_s = np.mean(np.square(ds - cs.reshape(shape)), axis=axes)
+    rstd = np.ldexp(1.0 / np.sqrt(var_s + np.ldexp(eps, -2 * e)), -e)
+    return np.ldexp(var_s, 2 * e), rstd
 
 
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
@@ -163,9 +231,20 @@ def axis_count(shape, axes):
 
 
 def check_array(value, name, op, *, ndim_min=0, dtype=None):
-    """Raise a TypeError/ValueError naming ``name`` unless ``value`` is a floating ndarray."""
+    """``value`` as a plain floating ndarray; raise a TypeError/ValueError naming ``name``
+    otherwise.
+
+    ndarray subclasses whose arithmetic differs from the plain array's are rejected with a
+    TypeError: ``np.matrix`` (``*`` is a matrix product, reductions keep two dimensions) and
+    masked arrays (reductions skip the masked elements). Other subclasses (``np.memmap``, a
+    trivial subclass) are viewed as plain arrays (``np.asarray``, no copy): the result is the
+    plain array's, and a plain array."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{op}: `{name}` must be a numpy.ndarray, got {type(value).__name__}")
+    if isinstance(value, (np.matrix, np.ma.MaskedArray)):
+        raise TypeError(f"{op}: `{name}` must be a plain numpy.ndarray, got "
+                        f"{type(value).__name__}")
+    value = np.asarray(value)
     if value.dtype.kind != "f":
         raise TypeError(f"{op}: `{name}` must have a floating dtype, got {value.dtype}")
     if value.ndim < ndim_min:
@@ -178,17 +257,29 @@ def check_param(value, name, op, shape):
     """Check an optional per-feature parameter (``weight``, ``bias``) against ``shape``."""
     if value is None:
         return None
-    check_array(value, name, op)
+    value = check_array(value, name, op)
     if value.shape != tuple(shape):
         raise ValueError(f"{op}: `{name}` must have shape {tuple(shape)}, got {value.shape}")
     return value
 
 
+def _finite_float(value):
+    """``value`` as a float, or None when it is not finite or beyond the float range (a Python
+    int such as 2**1100 raises OverflowError in float(); np.isfinite would raise a TypeError
+    for an int beyond int64)."""
+    try:
+        value = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def check_eps(eps, op, name="eps"):
-    if not isinstance(eps, (int, float, np.floating)) or isinstance(eps, bool) \
-            or not np.isfinite(eps) or eps < 0:
+    value = _finite_float(eps) if isinstance(eps, (numbers.Real, np.floating)) \
+        and not isinstance(eps, (bool, np.bool_)) else None
+    if value is None or value < 0:
         raise ValueError(f"{op}: `{name}` must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return value
 
 
 def check_normalized_shape(normalized_shape, x, op):
@@ -238,11 +329,12 @@ def check_momentum(momentum, op, *, allow_none=False):
     """``momentum`` as a float (or None where ``allow_none``); raise a ValueError naming it."""
     if momentum is None and allow_none:
         return None
-    if not isinstance(momentum, (numbers.Real, np.floating)) or isinstance(momentum, bool) \
-            or not np.isfinite(momentum):
+    value = _finite_float(momentum) if isinstance(momentum, (numbers.Real, np.floating)) \
+        and not isinstance(momentum, (bool, np.bool_)) else None
+    if value is None:
         expected = "a finite number or None" if allow_none else "a finite number"
         raise ValueError(f"{op}: `momentum` must be {expected}, got {momentum!r}")
-    return float(momentum)
+    return value
 
 
 def check_running_stats(running_mean, running_var, op, num_features):

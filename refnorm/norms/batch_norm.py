@@ -59,6 +59,13 @@ module map to arguments:
   then used in evaluation too, as the module does (``F.batch_norm`` itself raises there);
 * ``affine=False``: pass ``weight=bias=None``.
 
+**Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, ``dweight`` that of ``weight`` and
+``dbias`` that of ``bias``, also when they differ (PyTorch raises on mixed dtypes); float16
+statistics (and ``rstd``) are computed and kept in float32. Overflowing or underflowing squares
+(float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; ``eps = 0`` with :math:`\sigma \lesssim
+10^{-19}`) are detected per group and those groups recomputed from :math:`d/2^e`
+(:func:`refnorm.norms._stats.rescaled_rstd`).
+
 Paper vs code. The paper's inference (Algorithm 2) uses population statistics averaged over
 training mini-batches, :math:`E[x] = E_B[\mu_B]` and :math:`\mathrm{Var}[x] =
 \frac{m}{m-1}E_B[\sigma^2_B]`; ``momentum=None`` computes exactly that over equally sized batches.
@@ -103,6 +110,7 @@ class BatchNormCache(NamedTuple):
     has_bias: bool
     axes: tuple[int, ...]           # S: every axis but 1
     batch_stats: bool               # whether \mu and r depend on x (training, or no running stats)
+    bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
     @property
     def mean(self):
@@ -112,7 +120,8 @@ class BatchNormCache(NamedTuple):
     @property
     def xhat(self):
         """xhat = (x - m0 - c) r: recomputed on access, not stored."""
-        return (self.x - self.shift - self.correction) * self.rstd
+        xhat = (self.x - self.shift - self.correction) * self.rstd
+        return xhat.astype(self.x.dtype, copy=False)
 
 
 class BatchNormGrads(NamedTuple):
@@ -134,8 +143,10 @@ def _channel_shape(x):
 def _check_num_batches_tracked(value):
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         value = value.item()
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{_OP}: `num_batches_tracked` must be an int >= 0, got {value!r}")
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0 \
+            or value >= np.iinfo(np.int64).max:  # it is incremented and kept as an int64
+        raise ValueError(f"{_OP}: `num_batches_tracked` must be an int >= 0 and < 2**63 - 1, "
+                         f"got {value!r}")
     return int(value)
 
 
@@ -170,11 +181,11 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         Updated copies of the running statistics when they were updated, else the given arrays.
     cache : BatchNormCache
     """
-    check_array(x, "x", _OP, ndim_min=2)
+    x = check_array(x, "x", _OP, ndim_min=2)
     channels = x.shape[1]
     tracking = check_running_stats(running_mean, running_var, _OP, channels)
-    check_param(weight, "weight", _OP, (channels,))
-    check_param(bias, "bias", _OP, (channels,))
+    weight = check_param(weight, "weight", _OP, (channels,))
+    bias = check_param(bias, "bias", _OP, (channels,))
     training = check_flag(training, "training", _OP)
     momentum = check_momentum(momentum, _OP, allow_none=True)
     eps = check_eps(eps, _OP)
@@ -193,8 +204,8 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         if eps <= 0:
             raise ValueError(f"{_OP}: `eps` must be > 0 when batch statistics are used "
                              f"(training, or no running statistics), got {eps!r}")
-        shift, c, var = shifted_moments(x3, out=y)  # y holds d = x - m0 for now
-        rstd = rsqrt(var + eps)
+        # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
+        shift, c, var, rstd = shifted_moments(x3, out=y, eps=eps)
     else:
         shift = running_mean.reshape(-1, 1).astype(x.dtype, copy=False)
         c = np.zeros_like(shift)
@@ -205,17 +216,28 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         t += 1
         f = 1.0 / t if momentum is None else momentum
         new_mean, new_var = update_running_stats(running_mean, running_var, (shift + c).ravel(),
-                                                 var.ravel(), m, f)
+                                                 var.ravel(), m, f)  # var: accumulation dtype
         state = BatchNormState(new_mean, new_var, np.asarray(t, dtype=np.int64))
     else:
         state = BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
     # in y's own buffer, which holds d = x - m0 (or x - running mean)
     with row_broadcasting(spatial):
         if batch_stats:
-            # y = (d - c) r gamma + beta = d a + b, with per channel a = r gamma, b = beta - c a
+            # y = (d - c) r gamma + beta, with per channel a = r gamma: folded into two passes,
+            # y = d a + (beta - c a), where c a is small (|c a| <= 1 on every channel: the
+            # rounding of beta - c a is then below an ULP of y's magnitude), else in three,
+            # subtracting c first. Folding where c a is large (a constant channel at 1e11 in
+            # float32: c is half an ULP of the mean, times r = 1/sqrt(eps)) would leave y off
+            # beta by the rounding of c a, although d - c is exactly 0 there.
+            # Per channel, so that a channel's y does not depend on the others' (NaN: folded).
             a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
+            ca = c * a
+            unfold = np.abs(ca) > 1.0
+            if unfold.any():
+                y -= np.where(unfold, c, 0)  # 0: subtracting it changes nothing
+                ca = np.where(unfold, 0, ca)
             y *= a
-            y += bias.reshape(-1, 1) - c * a if bias is not None else -c * a
+            y += bias.reshape(-1, 1) - ca if bias is not None else -ca
         else:  # ((x - running mean) r) gamma + beta, rounded as InstanceNorm rounds it
             y *= rstd
             if weight is not None:
@@ -223,7 +245,8 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             if bias is not None:
                 y += bias.reshape(-1, 1)
     cache = BatchNormCache(x, shift.reshape(shape), c.reshape(shape), rstd.reshape(shape), weight,
-                           bias is not None, axes, batch_stats)
+                           bias is not None, axes, batch_stats,
+                           None if bias is None else bias.dtype)
     return y.reshape(x.shape), state, cache
 
 
@@ -243,7 +266,7 @@ def batch_norm_backward(dy, cache):
     size of ``x`` that is allocated. The sums are BLAS dot products over each (sample,
     channel) row, so no array is formed for them either.
     """
-    x, shift, c, rstd, weight, has_bias, axes, batch_stats = cache
+    x, shift, c, rstd, weight, has_bias, axes, batch_stats = cache[:8]
     x3, dy3 = _ncl(x), _ncl(dy)
     n, spatial = x3.shape[0], x3.shape[2]
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
@@ -258,14 +281,20 @@ def batch_norm_backward(dy, cache):
         if batch_stats:
             # dx = a (dy - <dy> - xhat <dy xhat>) = a (dy - d k - (<dy> - c k)), in d's buffer
             k = r * sum_dyx / (n * spatial)  # r <dy xhat>
+            # where |c r| > 1 (a channel constant up to rounding) d k - c k would cancel
+            # catastrophically (or overflow): subtract c from d first, in one more pass
+            centre = np.abs(c * r) > 1.0
+            if centre.any():
+                dx -= np.where(centre, c, 0)
             dx *= -k
             dx += dy3
-            dx -= sum_dy / (n * spatial) - c * k
+            dx -= sum_dy / (n * spatial) - np.where(centre, 0, c) * k
             dx *= a
         else:  # the statistics are constants: dx = a dy
             np.multiply(dy3, a, out=dx)
     dweight = sum_dyx.ravel().astype(weight.dtype, copy=False) if weight is not None else None
-    dbias = sum_dy.ravel().astype(dy.dtype, copy=False) if has_bias else None
+    dbias = sum_dy.ravel().astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias \
+        else None
     return BatchNormGrads(dx.reshape(dy.shape), dweight, dbias)
 
 

@@ -42,6 +42,13 @@ no running statistics (train = eval). ``weight``/``bias`` default to None here, 
 two-pass with a correction pass (:mod:`refnorm.norms._stats`), on the ``(N, G, M)`` view of ``x``
 (no copy when ``x`` is C-contiguous).
 
+**Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, ``dweight`` that of ``weight`` and
+``dbias`` that of ``bias``, also when they differ (PyTorch raises on mixed dtypes); float16
+statistics (and ``rstd``) are computed and kept in float32. Overflowing or underflowing squares
+(float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; ``eps = 0`` with :math:`\sigma \lesssim
+10^{-19}`) are detected per group and those groups recomputed from :math:`d/2^e`
+(:func:`refnorm.norms._stats.rescaled_rstd`).
+
 Special cases: :math:`G = C` is InstanceNorm with affine parameters; :math:`G = 1` is LayerNorm
 over :math:`(C, *)` followed by the per-channel affine. Each group's output (before the affine)
 is invariant to adding a constant to the group and to scaling it by :math:`a > 0` together with
@@ -57,7 +64,7 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
                                   group_view, row_blocks, row_broadcasting, row_dots, row_sums,
-                                  rsqrt, shifted_moments)
+                                  shifted_moments)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -66,9 +73,10 @@ class GroupNormCache(NamedTuple):
     #                                 it must not be modified before the backward
     shift: np.ndarray               # m0, the rounded group means, shape (N, G, 1)
     correction: np.ndarray          # c = <x - m0>: the mean is m0 + c (see _stats); (N, G, 1)
-    rstd: np.ndarray                # r, shape (N, G, 1)
+    rstd: np.ndarray                # r, shape (N, G, 1); float32 for float16 input
     weight: np.ndarray | None       # \gamma, shape (C,), or None
     has_bias: bool
+    bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
     @property
     def mean(self):
@@ -79,7 +87,8 @@ class GroupNormCache(NamedTuple):
     def xhat(self):
         """xhat = (x - m0 - c) r, same shape as x: recomputed on access, not stored."""
         groups = group_view(self.x, self.rstd.shape[1])
-        return ((groups - self.shift - self.correction) * self.rstd).reshape(self.x.shape)
+        return ((groups - self.shift - self.correction) * self.rstd).reshape(self.x.shape) \
+            .astype(self.x.dtype, copy=False)
 
 
 class GroupNormGrads(NamedTuple):
@@ -106,33 +115,46 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     y : ndarray, same shape and dtype as ``x``
     cache : GroupNormCache
     """
-    check_array(x, "x", "group_norm", ndim_min=2)
+    x = check_array(x, "x", "group_norm", ndim_min=2)
     channels = x.shape[1]
     num_groups = check_num_groups(num_groups, channels, "group_norm")
-    check_param(weight, "weight", "group_norm", (channels,))
-    check_param(bias, "bias", "group_norm", (channels,))
+    weight = check_param(weight, "weight", "group_norm", (channels,))
+    bias = check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
     n, groups = x.shape[0], num_groups
     per_channel = channels // groups
     y = np.empty(x.shape, dtype=x.dtype)
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
     rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
-    stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows))
-    shift, c, var = (v.reshape(n, groups, 1) for v in stats)  # y holds d = x - m0 for now
-    rstd = rsqrt(var + eps)
+    # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
+    stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows), eps=eps)
+    shift, c, _, rstd = (v.reshape(n, groups, 1) for v in stats)
     # y = (d - c) r gamma + beta = d * scale + offset with, per (sample, channel), scale = r gamma
-    # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row)
+    # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row).
+    # The fold is taken where |c scale| <= 1 everywhere (its rounding is then below an ULP of
+    # y's magnitude); else c is subtracted first, in a third pass: on a constant group d - c is
+    # exactly 0 and y must be beta, while beta - c scale would round off by an ULP of c scale
+    # (float32 constant 1e11: c ~ 4e3, scale ~ 316 -> y off by ~1)
     scale = np.repeat(rstd, per_channel, axis=1)  # (N, C, 1)
     if weight is not None:
         scale *= weight[:, None]
-    offset = -np.repeat(c, per_channel, axis=1) * scale
+    # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
+    c_spread = np.repeat(c, per_channel, axis=1)
+    offset = -c_spread * scale
+    unfold = np.abs(offset) > 1.0
+    if unfold.any():
+        offset[unfold] = 0.0
+        c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
     with row_broadcasting(y3.shape[2]):
+        if unfold.any():
+            y3 -= c_spread
         y3 *= scale
         y3 += offset
-    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None)
+    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
+                             None if bias is None else bias.dtype)
 
 
 def group_norm_backward(dy, cache):
@@ -154,7 +176,7 @@ def group_norm_backward(dy, cache):
     time (:func:`~refnorm.norms._stats.row_blocks`, about 1 MiB): :math:`d` is then one block,
     not an array of the size of ``x``.
     """
-    x, shift, c, r, weight, has_bias = cache
+    x, shift, c, r, weight, has_bias = cache[:6]
     n, channels = x.shape[:2]
     dx = np.empty(x.shape, dtype=x.dtype)
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
@@ -164,7 +186,7 @@ def group_norm_backward(dy, cache):
         sum_dyx += a
         sum_dy += b
     dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
-    dbias = sum_dy.astype(dy.dtype, copy=False) if has_bias else None
+    dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
     return GroupNormGrads(dx, dweight, dbias)
 
 
@@ -199,11 +221,27 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     k = r * mean_gx
     r_gamma = spread(r) * weight[:, None] if weight is not None else spread(r)
+    # Rare regimes, flagged per group (a group's dx does not depend on the others'), each
+    # costing one more pass when it occurs: r k = r^2 <g xhat> overflows or underflows where r
+    # and k do not (eps = 0 and tiny or huge groups): then (d r) k; and |c r| > 1 (a group
+    # constant up to rounding): then (d - c) (r k), as d (r k) - c (r k) would cancel.
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        rk = r * k
+        split = ~((np.abs(rk) >= np.finfo(rk.dtype).smallest_normal) & (np.abs(rk) < np.inf)
+                  | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
+        centre = np.abs(c * r) > 1.0
+    c_first = np.where(centre, c, 0)
     with row_broadcasting(spatial):
         np.multiply(dy3, r_gamma, out=dx3)
-        d3 *= spread(r * k)
+        if centre.any():
+            d3 -= spread(c_first)
+        if split.any():
+            d3 *= spread(np.where(split, r, rk))
+            d3 *= spread(np.where(split, k, 1))
+        else:
+            d3 *= spread(rk)
         dx3 -= d3
-        dx3 += spread(r * (c * k - mean_g))
+        dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
     return sums
 
 

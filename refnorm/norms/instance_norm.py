@@ -53,6 +53,11 @@ options map to arguments: ``affine=False`` (its default) is ``weight=bias=None``
 ``track_running_stats=False`` (its default) is ``running_mean=running_var=None``; its
 ``training or not track_running_stats`` is ``use_input_stats``.
 
+**Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, ``dweight`` that of ``weight`` and
+``dbias`` that of ``bias``, also when they differ (PyTorch raises on mixed dtypes); Overflowing
+or underflowing squares (float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`) are detected per group
+and those groups recomputed from :math:`d/2^e` (:func:`refnorm.norms._stats.rescaled_rstd`).
+
 **State.** The result is always ``(y, InstanceNormState, cache)``: the state mirrors the two
 state arguments, each field the updated array, or the given one when nothing is updated, or
 None when None was given. So ``y, state = instance_norm(x, *state)`` threads it through steps
@@ -77,8 +82,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats, moments, rsqrt,
-                                  update_running_stats)
+                                  check_param, check_running_stats, moments, needs_rescaling,
+                                  rescaled_rstd, rsqrt, update_running_stats)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "instance_norm"
@@ -97,6 +102,7 @@ class InstanceNormCache(NamedTuple):
     has_bias: bool
     axes: tuple[int, ...]           # A: the spatial axes
     input_stats: bool               # whether \mu and r depend on x
+    bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
 
 class InstanceNormGrads(NamedTuple):
@@ -137,11 +143,11 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
         False, or None fields when none were given.
     cache : InstanceNormCache
     """
-    check_array(x, "x", _OP, ndim_min=2)
+    x = check_array(x, "x", _OP, ndim_min=2)
     channels = x.shape[1]
     tracking = check_running_stats(running_mean, running_var, _OP, channels)
-    check_param(weight, "weight", _OP, (channels,))
-    check_param(bias, "bias", _OP, (channels,))
+    weight = check_param(weight, "weight", _OP, (channels,))
+    bias = check_param(bias, "bias", _OP, (channels,))
     use_input_stats = check_flag(use_input_stats, "use_input_stats", _OP)
     momentum = check_momentum(momentum, _OP)
     eps = check_eps(eps, _OP)
@@ -154,9 +160,18 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
                              f"`x` of shape {x.shape}")
         if eps <= 0:
             raise ValueError(f"{_OP}: `eps` must be > 0 with input statistics, got {eps!r}")
-        xhat, mean, var = moments(x, axes)
-        rstd = rsqrt(var + eps)
-        xhat *= rstd  # the centred buffer becomes \hat x in place
+        with np.errstate(over="ignore", invalid="ignore"):  # checked below, per instance
+            xhat, mean, var = moments(x, axes)
+            rstd = rsqrt(var.astype(np.promote_types(x.dtype, np.float32)) + eps)
+        bad = needs_rescaling(var.astype(rstd.dtype), eps)
+        if bad.any():  # the squares overflowed: recompute those instances from xc / 2^e
+            flat = np.flatnonzero(bad)
+            rows = xhat.reshape(-1, m)  # a view: xhat is a fresh contiguous array
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                v64, r64 = rescaled_rstd(rows[None, flat, :], np.zeros(flat.size), eps,
+                                         axes=(0, 2))
+                var.reshape(-1)[flat], rstd.reshape(-1)[flat] = v64, r64
+        xhat *= rstd  # the centred buffer becomes \hat x in place (same_kind for float16)
         if tracking:
             running_mean, running_var = update_running_stats(
                 running_mean, running_var, mean.reshape(x.shape[:2]).mean(axis=0),
@@ -172,13 +187,15 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     y = xhat * weight.reshape(shape) if weight is not None else xhat.copy()
     if bias is not None:
         y += bias.reshape(shape)
+    y = y.astype(x.dtype, copy=False)  # y like x, whatever the parameters' dtypes
     return y, InstanceNormState(running_mean, running_var), \
-        InstanceNormCache(xhat, mean, rstd, weight, bias is not None, axes, use_input_stats)
+        InstanceNormCache(xhat, mean, rstd, weight, bias is not None, axes, use_input_stats,
+                          None if bias is None else bias.dtype)
 
 
 def instance_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`instance_norm_forward`: ``(dy, cache) -> InstanceNormGrads``."""
-    xhat, _, rstd, weight, has_bias, axes, input_stats = cache
+    xhat, _, rstd, weight, has_bias, axes, input_stats = cache[:7]
     scale = rstd if weight is None else rstd * weight.reshape(_channel_shape(dy))
     # Sums over A (input statistics) or over every axis but 1 (running statistics).
     sum_axes = axes if input_stats else (0,) + axes
@@ -193,9 +210,11 @@ def instance_norm_backward(dy, cache):
         dx *= scale
     else:
         np.multiply(dy, scale, out=dx)
-    dweight = sum_dyx.sum(axis=0).reshape(-1) if weight is not None else None
-    dbias = sum_dy.sum(axis=0).reshape(-1) if has_bias else None
-    return InstanceNormGrads(dx, dweight, dbias)
+    dweight = sum_dyx.sum(axis=0).reshape(-1).astype(weight.dtype, copy=False) \
+        if weight is not None else None
+    dbias = sum_dy.sum(axis=0).reshape(-1).astype(cache.bias_dtype or dy.dtype, copy=False) \
+        if has_bias else None
+    return InstanceNormGrads(dx.astype(xhat.dtype, copy=False), dweight, dbias)
 
 
 instance_norm = custom_vjp(instance_norm_forward, instance_norm_backward, ("x", "weight", "bias"),

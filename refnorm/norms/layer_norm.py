@@ -29,18 +29,24 @@ Backward (derivation: ``docs/derivations/layer_norm.rst``). With :math:`g = \gam
 Conventions, as in ``torch.nn.functional.layer_norm``: biased variance (:math:`1/N`), ``eps``
 inside the square root, default ``eps = 1e-5``. Statistics are two-pass with a correction pass
 (:mod:`refnorm.norms._stats`), so rows with a large mean keep full accuracy.
+
+**Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, ``dweight`` that of ``weight`` and
+``dbias`` that of ``bias``, also when they differ (PyTorch raises on mixed dtypes); float16
+statistics (and ``rstd``) are computed and kept in float32. Overflowing or underflowing squares
+(float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; ``eps = 0`` with :math:`\sigma \lesssim
+10^{-19}`) are detected per group and those groups recomputed from :math:`d/2^e`
+(:func:`refnorm.norms._stats.rescaled_rstd`).
 """
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (axis_count, check_array, check_eps, check_param,
-                                  row_blocks, row_broadcasting, row_sums, rsqrt,
+from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
+                                  check_param, row_blocks, row_broadcasting, row_sums,
                                   shifted_moments, trailing_axes)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -50,10 +56,11 @@ class LayerNormCache(NamedTuple):
     #                                 it must not be modified before the backward
     shift: np.ndarray               # m0, the rounded mean; keepdims over the normalized axes
     correction: np.ndarray          # c = <x - m0>: the mean is m0 + c (see _stats); keepdims
-    rstd: np.ndarray                # r, keepdims over the normalized axes
+    rstd: np.ndarray                # r, keepdims over the normalized axes; float32 for float16
     weight: np.ndarray | None       # \gamma, or None
     has_bias: bool
     axes: tuple[int, ...]           # the normalized axes A
+    bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
     @property
     def mean(self):
@@ -63,25 +70,14 @@ class LayerNormCache(NamedTuple):
     @property
     def xhat(self):
         """xhat = (x - m0 - c) r: recomputed on access, not stored."""
-        return (self.x - self.shift - self.correction) * self.rstd
+        xhat = (self.x - self.shift - self.correction) * self.rstd
+        return xhat.astype(self.x.dtype, copy=False)
 
 
 class LayerNormGrads(NamedTuple):
     dx: np.ndarray
     dweight: np.ndarray | None
     dbias: np.ndarray | None
-
-
-def _normalized_shape(normalized_shape, x):
-    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) \
-        else tuple(normalized_shape)
-    if not shape or not all(isinstance(n, numbers.Integral) for n in shape):
-        raise ValueError(f"layer_norm: `normalized_shape` must be an int or a non-empty tuple of "
-                         f"ints, got {normalized_shape!r}")
-    if x.shape[x.ndim - len(shape):] != shape or len(shape) > x.ndim:
-        raise ValueError(f"layer_norm: `normalized_shape` {shape} must equal the trailing "
-                         f"dimensions of `x`, whose shape is {x.shape}")
-    return shape
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -101,26 +97,26 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     y : ndarray, same shape and dtype as ``x``
     cache : LayerNormCache
     """
-    check_array(x, "x", "layer_norm")
-    shape = _normalized_shape(normalized_shape, x)
-    check_param(weight, "weight", "layer_norm", shape)
-    check_param(bias, "bias", "layer_norm", shape)
+    x = check_array(x, "x", "layer_norm")
+    shape = check_normalized_shape(normalized_shape, x, "layer_norm")
+    weight = check_param(weight, "weight", "layer_norm", shape)
+    bias = check_param(bias, "bias", "layer_norm", shape)
     eps = check_eps(eps, "layer_norm")
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
     y = np.empty(rows.shape, dtype=x.dtype)
-    shift, c, var = shifted_moments(rows[None], out=y[None])  # y holds d = x - m0 for now
-    rstd = rsqrt(var + eps)
+    # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
+    shift, c, _, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
     with row_broadcasting(rows.shape[1]):  # y = (d - c) r gamma + beta, in y's own buffer
         y -= c
         y *= rstd
         if weight is not None:
-            y *= weight.reshape(-1)
+            y *= weight.reshape(-1)  # same_kind casting: y keeps x's dtype
         if bias is not None:
             y += bias.reshape(-1)
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
-                           bias is not None, axes)
+                           bias is not None, axes, None if bias is None else bias.dtype)
     return y.reshape(x.shape), cache
 
 
@@ -142,7 +138,7 @@ def layer_norm_backward(dy, cache):
     memory (a third faster on rows of 4096 here), and :math:`d` is one block, not an array of
     the size of ``x``.
     """
-    x, shift, c, rstd, weight, has_bias, axes = cache
+    x, shift, c, rstd, weight, has_bias, axes = cache[:7]
     rows = _rows(x, axes)
     dy2 = dy.reshape(rows.shape)
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
@@ -160,8 +156,13 @@ def layer_norm_backward(dy, cache):
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
-        dbias = dbias.reshape(x.shape[x.ndim - len(axes):]).astype(dy.dtype, copy=False)
+        dbias = dbias.reshape(x.shape[x.ndim - len(axes):]).astype(_bias_dtype(cache, dy),
+                                                                   copy=False)
     return LayerNormGrads(dx.reshape(dy.shape), dweight, dbias)
+
+
+def _bias_dtype(cache, dy):
+    return cache.bias_dtype if cache.bias_dtype is not None else dy.dtype
 
 
 def _backward_rows(dy, x, shift, c, r, w, dx):
@@ -178,13 +179,19 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     # per row, with g = gamma * dy: sum(g d) and sum(g)
     sum_gd, sum_g = row_sums(dx, w)[:, None], row_sums(dy, w)[:, None]
     mean_g = sum_g / n
-    k = r * r * (sum_gd - c * sum_g) / n       # r <g xhat>
+    k = r * ((sum_gd - c * sum_g) * r / n)   # r <g xhat>; r * r alone may overflow (float16)
+    # where |c r| > 1 (a row constant up to rounding) d k - c k would cancel catastrophically
+    # (or overflow): subtract c from d first, in one more pass; per row
+    centre = np.abs(c * r) > 1.0
+    c_k = np.where(centre, 0, c) * k
     with row_broadcasting(n):
         if w is not None:
             np.multiply(dy, w, out=dx)         # g
-            dx -= mean_g - c * k
+            dx -= mean_g - c_k
         else:
-            np.subtract(dy, mean_g - c * k, out=dx)
+            np.subtract(dy, mean_g - c_k, out=dx)
+        if centre.any():
+            d -= np.where(centre, c, 0)
         d *= k
         dx -= d
         dx *= r

@@ -39,11 +39,18 @@ beta=0.75, k=1.0)``:
   ``size=5, alpha=5e-4, beta=0.75, k=2.0`` here.
 * PyTorch requires at least 3 dimensions; refnorm also accepts :math:`(N, C)` (the same formula
   with no spatial axes, equal to PyTorch on ``x[..., None]``).
+* float16 and float32 inputs are computed in float64 internally (:math:`D`,
+  :math:`D^{-\beta}` and the backward's :math:`t`), and ``y`` and ``dx`` rounded once to the
+  input dtype: in the input dtype these intermediates leave its range while ``y`` and ``dx``
+  do not (float32 :math:`|x| \sim 10^{16}`, :math:`\alpha = 1`: :math:`t` subnormal and
+  :math:`D^{-\beta}` 0; :math:`|x| \gtrsim 10^{19}`: :math:`x^2` overflows). The cache holds
+  :math:`D` and :math:`D^{-\beta}` in float64 then.
 * No parameters, no state, no train/eval difference. Nothing guards :math:`D \le 0` (possible
   only with :math:`k \le 0` or :math:`\alpha < 0`): as in PyTorch it gives inf or NaN.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -59,6 +66,7 @@ _OP = "local_response_norm"
 
 class LocalResponseNormCache(NamedTuple):
     x: np.ndarray                   # the input (not a copy: inputs are never mutated)
+    # D and D^{-beta} are float64 for float16/float32 x (computed in float64 internally).
     denom: np.ndarray               # D = k + alpha/n * (window sum of x^2), same shape as x
     scale: np.ndarray               # D^{-beta}, so that y = x * scale
     size: int                       # n
@@ -79,10 +87,24 @@ def _check_size(size):
 
 
 def _check_number(value, name):
-    if not isinstance(value, (numbers.Real, np.floating)) or isinstance(value, bool) \
-            or not np.isfinite(value):
+    # float() first, then math.isfinite: np.isfinite cannot take a Python int beyond int64
+    # (2**70), and float() of an int beyond the float range raises OverflowError.
+    ok = isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, bool)
+    if ok:
+        try:
+            result = float(value)
+        except (OverflowError, TypeError, ValueError):
+            ok = False
+        else:
+            ok = math.isfinite(result)
+    if not ok:
         raise ValueError(f"{_OP}: `{name}` must be a finite real number, got {value!r}")
-    return float(value)
+    return result
+
+
+def _work_dtype(dtype):
+    """float64 for float16 and float32 inputs (see the module docstring), else the dtype."""
+    return np.dtype(np.float64) if dtype in (np.float16, np.float32) else dtype
 
 
 def _window_sum(z, before, after):
@@ -117,7 +139,7 @@ def local_response_norm_forward(x, size, alpha=1e-4, beta=0.75, k=1.0):
 
     Returns
     -------
-    y : ndarray, same shape and dtype as ``x``
+    y : ndarray, same shape and dtype as ``x`` (float16/float32: computed in float64)
         :math:`x\,(k + \frac{\alpha}{n}\sum_{\text{window}} x^2)^{-\beta}`.
     cache : LocalResponseNormCache
     """
@@ -125,16 +147,21 @@ def local_response_norm_forward(x, size, alpha=1e-4, beta=0.75, k=1.0):
     size = _check_size(size)
     alpha, beta, k = (_check_number(alpha, "alpha"), _check_number(beta, "beta"),
                       _check_number(k, "k"))
-    denom = _window_sum(np.square(x), size // 2, (size - 1) // 2)
+    xw = x.astype(_work_dtype(x.dtype), copy=False)
+    denom = _window_sum(np.square(xw), size // 2, (size - 1) // 2)
     denom *= alpha / size
     denom += k
     scale = np.power(denom, -beta)
-    return x * scale, LocalResponseNormCache(x, denom, scale, size, alpha, beta)
+    y = (xw * scale).astype(x.dtype, copy=False)
+    return y, LocalResponseNormCache(x, denom, scale, size, alpha, beta)
 
 
 def local_response_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`local_response_norm_forward`: ``(dy, cache) -> Grads``."""
     x, denom, scale, size, alpha, beta = cache
+    out_dtype = x.dtype
+    work = _work_dtype(np.result_type(x, denom, scale))
+    x, denom, scale, dy = (a.astype(work, copy=False) for a in (x, denom, scale, dy))
     t = dy * x
     t *= scale
     t /= denom                                                  # t = dy * x * D^{-beta-1}
@@ -144,7 +171,8 @@ def local_response_norm_backward(dy, cache):
     s *= 2.0 * alpha * beta / size
     dx = dy * scale
     dx -= s
-    return LocalResponseNormGrads(dx)
+    with np.errstate(over="ignore"):  # a dx beyond the dtype's range is inf, as it must be
+        return LocalResponseNormGrads(dx.astype(out_dtype, copy=False))
 
 
 local_response_norm = custom_vjp(local_response_norm_forward, local_response_norm_backward,

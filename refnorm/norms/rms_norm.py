@@ -47,6 +47,12 @@ to the epsilon of the input dtype promoted to at least float32 (:func:`default_e
 low-precision candidate's inputs are cast up to float64 to be compared with this reference,
 resolve ``eps`` from the candidate's dtype first.
 
+**Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, ``dweight`` that of ``weight``. The mean
+square and ``rstd`` are computed and kept in float32 for float16 input (a zero float16 row has
+``rstd = 1/eps`` beyond float16's range while ``y = 0``). Rows whose squares overflow (float32
+:math:`|x| \gtrsim 10^{19}`) or underflow (``eps = 0``, :math:`|x| \lesssim 10^{-19}`) are
+detected per row and recomputed from :math:`x/2^e`.
+
 Where eps goes differs between the authors' own codes (``bzhangGo/rmsnorm``):
 ``rmsnorm_torch.py`` adds :math:`\epsilon` **outside** the square root, to
 :math:`\|x\|_2/\sqrt N` (default ``eps=1e-8``); ``rmsnorm_tensorflow.py`` adds it **inside**
@@ -70,8 +76,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, row_blocks, row_broadcasting, row_dots, row_sums,
-                                  rsqrt, trailing_axes)
+                                  check_param, needs_rescaling, rescaled_rstd, row_blocks,
+                                  row_broadcasting, row_dots, row_sums, rsqrt, trailing_axes)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 EPS_PLACEMENTS = ("inside", "outside")
@@ -80,7 +86,7 @@ EPS_PLACEMENTS = ("inside", "outside")
 class RMSNormCache(NamedTuple):
     x: np.ndarray                   # the input, not a copy (like PyTorch's saved tensors):
     #                                 it must not be modified before the backward
-    rstd: np.ndarray                # r, keepdims over the normalized axes
+    rstd: np.ndarray                # r, keepdims over the normalized axes; float32 for float16
     q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
     weight: np.ndarray | None       # \gamma, or None
     axes: tuple[int, ...]           # the normalized axes A
@@ -88,7 +94,7 @@ class RMSNormCache(NamedTuple):
     @property
     def xhat(self):
         """xhat = x r: recomputed on access, not stored."""
-        return self.x * self.rstd
+        return (self.x * self.rstd).astype(self.x.dtype, copy=False)
 
 
 class RMSNormGrads(NamedTuple):
@@ -104,7 +110,7 @@ def default_eps(dtype):
 
 
 def _check_placement(eps_placement):
-    if eps_placement not in EPS_PLACEMENTS:
+    if not isinstance(eps_placement, str) or eps_placement not in EPS_PLACEMENTS:
         raise ValueError(f"rms_norm: `eps_placement` must be 'inside' or 'outside', got "
                          f"{eps_placement!r}")
     return eps_placement
@@ -131,23 +137,43 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     y : ndarray, same shape and dtype as ``x``
     cache : RMSNormCache
     """
-    check_array(x, "x", "rms_norm")
+    x = check_array(x, "x", "rms_norm")
     shape = check_normalized_shape(normalized_shape, x, "rms_norm")
-    check_param(weight, "weight", "rms_norm", shape)
+    weight = check_param(weight, "weight", "rms_norm", shape)
     eps = default_eps(x.dtype) if eps is None else check_eps(eps, "rms_norm")
     outside = _check_placement(eps_placement) == "outside"
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
-    # the mean square, a BLAS dot product per row; no cancellation: a sum of squares
-    ms = (row_dots(rows, rows)[:, None] / rows.shape[1]).astype(x.dtype, copy=False)
-    if outside:
-        rms = np.sqrt(ms)
-        rstd = 1.0 / (rms + eps)
-        q = rms * rstd
-    else:
-        rstd, q = rsqrt(ms + eps), None
+    # the mean square, a BLAS dot product per row; no cancellation: a sum of squares. It and
+    # rstd stay in the accumulation dtype (float32 for float16): a zero float16 row has
+    # rstd = 1/eps = 1e5 beyond float16's range, while y = x rstd = 0
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, per row
+        ms = row_dots(rows, rows)[:, None] / rows.shape[1]
+    bad = needs_rescaling(ms, eps)
+    if bad.any():  # overflowed or underflowed squares: recompute those rows from x / 2^e
+        flagged = np.flatnonzero(bad)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            ms64, _ = rescaled_rstd(rows[None, flagged, :], np.zeros(flagged.size), 0.0,
+                                    axes=(0, 2))
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if outside:
+            rms = np.sqrt(ms)
+            rstd = 1.0 / (rms + eps)
+            q = rms * rstd
+        else:
+            rstd, q = rsqrt(ms + eps), None
+    if bad.any():  # in float64: rms = 2^e sqrt(ms') and 1 / (rms + eps), or the scaled rsqrt
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            if outside:
+                rms64 = np.sqrt(ms64)
+                rstd[flagged, 0] = 1.0 / (rms64 + eps)
+                q[flagged, 0] = rms64 / (rms64 + eps)
+            else:
+                _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
+                                                    np.zeros(flagged.size), eps, axes=(0, 2))
+    y = np.empty(rows.shape, dtype=x.dtype)
     with row_broadcasting(rows.shape[1]):
-        y = np.multiply(rows, rstd)
+        np.multiply(rows, rstd, out=y, casting="same_kind")
         if weight is not None:
             y *= weight.reshape(-1)
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A

@@ -177,12 +177,22 @@ def spectral_norm_forward(weight, u, v, n_power_iterations=1, eps=1e-12, dim=0, 
 def spectral_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`spectral_norm_forward` (u, v held constant)."""
     weight, sigma, u, v, dim = cache
+    out_dtype = weight.dtype
+    # float16 is computed in float32 (<G, W> and the products would overflow its range) and
+    # rounded once at the end.
+    work = np.float32 if out_dtype == np.float16 else out_dtype
+    weight, sigma, u, v, dy = (np.asarray(a).astype(work, copy=False)
+                               for a in (weight, sigma, u, v, dy))
     c = np.vdot(dy, weight) / sigma                     # <G, W_SN>
     rest = weight.shape[:dim] + weight.shape[dim + 1:]
-    uvt = np.multiply.outer(u * (c / sigma), v)         # (c / sigma) u v^T, matrix view
-    dweight = dy / sigma
-    dweight -= np.moveaxis(uvt.reshape((u.shape[0],) + rest), 0, dim)
-    return SpectralNormGrads(dweight)
+    # (G - c u v^T) / sigma: divide by sigma once, at the end. The former G / sigma -
+    # (c / sigma) u v^T formed <G, W> / sigma^2, which overflows for a small sigma (float16,
+    # eval mode with u nearly orthogonal to W v) although dW itself is representable.
+    uvt = np.multiply.outer(u * c, v)                   # c u v^T, matrix view
+    dweight = dy - np.moveaxis(uvt.reshape((u.shape[0],) + rest), 0, dim)
+    dweight /= sigma
+    with np.errstate(over="ignore"):  # float16: beyond 65504 the exact dW is not representable
+        return SpectralNormGrads(dweight.astype(out_dtype, copy=False))
 
 
 spectral_norm = custom_vjp(spectral_norm_forward, spectral_norm_backward, ("weight",),

@@ -41,6 +41,16 @@ whose computation is ``torch._weight_norm(v, g, dim)`` (``original0`` is :math:`
 * The norm is computed in a scaled form where the plain sum of squares would underflow or
   overflow (slices of magnitude below about 1e-146 or above 1e146 in float64), so such ``v``
   still give :math:`\lVert w\rVert_s = |g|`.
+* A ``v`` with a zero-size axis among the reduced ones (shape ``(3, 0)`` with ``dim=0``) has
+  empty slices, whose norm is 0: the same ValueError as a zero slice. With no slices at all
+  (``(0, 3)``, ``dim=0``) ``w`` is empty.
+* float16 is computed in float32 (the norm, :math:`v/\lVert v\rVert`, and the backward's
+  :math:`g/\lVert v\rVert`) and rounded once at the end; ``w`` is formed as
+  :math:`(v/\lVert v\rVert)\,g`, never through :math:`g/\lVert v\rVert`, which overflows for a
+  tiny norm although :math:`|w| \le |g|`.
+* Mixed dtypes (``v`` float32, ``g`` float64 or the reverse) are accepted, unlike PyTorch:
+  the arithmetic runs in the promoted dtype, ``w`` has the promoted dtype, and each gradient
+  the dtype of its own input (``dv`` that of ``v``, ``dg`` that of ``g``).
 * The paper's data-dependent initialisation (:math:`g`, bias from one minibatch) is not part
   of the function; PyTorch's initialisation is :math:`g = \lVert W\rVert_s, v = W`, so that
   :math:`w = W` at registration (:func:`weight_norm_init`).
@@ -111,11 +121,20 @@ def _slice_dot(a, b, axes, keep):
     return np.sum(a * b, axis=axes).reshape(keep)
 
 
+def _work_dtype(*arrays):
+    """The dtype the arithmetic runs in: the promoted one, float32 for float16 (whose range
+    would overflow ``<G, v> / ||v||`` and the squares long before the results do)."""
+    dtype = np.result_type(*arrays)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def _slice_norm(v, axes):
     r""":math:`\lVert v\rVert` per slice (keepdims). The plain :math:`\sqrt{\sum v^2}`, and,
     only for slices whose sum of squares lost accuracy to underflow or overflowed, the same
     after dividing by the slice's largest magnitude."""
     keep = _g_shape(v.shape, axes)
+    if v.size == 0:  # empty slices (a zero-size axis among ``axes``) have norm 0
+        return np.zeros(keep, v.dtype)
     with np.errstate(over="ignore", under="ignore"):  # detected below and redone scaled
         norm = np.sqrt(_slice_dot(v, v, axes, keep))
     info = np.finfo(v.dtype)
@@ -144,7 +163,9 @@ def weight_norm_forward(v, g, dim=0):
 
     Returns
     -------
-    w : ndarray, same shape and dtype as ``v``
+    w : ndarray, same shape as ``v``
+        In the dtype of ``v`` (the promoted one, ``np.result_type(v, g)``, when ``g`` has
+        another).
     cache : WeightNormCache
     """
     check_array(v, "v", _OP, ndim_min=1)
@@ -158,27 +179,45 @@ def weight_norm_forward(v, g, dim=0):
     if g.shape != shape:
         raise ValueError(f"{_OP}: `g` must have shape {shape} (that of the norm of `v` over "
                          f"all axes but dim={dim}), got {g.shape}")
-    norm = _slice_norm(v, axes)
+    work = _work_dtype(v, g)
+    vw, gw = v.astype(work, copy=False), g.astype(work, copy=False)
+    norm = _slice_norm(vw, axes)
     if not np.all(norm > 0):
         bad = np.argwhere(~(norm > 0).reshape(norm.shape or (1,)))[0]
         raise ValueError(f"{_OP}: `v` has a slice with zero norm (or NaN) at index "
                          f"{tuple(int(i) for i in bad)} of its norm: w = g v / ||v|| has no "
                          f"direction there (PyTorch returns NaN)")
-    w = v * (g / norm)
-    return w, WeightNormCache(v, g, norm, axes)
+    # (v / ||v||) * g, not v * (g / ||v||): |v / ||v||| <= 1, while g / ||v|| overflows
+    # where the norm is below |g| / max (float16: ||v|| ~ 1e-5) although |w| <= |g|.
+    w = (vw / norm) * gw
+    return w.astype(np.result_type(v, g), copy=False), WeightNormCache(v, g, norm, axes)
 
 
 def weight_norm_backward(dw, cache):
     """Hand-derived VJP of :func:`weight_norm_forward`: ``(dw, cache) -> WeightNormGrads``."""
     v, g, norm, axes = cache
+    v_dtype, g_dtype = v.dtype, g.dtype
+    work = _work_dtype(v, g)
+    v, g, norm, dw = (a.astype(work, copy=False) for a in (v, g, norm, dw))
     # \hat v by division, not by v * (1/||v||): one rounding, so a one-element slice gives
     # \hat v = +-1 exactly and its dv (exactly 0) comes out as 0, not as amplified rounding.
     vhat = v / norm
     dg = _slice_dot(dw, vhat, axes, g.shape)                    # <G, \hat v> per slice
     dv = np.multiply(vhat, dg, out=vhat)
     np.subtract(dw, dv, out=dv)
-    dv *= g / norm
-    return WeightNormGrads(dv, dg)
+    # dv *= g / ||v||; where that quotient overflows (a tiny norm), (dv / ||v||) * g instead.
+    with np.errstate(over="ignore"):
+        ratio = g / norm
+    finite = np.isfinite(ratio)
+    if finite.all():
+        dv *= ratio
+    else:
+        with np.errstate(all="ignore"):
+            dv = np.where(finite, dv * ratio, (dv / norm) * g)
+    # Each gradient in its own input's dtype (mixed v and g dtypes are computed promoted).
+    # (float16: a dv beyond 65504 is inf, as the exact value is not representable.)
+    with np.errstate(over="ignore"):
+        return WeightNormGrads(dv.astype(v_dtype, copy=False), dg.astype(g_dtype, copy=False))
 
 
 weight_norm = custom_vjp(weight_norm_forward, weight_norm_backward, ("v", "g"))

@@ -293,7 +293,10 @@ def _flushes(spec, failing, strict):
         if not any(np.any((a != 0) & (np.abs(a) < tiny)) for a in arrays) and \
                 "subnormal" not in prep.case.tags:
             return False
-        flushed = prepare(spec, prep.case, strict, ftz=True)
+        try:
+            flushed = prepare(spec, prep.case, strict, ftz=True)
+        except (ValueError, ArithmeticError):  # flushing made the input invalid (a zero weight)
+            return False
         for key, o in res.outputs.items():
             if key not in flushed.ref.outputs or key not in got:
                 continue
