@@ -84,7 +84,8 @@ def _getitem_samples(rng):
     x = rng.standard_normal((4, 5))
     yield SampleInput("slice", (x,), dict(index=(slice(1, 3), slice(None, None, 2))))
     yield SampleInput("int", (x,), dict(index=2))
-    yield SampleInput("repeated fancy", (x,), dict(index=(np.array([0, 2, 0]), np.array([1, 1, 1]))))
+    yield SampleInput("repeated fancy", (x,),
+                      dict(index=(np.array([0, 2, 0]), np.array([1, 1, 1]))))
     yield SampleInput("bool mask", (x,), dict(index=x > 0))
     yield SampleInput("None and ellipsis", (x,), dict(index=(Ellipsis, None, 1)))
 
@@ -110,8 +111,9 @@ def _pad_samples(rng):
 
 def _matmul_samples(rng):
     r = rng.standard_normal
-    for sa, sb in (((3, 4), (4, 5)), ((2, 3, 4), (4, 2)), ((2, 1, 3, 4), (5, 4, 2)), ((4,), (4, 3)),
-                   ((3, 4), (4,)), ((4,), (4,)), ((0, 4), (4, 2)), ((1, 1), (1, 1))):
+    for sa, sb in (((3, 4), (4, 5)), ((2, 3, 4), (4, 2)), ((2, 1, 3, 4), (5, 4, 2)),
+                   ((4,), (4, 3)), ((3, 4), (4,)), ((4,), (4,)), ((0, 4), (4, 2)),
+                   ((1, 1), (1, 1))):
         yield SampleInput(f"{sa}@{sb}", (r(sa), r(sb)))
 
 

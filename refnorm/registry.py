@@ -23,7 +23,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Paper:
-    """A citation: ``Paper("Layer Normalization", "Ba, Kiros, Hinton", 2016, "arXiv:1607.06450")``."""
+    """A citation: ``Paper(title, authors, year, ref)``, ``ref`` an arXiv id, DOI or URL."""
 
     title: str
     authors: str
@@ -121,7 +121,7 @@ class NormSpec:
 
     # ----- calling conventions shared by the tests, the CLI and the oracle -----
     def arguments(self, sample: SampleInput, arrays=None) -> dict:
-        """Keyword arguments of ``forward``/``op`` for ``sample`` (``arrays`` overrides its arrays)."""
+        """Keyword arguments of ``forward``/``op`` for ``sample`` (``arrays`` replaces its own)."""
         arrays = sample.arrays if arrays is None else arrays
         return {**dict(zip(self.diff_argnames, arrays)), **sample.kwargs}
 

@@ -132,7 +132,10 @@ def minimum(a, b):
 
 
 def clip(a, a_min=None, a_max=None):
-    """Clamp to ``[a_min, a_max]`` (constants). The gradient passes where the bound holds with equality too."""
+    """Clamp to ``[a_min, a_max]`` (constants).
+
+    The gradient passes where a bound holds with equality too (as in PyTorch).
+    """
     a = as_tensor(a)
     return _make(np.clip(a.data, a_min, a_max), "clip", (a,), (a_min, a_max))
 
@@ -330,8 +333,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"conv2d: `weight` expects {weight.shape[1] * groups} input channels "
                          f"(shape {weight.shape}, groups={groups}) but `x` has {x.shape[1]}")
-    stride, padding, dilation = (_pair_arg(v, n) for v, n in
-                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    stride, padding, dilation = (_pair_arg(value, name) for value, name in (
+        (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     if builtins.min(stride) < 1 or builtins.min(dilation) < 1 or builtins.min(padding) < 0:
         raise ValueError("conv2d: `stride` and `dilation` must be >= 1 and `padding` >= 0")
     (ph, pw) = padding

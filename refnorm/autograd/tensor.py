@@ -152,6 +152,7 @@ class Tensor:
     def sum(self, axis=None, keepdims=False): return P.sum(self, axis, keepdims)
     def mean(self, axis=None, keepdims=False): return P.mean(self, axis, keepdims)
     def max(self, axis=None, keepdims=False): return P.max(self, axis, keepdims)
+
     def var(self, axis=None, keepdims=False, correction=0):
         return P.var(self, axis, keepdims, correction)
 

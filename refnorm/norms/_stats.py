@@ -159,7 +159,7 @@ def rescaled_rstd(d, c, eps, axes):
        r = 2^{-e}\,(\sigma'^2 + \epsilon\,2^{-2e})^{-1/2} .
 
     Computed in float64 and returned in float64 (the caller casts): ``var`` may be ``inf`` (its
-    true value exceeds the dtype, as it does for float32 above :math:`\sigma pprox
+    true value exceeds the dtype, as it does for float32 above :math:`\sigma \approx
     1.8\cdot 10^{19}`), while ``rstd`` is finite. Groups with :math:`\max|d|` zero or not finite
     get the unscaled formula (a constant group with ``eps = 0`` is undefined; a non-finite input
     gives NaN).

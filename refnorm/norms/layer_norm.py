@@ -205,7 +205,7 @@ def _rows(x, axes):
 
 
 layer_norm = custom_vjp(layer_norm_forward, layer_norm_backward, ("x", "weight", "bias"))
-layer_norm.__doc__ = """Differentiable layer normalization (engine op); see :func:`layer_norm_forward`."""
+layer_norm.__doc__ = "Differentiable layer normalization (engine op); see layer_norm_forward."
 
 
 def layer_norm_composite(x, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -128,7 +128,7 @@ def _power_iteration(w_mat, u, v, n, eps):
 
 
 def spectral_norm_forward(weight, u, v, n_power_iterations=1, eps=1e-12, dim=0, training=True):
-    r"""The spectrally normalized weight :math:`W / (u^\top W v)`; returns ``(w_sn, state, cache)``.
+    r"""The spectrally normalized weight :math:`W / (u^\top W v)`: ``(w_sn, state, cache)``.
 
     Parameters
     ----------
@@ -280,7 +280,8 @@ def oracle_inputs(rng):
     # |W v| ~ 1e-19 < eps: the clamp is active, u and v are not unit vectors.
     yield _case(rng, "(6,33)-tiny-scale-eps-clamp-train", (6, 33), start="random",
                 weight=1e-20 * rng.standard_normal((6, 33)))
-    yield _case(rng, "(6,33)-huge-scale-train", (6, 33), weight=1e20 * rng.standard_normal((6, 33)))
+    yield _case(rng, "(6,33)-huge-scale-train", (6, 33),
+                weight=1e20 * rng.standard_normal((6, 33)))
 
 
 def error_inputs():

@@ -241,7 +241,8 @@ class Report:
     def passed(self) -> bool:
         # at least one case must have been compared: a candidate that declined every case
         # has not been shown to be right
-        return any(r.status == "pass" for r in self.results) and all(r.passed for r in self.results)
+        return (any(r.status == "pass" for r in self.results)
+                and all(r.passed for r in self.results))
 
     def __bool__(self) -> bool:
         return self.passed
