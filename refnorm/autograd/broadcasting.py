@@ -11,7 +11,7 @@ works on NumPy arrays and on Tensors alike (the latter when differentiating twic
 
 
 def unbroadcast(g, shape):
-    """Sum ``g`` down to ``shape``: the VJP of ``broadcast_to(x, g.shape)``, x of shape ``shape``."""
+    """Sum ``g`` down to ``shape``: the VJP of ``broadcast_to(x, g.shape)`` (x of ``shape``)."""
     if g.shape == shape:
         return g
     lead = g.ndim - len(shape)
