@@ -29,11 +29,11 @@ def test_list_shows_every_registered_item(capsys):
 def test_verify_passes_and_lists_every_item(capsys):
     assert cli.main(["verify", "--no-progress"]) == 0
     out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines()[1:-1]}
     for kind, name, _, _ in registered():
-        assert any(line.split()[1:2] == [name] and line.rstrip().split()[5:6] == ["pass"]
-                   or (line.split()[1:2] == [name] and " pass" in line)
-                   for line in out.splitlines()), name
-    assert " 0 failed" in out
+        assert name in rows and rows[name].split()[0] == kind, name
+        assert rows[name].split()[5] == "pass", rows[name]
+    assert out.splitlines()[-1] == f"{len(registered())} passed, 0 failed"
 
 
 def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
