@@ -178,6 +178,19 @@ def rescaled_rstd(d, c, eps, axes):
     return np.ldexp(var_s, 2 * e), rstd
 
 
+def saved_mean(cache):
+    """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
+    (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""
+    return cache.shift + cache.correction
+
+
+def saved_xhat(cache):
+    r""":math:`\hat x = (x - m_0 - c)\,r` of a cache holding ``x``, ``shift``, ``correction`` and
+    ``rstd`` in shapes that broadcast against ``x``: recomputed on access, not stored."""
+    xhat = (cache.x - cache.shift - cache.correction) * cache.rstd
+    return xhat.astype(cache.x.dtype, copy=False)
+
+
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
     """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks of about
     ``block_bytes`` (1 MiB; at least one row each), for work on independent rows.

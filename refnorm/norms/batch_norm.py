@@ -88,7 +88,8 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
                                   check_param, check_running_stats, row_broadcasting, row_dots,
-                                  row_sums, rsqrt, shifted_moments, update_running_stats)
+                                  row_sums, rsqrt, saved_mean, saved_xhat, shifted_moments,
+                                  update_running_stats)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
@@ -112,16 +113,8 @@ class BatchNormCache(NamedTuple):
     batch_stats: bool               # whether \mu and r depend on x (training, or no running stats)
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
-    @property
-    def mean(self):
-        """The mean used, m0 + c, rounded to one float."""
-        return self.shift + self.correction
-
-    @property
-    def xhat(self):
-        """xhat = (x - m0 - c) r: recomputed on access, not stored."""
-        xhat = (self.x - self.shift - self.correction) * self.rstd
-        return xhat.astype(self.x.dtype, copy=False)
+    mean = property(saved_mean)   # m0 + c, rounded to one float
+    xhat = property(saved_xhat)   # recomputed from x on access, not stored
 
 
 class BatchNormGrads(NamedTuple):

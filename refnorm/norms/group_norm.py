@@ -64,7 +64,7 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
                                   group_view, row_blocks, row_broadcasting, row_dots, row_sums,
-                                  shifted_moments)
+                                  saved_mean, shifted_moments)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -78,10 +78,7 @@ class GroupNormCache(NamedTuple):
     has_bias: bool
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
-    @property
-    def mean(self):
-        """The mean m0 + c, rounded to one float, shape (N, G, 1)."""
-        return self.shift + self.correction
+    mean = property(saved_mean)   # m0 + c, rounded to one float, shape (N, G, 1)
 
     @property
     def xhat(self):

@@ -46,8 +46,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, row_blocks, row_broadcasting, row_sums,
-                                  shifted_moments, trailing_axes)
+                                  check_param, row_blocks, row_broadcasting, row_sums, saved_mean,
+                                  saved_xhat, shifted_moments, trailing_axes)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -62,16 +62,8 @@ class LayerNormCache(NamedTuple):
     axes: tuple[int, ...]           # the normalized axes A
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
 
-    @property
-    def mean(self):
-        """The mean m0 + c, rounded to one float."""
-        return self.shift + self.correction
-
-    @property
-    def xhat(self):
-        """xhat = (x - m0 - c) r: recomputed on access, not stored."""
-        xhat = (self.x - self.shift - self.correction) * self.rstd
-        return xhat.astype(self.x.dtype, copy=False)
+    mean = property(saved_mean)   # m0 + c, rounded to one float
+    xhat = property(saved_xhat)   # recomputed from x on access, not stored
 
 
 class LayerNormGrads(NamedTuple):
