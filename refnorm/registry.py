@@ -113,7 +113,10 @@ class NormSpec:
     # axes (of the un-affine output) over which mean 0 / var s^2/(s^2+eps) hold, as a callable
     # (sample) -> tuple of axes, or None when the variant does not standardize
     stats_axes: Callable[[SampleInput], tuple[int, ...]] | None = None
-    # dotted name of the PyTorch equivalent and a callable adapting a SampleInput to it
+    # dotted name of the PyTorch equivalent, and torch_call(torch, *tensors, **kwargs) -> y (or
+    # (y, new_state) when stateful): tensors in diff_argnames order; state kwargs may be NumPy
+    # arrays or tensors of any device and dtype, and new state comes back as tensors, so that the
+    # parity tests (CPU float64) and the oracle (CUDA, bfloat16) call the same function
     torch_equivalent: str | None = None
     torch_call: Callable | None = None
     # what the variant normalizes: "activations" or "weights"

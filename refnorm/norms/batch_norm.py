@@ -430,20 +430,21 @@ def error_inputs():
 def _torch_call(torch, x, weight, bias, *, running_mean, running_var, training=False,
                 momentum=0.1, eps=1e-5, num_batches_tracked=0):
     """``F.batch_norm`` driven as ``nn.BatchNorm.forward`` drives it (batch statistics when there
-    are no running ones, the factor 1/t for ``momentum=None``), on copies of the state."""
+    are no running ones, the factor 1/t for ``momentum=None``), on copies of the state. The state
+    may be NumPy arrays or tensors (any device, any dtype); the new one is returned as tensors."""
     tracking = running_mean is not None
     t = int(num_batches_tracked)
     factor = 0.0 if momentum is None else momentum
     if training and tracking:
         t += 1
         factor = 1.0 / t if momentum is None else momentum
-    rm = torch.tensor(running_mean) if tracking else None  # torch.tensor copies
-    rv = torch.tensor(running_var) if tracking else None
+    rm = torch.as_tensor(running_mean).clone() if tracking else None  # torch updates in place
+    rv = torch.as_tensor(running_var).clone() if tracking else None
     y = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, training or not tracking,
                                        factor, eps)
     state = {"num_batches_tracked": np.asarray(t, dtype=np.int64)}
     if tracking:
-        state.update(running_mean=rm.numpy(), running_var=rv.numpy())
+        state.update(running_mean=rm, running_var=rv)
     return y, state
 
 

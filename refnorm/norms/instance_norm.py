@@ -342,12 +342,13 @@ def error_inputs():
 
 def _torch_call(torch, x, weight, bias, *, running_mean=None, running_var=None,
                 use_input_stats=True, momentum=0.1, eps=1e-5):
-    """``F.instance_norm`` on copies of the running statistics; returns ``(y, new_state)``."""
+    """``F.instance_norm`` on copies of the running statistics (NumPy arrays or tensors, any
+    device and dtype); returns ``(y, new_state)``, the state as tensors."""
     tracking = running_mean is not None
-    rm = torch.tensor(running_mean) if tracking else None  # torch.tensor copies
-    rv = torch.tensor(running_var) if tracking else None
+    rm = torch.as_tensor(running_mean).clone() if tracking else None  # torch updates in place
+    rv = torch.as_tensor(running_var).clone() if tracking else None
     y = torch.nn.functional.instance_norm(x, rm, rv, weight, bias, use_input_stats, momentum, eps)
-    return y, (dict(running_mean=rm.numpy(), running_var=rv.numpy()) if tracking else {})
+    return y, (dict(running_mean=rm, running_var=rv) if tracking else {})
 
 
 SPEC = NormSpec(

@@ -327,7 +327,8 @@ def error_inputs():
 def _torch_call(torch, weight, *, u, v, n_power_iterations=1, eps=1e-12, dim=0, training=True):
     """The real parametrization: register it on a holder module (its random initialisation
     runs under a forked RNG), load the given state into its ``_u``/``_v`` buffers, and call it
-    on ``weight`` in the requested mode."""
+    on ``weight`` in the requested mode. ``u``/``v`` may be NumPy arrays or tensors; the new ones
+    are returned as tensors on ``weight``'s device."""
     holder = torch.nn.Module()
     holder.weight = torch.nn.Parameter(weight.detach().clone())
     with torch.random.fork_rng(devices=[]):
@@ -335,11 +336,11 @@ def _torch_call(torch, weight, *, u, v, n_power_iterations=1, eps=1e-12, dim=0, 
             holder, n_power_iterations=n_power_iterations, eps=eps, dim=dim)
     sn = holder.parametrizations.weight[0]
     with torch.no_grad():
-        sn._u.copy_(torch.as_tensor(u))
-        sn._v.copy_(torch.as_tensor(v))
+        sn._u.copy_(torch.as_tensor(u, device=weight.device))
+        sn._v.copy_(torch.as_tensor(v, device=weight.device))
     sn.train(training)
     y = sn(weight)
-    return y, SpectralNormState(sn._u.detach().numpy().copy(), sn._v.detach().numpy().copy())
+    return y, SpectralNormState(sn._u.detach().clone(), sn._v.detach().clone())
 
 
 SPEC = NormSpec(

@@ -160,54 +160,6 @@ def _check_torch_device(torch, device):
     return torch.device(dev)
 
 
-def _bn_call(torch, x, weight, bias, *, running_mean=None, running_var=None, training=False,
-             momentum=0.1, eps=1e-5, num_batches_tracked=0):
-    # as refnorm.norms.batch_norm._torch_call, but returning tensors (any device, any dtype)
-    tracking = running_mean is not None
-    t = int(num_batches_tracked)
-    factor = 0.0 if momentum is None else momentum
-    if training and tracking:
-        t += 1
-        factor = 1.0 / t if momentum is None else momentum
-    rm = running_mean.detach().clone() if tracking else None
-    rv = running_var.detach().clone() if tracking else None
-    y = torch.nn.functional.batch_norm(x, rm, rv, weight, bias, training or not tracking,
-                                       factor, eps)
-    state = {"num_batches_tracked": np.asarray(t, dtype=np.int64)}
-    if tracking:
-        state.update(running_mean=rm, running_var=rv)
-    return y, state
-
-
-def _in_call(torch, x, weight, bias, *, running_mean=None, running_var=None,
-             use_input_stats=True, momentum=0.1, eps=1e-5):
-    tracking = running_mean is not None
-    rm = running_mean.detach().clone() if tracking else None
-    rv = running_var.detach().clone() if tracking else None
-    y = torch.nn.functional.instance_norm(x, rm, rv, weight, bias, use_input_stats, momentum, eps)
-    return y, (dict(running_mean=rm, running_var=rv) if tracking else {})
-
-
-def _sn_call(torch, weight, *, u, v, n_power_iterations=1, eps=1e-12, dim=0, training=True):
-    holder = torch.nn.Module()
-    holder.weight = torch.nn.Parameter(weight.detach().clone())
-    with torch.random.fork_rng(devices=[]):
-        torch.nn.utils.parametrizations.spectral_norm(
-            holder, n_power_iterations=n_power_iterations, eps=eps, dim=dim)
-    sn = holder.parametrizations.weight[0]
-    with torch.no_grad():
-        sn._u.copy_(u)
-        sn._v.copy_(v)
-    sn.train(training)
-    y = sn(weight)
-    return y, {"u": sn._u.detach().clone(), "v": sn._v.detach().clone()}
-
-
-#: Variants whose record's ``torch_call`` converts state with ``.numpy()`` (CPU, float only):
-#: the adapter calls these device- and dtype-generic equivalents instead.
-TORCH_CALLS = {"batch_norm": _bn_call, "instance_norm": _in_call, "spectral_norm": _sn_call}
-
-
 def _torch_stats(torch, variant, t, kw):
     """PyTorch's own saved statistics, where an ATen op returns them."""
     x, w, b = t.get("x"), t.get("weight"), t.get("bias")
@@ -269,7 +221,7 @@ class TorchAdapter(Adapter):
         if self.fn is not None:
             result = self.fn(**leaves, **kw)
         else:
-            call = TORCH_CALLS.get(variant, spec.torch_call)
+            call = spec.torch_call
             args = [leaves.get(n) for n in spec.diff_argnames]
             result = call(torch, *args, **kw)
         y, state = result if spec.stateful else (result, None)
