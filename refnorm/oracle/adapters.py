@@ -275,6 +275,10 @@ def _jax_impls(jax, jnp):
         y = y if bias is None else y + view(bias.astype(t))
         return y.astype(x.dtype)
 
+    def with_running_stats(xf, x, running_mean, running_var, eps):
+        mu = channel(running_mean.astype(xf.dtype), x)
+        return (xf - mu) * jax.lax.rsqrt(channel(running_var.astype(xf.dtype), x) + eps)
+
     def layer_norm(x, weight=None, bias=None, *, normalized_shape, eps=1e-5):
         xhat, _, _ = standardize(x.astype(acc(x)), trailing(x, normalized_shape), eps)
         return affine(xhat, x, weight, bias, lambda p: p)
@@ -309,9 +313,7 @@ def _jax_impls(jax, jnp):
                 rv = (1 - f) * running_var.astype(xf.dtype) + f * var.reshape(-1) * m / (m - 1)
                 state = {"running_mean": rm.astype(x.dtype), "running_var": rv.astype(x.dtype)}
         else:
-            rm = channel(running_mean.astype(xf.dtype), x)
-            rv = channel(running_var.astype(xf.dtype), x)
-            xhat = (xf - rm) * jax.lax.rsqrt(rv + eps)
+            xhat = with_running_stats(xf, x, running_mean, running_var, eps)
         return affine(xhat, x, weight, bias, lambda p: channel(p, x)), state
 
     def instance_norm(x, weight=None, bias=None, *, running_mean=None, running_var=None,
@@ -329,9 +331,7 @@ def _jax_impls(jax, jnp):
                 rv = (1 - momentum) * running_var.astype(xf.dtype) + momentum * var_c
                 state = {"running_mean": rm.astype(x.dtype), "running_var": rv.astype(x.dtype)}
         else:
-            rm = channel(running_mean.astype(xf.dtype), x)
-            rv = channel(running_var.astype(xf.dtype), x)
-            xhat = (xf - rm) * jax.lax.rsqrt(rv + eps)
+            xhat = with_running_stats(xf, x, running_mean, running_var, eps)
         return affine(xhat, x, weight, bias, lambda p: channel(p, x)), state
 
     return {"layer_norm": (layer_norm, False), "rms_norm": (rms_norm, False),
