@@ -39,14 +39,15 @@ class Result:
     note: str = ""
 
 
-def normwise(a, b):
-    """max|a - b| / max|b| (0 for empty arrays; the absolute error where b is all zero)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+def normwise(a, b, dtype=np.float64):
+    """max|a - b| / max|b|, computed in ``dtype``: the relative error of ``a`` at the scale of
+    ``b`` (0 for empty arrays; the absolute error where ``b`` is all zero)."""
+    a, b = np.asarray(a, dtype=dtype), np.asarray(b, dtype=dtype)
     if b.size == 0:
         return 0.0
     scale = np.max(np.abs(b))
-    err = float(np.max(np.abs(a - b)))
-    return err / scale if scale > 0 else err
+    err = np.max(np.abs(a - b))
+    return float(err / scale) if scale > 0 else float(err)
 
 
 def _rng_for(name):

@@ -12,6 +12,7 @@ import pytest
 from refnorm import autograd as ag
 from refnorm.autograd import Tensor
 from refnorm.norms import ALL_SPECS
+from refnorm.verify import normwise
 
 SEED = 1234
 
@@ -29,13 +30,6 @@ def _samples(kind="sample_inputs", filter_=None):
 
 
 SAMPLES = _samples()
-
-
-def normwise(a, b):
-    """max|a - b| / max|b|: the relative error of ``a`` against ``b`` at the scale of ``b``."""
-    scale = np.max(np.abs(b)) if np.size(b) else 0.0
-    err = np.max(np.abs(np.asarray(a, dtype=np.float64) - b)) if np.size(b) else 0.0
-    return err / scale if scale > 0 else err
 
 
 def _copies(sample):
