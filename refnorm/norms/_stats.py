@@ -178,6 +178,20 @@ def rescaled_rstd(d, c, eps, axes):
     return np.ldexp(var_s, 2 * e), rstd
 
 
+def correction_first(c, scale):
+    r"""Where the mean correction :math:`c` must be subtracted from :math:`d = x - m_0` before
+    scaling by ``scale`` (three passes), instead of being folded into a per-group offset
+    :math:`-c\,\mathrm{scale}` (two passes): where :math:`|c\,\mathrm{scale}| > 1`.
+
+    Both compute :math:`(d - c)\,\mathrm{scale}`. Folding rounds :math:`c\,\mathrm{scale}` to an
+    ULP of its own size, which is below an ULP of the result where it is at most 1; on a group
+    that is constant up to rounding (:math:`d - c = 0` exactly, while :math:`c` times
+    :math:`r = \epsilon^{-1/2}` is large) it would leave the result off by that rounding. Decided
+    per row, channel or group, so that one group's result never depends on another's (a NaN
+    compares false and is folded). The one rule of the LN, BN and GN forwards and backwards."""
+    return np.abs(c * scale) > 1.0
+
+
 def saved_mean(cache):
     """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
     (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""

@@ -87,9 +87,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats, row_broadcasting, row_dots,
-                                  row_sums, rsqrt, saved_mean, saved_xhat, shifted_moments,
-                                  update_running_stats)
+                                  check_param, check_running_stats, correction_first,
+                                  row_broadcasting, row_dots, row_sums, rsqrt, saved_mean,
+                                  saved_xhat, shifted_moments, update_running_stats)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
@@ -224,8 +224,8 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             # beta by the rounding of c a, although d - c is exactly 0 there.
             # Per channel, so that a channel's y does not depend on the others' (NaN: folded).
             a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
+            unfold = correction_first(c, a)
             ca = c * a
-            unfold = np.abs(ca) > 1.0
             if unfold.any():
                 y -= np.where(unfold, c, 0)  # 0: subtracting it changes nothing
                 ca = np.where(unfold, 0, ca)
@@ -276,7 +276,7 @@ def batch_norm_backward(dy, cache):
             k = r * sum_dyx / (n * spatial)  # r <dy xhat>
             # where |c r| > 1 (a channel constant up to rounding) d k - c k would cancel
             # catastrophically (or overflow): subtract c from d first, in one more pass
-            centre = np.abs(c * r) > 1.0
+            centre = correction_first(c, r)
             if centre.any():
                 dx -= np.where(centre, c, 0)
             dx *= -k

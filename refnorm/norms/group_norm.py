@@ -63,8 +63,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  group_view, row_blocks, row_broadcasting, row_dots, row_sums,
-                                  saved_mean, shifted_moments)
+                                  correction_first, group_view, row_blocks, row_broadcasting,
+                                  row_dots, row_sums, saved_mean, shifted_moments)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -137,8 +137,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
         scale *= weight[:, None]
     # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
     c_spread = np.repeat(c, per_channel, axis=1)
+    unfold = correction_first(c_spread, scale)
     offset = -c_spread * scale
-    unfold = np.abs(offset) > 1.0
     if unfold.any():
         offset[unfold] = 0.0
         c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
@@ -226,7 +226,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
         rk = r * k
         split = ~((np.abs(rk) >= np.finfo(rk.dtype).smallest_normal) & (np.abs(rk) < np.inf)
                   | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
-        centre = np.abs(c * r) > 1.0
+        centre = correction_first(c, r)
     c_first = np.where(centre, c, 0)
     with row_broadcasting(spatial):
         np.multiply(dy3, r_gamma, out=dx3)

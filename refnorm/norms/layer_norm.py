@@ -46,8 +46,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, row_blocks, row_broadcasting, row_sums, saved_mean,
-                                  saved_xhat, shifted_moments, trailing_axes)
+                                  check_param, correction_first, row_blocks, row_broadcasting,
+                                  row_sums, saved_mean, saved_xhat, shifted_moments, trailing_axes)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -174,7 +174,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     k = r * ((sum_gd - c * sum_g) * r / n)   # r <g xhat>; r * r alone may overflow (float16)
     # where |c r| > 1 (a row constant up to rounding) d k - c k would cancel catastrophically
     # (or overflow): subtract c from d first, in one more pass; per row
-    centre = np.abs(c * r) > 1.0
+    centre = correction_first(c, r)
     c_k = np.where(centre, 0, c) * k
     with row_broadcasting(n):
         if w is not None:
