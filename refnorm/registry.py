@@ -21,6 +21,19 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 import numpy as np
 
 
+def labels_from_axes(shape, axes):
+    """``(labels, count)``: elements of an array of ``shape`` that differ only along ``axes``
+    share a label; labels run over ``range(count)``."""
+    axes = tuple(int(a) % len(shape) for a in axes) if shape else ()
+    keep = tuple(a for a in range(len(shape)) if a not in axes)
+    kshape = tuple(shape[a] for a in keep)
+    if not keep:
+        return np.zeros(shape, dtype=np.int64), 1
+    idx = np.indices(shape, sparse=True)
+    labels = np.ravel_multi_index(tuple(np.broadcast_to(idx[a], shape) for a in keep), kshape)
+    return labels.astype(np.int64), int(np.prod(kshape, dtype=np.int64))
+
+
 @dataclass(frozen=True)
 class Paper:
     """A citation: ``Paper(title, authors, year, ref)``, ``ref`` an arXiv id, DOI or URL."""
@@ -113,6 +126,9 @@ class NormSpec:
     # axes (of the un-affine output) over which mean 0 / var s^2/(s^2+eps) hold, as a callable
     # (sample) -> tuple of axes, or None when the variant does not standardize
     stats_axes: Callable[[SampleInput], tuple[int, ...]] | None = None
+    # for variants whose standardized groups are not a set of axes (GroupNorm): (sample) ->
+    # (labels, count), labels an int array of x's shape with values in range(count), or None
+    stats_groups: Callable[[SampleInput], tuple[np.ndarray, int] | None] | None = None
     # dotted name of the PyTorch equivalent, and torch_call(torch, *tensors, **kwargs) -> y (or
     # (y, new_state) when stateful): tensors in diff_argnames order; state kwargs may be NumPy
     # arrays or tensors of any device and dtype, and new state comes back as tensors, so that the
@@ -132,6 +148,16 @@ class NormSpec:
         """``(y, new_state, cache)``; ``new_state`` is None for a stateless variant."""
         result = self.forward(**self.arguments(sample, arrays))
         return (result[0], result[1], result[2]) if self.stateful else (result[0], None, result[1])
+
+    def standardized_groups(self, sample: SampleInput):
+        """``(labels, count)``: the groups of ``x`` over which the un-affine output has mean 0
+        and variance s^2/(s^2+eps) (from ``stats_groups``, else ``stats_axes``), or None."""
+        if self.stats_groups is not None:
+            return self.stats_groups(sample)
+        axes = self.stats_axes(sample) if self.stats_axes is not None else None
+        if axes is None:
+            return None
+        return labels_from_axes(sample.arrays[0].shape, axes)
 
     def output(self, sample: SampleInput, arrays=None) -> np.ndarray:
         """Just ``y``: the function that finite differences differentiate."""

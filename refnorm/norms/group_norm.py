@@ -340,6 +340,15 @@ def error_inputs():
                      ValueError, r"`eps` must be a finite number >= 0")
 
 
+def _stats_groups(sample):
+    """``(labels, N * G)``: element (n, c, ...) of ``x`` belongs to group n G + c // (C / G)."""
+    x, g = sample.arrays[0], sample.kwargs["num_groups"]
+    n, c = x.shape[:2]
+    idx = np.indices(x.shape, sparse=True)
+    labels = np.broadcast_to(idx[0] * g + idx[1] // (c // g), x.shape)
+    return labels.astype(np.int64), n * g
+
+
 def _torch_call(torch, x, weight, bias, *, num_groups, eps):
     return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
 
@@ -356,11 +365,10 @@ SPEC = NormSpec(
     sample_inputs=sample_inputs,
     oracle_inputs=oracle_inputs,
     error_inputs=error_inputs,
-    # per (sample, group): shift by a constant per group, scale with eps -> a^2 eps. The generic
-    # tests need stats_axes, which cannot express groups, so tests/norms/test_group_norm.py
-    # checks both, and the per-group statistics.
+    # per (sample, group): shift by a constant per group, scale with eps -> a^2 eps; the groups
+    # are not a set of axes, so stats_groups gives them to the generic tests and the oracle
     invariances=("shift", "scale"),
-    stats_axes=None,
+    stats_groups=_stats_groups,
     torch_equivalent="torch.nn.functional.group_norm",
     torch_call=_torch_call,
 )

@@ -5,8 +5,9 @@ registry records only indirectly:
 
 * the **groups**: the sets of elements of ``x`` that share one mean and one ``rstd`` (a row for
   LayerNorm, a channel for BatchNorm, a (sample, group) pair for GroupNorm). They come from the
-  record's ``stats_axes`` and are checked against the size of the ``rstd`` the forward saves;
-  a variant whose groups are not a set of axes (GroupNorm) has an entry in :data:`GROUPS`.
+  record (``NormSpec.standardized_groups``: ``stats_groups`` or ``stats_axes``) and are checked
+  against the size of the ``rstd`` the forward saves; RMSNorm, which does not standardize but
+  keeps one ``rstd`` per row, has an entry in :data:`GROUPS`.
 * the **broadcast** of a parameter such as ``weight`` against ``x``: PyTorch's conventions are
   either the trailing axes (LayerNorm, RMSNorm) or the channel axis 1 (BatchNorm, GroupNorm,
   InstanceNorm).
@@ -19,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from refnorm.registry import labels_from_axes
 
 __all__ = ["Groups", "groups_of", "labels_from_axes", "param_view", "unbroadcast_sum", "GROUPS",
            "PARAM_LAYOUT"]
@@ -55,26 +58,6 @@ class Groups:
         return np.asarray(g).ravel()[self.labels]
 
 
-def labels_from_axes(shape, axes):
-    keep = [a for a in range(len(shape)) if a not in axes]
-    kshape = tuple(shape[a] for a in keep)
-    idx = np.indices(shape, sparse=False)
-    labels = np.ravel_multi_index(tuple(idx[a] for a in keep), kshape) if keep \
-        else np.zeros(shape, dtype=np.int64)
-    return labels.astype(np.int64), int(np.prod(kshape, dtype=np.int64))
-
-
-def _group_norm_groups(sample):
-    x = sample.arrays[0]
-    g = sample.kwargs.get("num_groups")
-    if g is None or x.ndim < 2 or x.shape[1] % g:
-        return None
-    n, c = x.shape[0], x.shape[1]
-    idx = np.indices(x.shape)
-    labels = idx[0] * g + idx[1] // (c // g)
-    return labels.astype(np.int64), n * g
-
-
 def _trailing_groups(sample):
     x = sample.arrays[0]
     ns = sample.kwargs.get("normalized_shape")
@@ -84,10 +67,10 @@ def _trailing_groups(sample):
     return labels_from_axes(x.shape, tuple(range(x.ndim - nd, x.ndim)))
 
 
-#: Variants whose groups the record's ``stats_axes`` does not give (GroupNorm's are not a set
-#: of axes; RMSNorm does not standardize but shares one rstd per row):
+#: Variants that do not standardize (so their record has no standardized groups) but share one
+#: rstd per group, which the tolerance model needs: RMSNorm, one per row.
 #: ``name -> (sample -> (labels, G))``.
-GROUPS = {"group_norm": _group_norm_groups, "rms_norm": _trailing_groups}
+GROUPS = {"rms_norm": _trailing_groups}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:
@@ -102,13 +85,11 @@ def groups_of(spec, sample, cache=None) -> Groups | None:
     found = None
     if spec.name in GROUPS:
         found = GROUPS[spec.name](sample)
-    elif spec.stats_axes is not None:
+    else:
         try:
-            axes = tuple(int(a) % x.ndim for a in spec.stats_axes(sample))
+            found = spec.standardized_groups(sample)
         except Exception:  # noqa: BLE001 - a record's helper that cannot say means "unknown"
-            axes = None
-        if axes:
-            found = labels_from_axes(x.shape, axes)
+            found = None
     if found is None:
         return None
     labels, count = found
