@@ -137,6 +137,9 @@ class NormSpec:
     torch_call: Callable | None = None
     # what the variant normalizes: "activations" or "weights"
     normalizes: str = "activations"
+    # how weight and bias broadcast against x: "channel" (a (C,) vector along axis 1, NCHW) or
+    # "trailing" (the shape of the normalized trailing axes); None: no such parameters
+    param_layout: str | None = None
 
     # ----- calling conventions shared by the tests, the CLI and the oracle -----
     def arguments(self, sample: SampleInput, arrays=None) -> dict:

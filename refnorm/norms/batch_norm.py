@@ -476,4 +476,5 @@ SPEC = NormSpec(
     stats_axes=_stats_axes,
     torch_equivalent="torch.nn.functional.batch_norm",
     torch_call=_torch_call,
+    param_layout="channel",
 )

@@ -371,4 +371,5 @@ SPEC = NormSpec(
     stats_groups=_stats_groups,
     torch_equivalent="torch.nn.functional.group_norm",
     torch_call=_torch_call,
+    param_layout="channel",
 )

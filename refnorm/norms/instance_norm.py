@@ -371,4 +371,5 @@ SPEC = NormSpec(
     if s.kwargs.get("use_input_stats", True) else None,
     torch_equivalent="torch.nn.functional.instance_norm",
     torch_call=_torch_call,
+    param_layout="channel",
 )

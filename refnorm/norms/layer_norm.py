@@ -283,4 +283,5 @@ SPEC = NormSpec(
     stats_axes=lambda s: trailing_axes(s.arrays[0].ndim, len(s.kwargs["normalized_shape"])),
     torch_equivalent="torch.nn.functional.layer_norm",
     torch_call=_torch_call,
+    param_layout="trailing",
 )

@@ -373,4 +373,5 @@ SPEC = NormSpec(
     stats_axes=None,  # not standardizing: no zero mean, unit variance
     torch_equivalent="torch.nn.functional.rms_norm",
     torch_call=_torch_call,
+    param_layout="trailing",
 )

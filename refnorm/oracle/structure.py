@@ -23,8 +23,7 @@ import numpy as np
 
 from refnorm.registry import labels_from_axes
 
-__all__ = ["Groups", "groups_of", "labels_from_axes", "param_view", "unbroadcast_sum", "GROUPS",
-           "PARAM_LAYOUT"]
+__all__ = ["Groups", "groups_of", "labels_from_axes", "param_view", "unbroadcast_sum", "GROUPS"]
 
 
 @dataclass(frozen=True)
@@ -100,24 +99,20 @@ def groups_of(spec, sample, cache=None) -> Groups | None:
     return Groups(labels, count, sizes)
 
 
-#: How a variant's per-feature parameters broadcast against ``x``: ``"channel"`` (a ``(C,)``
-#: vector along axis 1) or ``"trailing"`` (the shape of the trailing axes). Variants not listed
-#: are tried trailing first, then channel.
-PARAM_LAYOUT = {"batch_norm": "channel", "group_norm": "channel", "instance_norm": "channel",
-                "layer_norm": "trailing", "rms_norm": "trailing"}
-
-
 def param_view(p, x_shape, variant=None):
     """``p`` reshaped to broadcast against ``x_shape`` the PyTorch way, or None.
 
     The trailing axes (``weight`` of shape ``normalized_shape``), or the channel axis 1 (a
-    ``(C,)`` parameter of BatchNorm, GroupNorm, InstanceNorm), as :data:`PARAM_LAYOUT` says for
-    ``variant``.
+    ``(C,)`` parameter of BatchNorm, GroupNorm, InstanceNorm), as the record of ``variant``
+    says (``NormSpec.param_layout``); without one, trailing is tried first, then channel.
     """
     if p is None:
         return None
+    from refnorm.norms import BY_NAME
+
     p = np.asarray(p)
-    layout = PARAM_LAYOUT.get(variant)
+    spec = BY_NAME.get(variant)
+    layout = spec.param_layout if spec is not None else None
     trailing = p.ndim <= len(x_shape) and tuple(x_shape[len(x_shape) - p.ndim:]) == p.shape
     channel = p.ndim == 1 and len(x_shape) >= 2 and x_shape[1] == p.shape[0]
     if trailing and layout != "channel":
