@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from refnorm import oracle
 from refnorm.norms import BY_NAME
+from refnorm.oracle import goldens
 from reliability import exact
-
-pytest.importorskip("mpmath")
 
 TESTS = Path(__file__).resolve().parent
 
@@ -143,9 +143,6 @@ def test_the_ulp_report_is_bit_identical_on_repeated_runs():
 
 
 def test_the_oracle_report_is_bit_identical_on_repeated_runs(torch):
-    oracle = pytest.importorskip("refnorm.oracle")
-    if not hasattr(oracle, "check"):
-        pytest.skip("refnorm.oracle has no check() yet")
     first = oracle.check("torch", "layer_norm", dtype="float32", seed=3, size="ci")
     second = oracle.check("torch", "layer_norm", dtype="float32", seed=3, size="ci")
     assert first.to_json() == second.to_json()
@@ -155,7 +152,6 @@ def test_the_oracle_report_is_bit_identical_on_repeated_runs(torch):
 def test_golden_files_are_byte_identical_on_repeated_exports(tmp_path):
     """Two exports with the same seed write the same bytes: every .npz and the manifest (whose
     SHA-256 entries a GPU test suite checks)."""
-    goldens = pytest.importorskip("refnorm.oracle.goldens")
     first, second = tmp_path / "a", tmp_path / "b"
     for directory in (first, second):
         goldens.export(directory, ["layer_norm", "batch_norm"], dtypes=("float32",), seed=5,
