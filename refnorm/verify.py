@@ -109,9 +109,10 @@ def verify_primitive(spec) -> Result:
 # ----------------------------------------------------------------------------------------------
 # normalization variants
 # ----------------------------------------------------------------------------------------------
-def norm_gradients(spec, sample, dy):
-    """The hand-derived and the engine gradients of ``spec`` at ``sample`` for upstream ``dy``."""
-    hand = spec.backward(dy, spec.run(sample)[2])
+def norm_gradients(spec, sample, dy, cache=None):
+    """The hand-derived and the engine gradients of ``spec`` at ``sample`` for upstream ``dy``
+    (``cache``: the forward's, if it has been run already)."""
+    hand = spec.backward(dy, spec.run(sample)[2] if cache is None else cache)
     engine = None
     if spec.composite is not None:
         tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
@@ -122,11 +123,13 @@ def norm_gradients(spec, sample, dy):
     return hand, engine
 
 
-def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL):
-    """``(hand_engine, report)`` for one sample: the hand/engine error and the FD report."""
-    y = spec.output(sample)
-    dy = rng.standard_normal(y.shape)
-    hand, engine = norm_gradients(spec, sample, dy)
+def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None):
+    """``(hand_engine, report)`` for one sample: the normwise error between the hand-derived and
+    the engine gradients (NaN without a composite), and the finite-difference report of the
+    hand-derived backward. ``dy`` defaults to a random upstream gradient from ``rng``."""
+    y, _, cache = spec.run(sample)
+    dy = rng.standard_normal(y.shape) if dy is None else dy
+    hand, engine = norm_gradients(spec, sample, dy, cache)
     hand_engine = float("nan")
     if engine is not None:
         hand_engine = _max([normwise(h, e) for h, e in zip(hand, engine) if h is not None])
