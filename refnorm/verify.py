@@ -62,7 +62,10 @@ def _max(values):
 # ----------------------------------------------------------------------------------------------
 # primitives
 # ----------------------------------------------------------------------------------------------
-def _primitive_fns(spec, sample):
+def primitive_functions(spec, sample):
+    """``(f, vjp, arrays)`` of a primitive at ``sample`` in refnorm.gradcheck's protocol: ``f``
+    runs the op on arrays, ``vjp`` its engine gradient (``create_graph=True``: the rule recorded
+    on Tensors, the path of gradients of gradients)."""
     n = len(sample.arrays)
     present = [i for i in range(n) if sample.arrays[i] is not None]
 
@@ -92,7 +95,7 @@ def verify_primitive(spec) -> Result:
     hand_engine, hand_fd, passed, cases = [], [], True, 0
     for sample in spec.sample_inputs(rng):
         cases += 1
-        f, vjp, arrays = _primitive_fns(spec, sample)
+        f, vjp, arrays = primitive_functions(spec, sample)
         report = check_vjp(f, vjp, arrays, mode="slow", rng=rng, rtol=FD_RTOL, atol=1e-12)
         passed &= bool(report)
         hand_fd.append(report.normwise_error)

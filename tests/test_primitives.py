@@ -7,7 +7,7 @@ from refnorm import autograd as ag
 from refnorm.autograd import Tensor
 from refnorm.gradcheck import check_vjp
 from refnorm.primitive_specs import PRIMITIVES
-from refnorm.verify import _primitive_fns, normwise
+from refnorm.verify import primitive_functions, normwise
 
 
 def _params():
@@ -17,7 +17,7 @@ def _params():
 
 @pytest.mark.parametrize("spec,sample", _params())
 def test_vjp_rule_matches_finite_differences(spec, sample):
-    f, vjp, arrays = _primitive_fns(spec, sample)
+    f, vjp, arrays = primitive_functions(spec, sample)
     report = check_vjp(f, vjp, arrays, mode="slow", rng=np.random.default_rng(1),
                        rtol=1e-9, atol=1e-12)
     assert report, str(report)
@@ -26,7 +26,7 @@ def test_vjp_rule_matches_finite_differences(spec, sample):
 
 @pytest.mark.parametrize("spec,sample", [p for p in _params() if p.values[0].twice])
 def test_recorded_rule_equals_plain_rule(spec, sample):
-    f, vjp, arrays = _primitive_fns(spec, sample)
+    f, vjp, arrays = primitive_functions(spec, sample)
     u = np.random.default_rng(2).standard_normal(np.shape(f(*arrays)))
     for a, b in zip(vjp((u,), *arrays, create_graph=True), vjp((u,), *arrays)):
         assert normwise(a, b) <= 1e-14
