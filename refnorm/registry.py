@@ -140,6 +140,14 @@ class NormSpec:
     # how weight and bias broadcast against x: "channel" (a (C,) vector along axis 1, NCHW) or
     # "trailing" (the shape of the normalized trailing axes); None: no such parameters
     param_layout: str | None = None
+    # how ``refnorm.nn`` builds a layer of this variant: ``layer_init(features, **options) ->
+    # (params, state, kwargs)``, ``features`` an int (the channels of a "channel" layout, the last
+    # dimension of a "trailing" one). ``params``: {argname: ndarray} for the learned entries of
+    # ``diff_argnames`` after ``x``, initialized as the official code does; ``state``: {kwarg:
+    # ndarray} for a stateful variant's explicit state (named as the fields of its new_state);
+    # ``kwargs``: the hyper-parameters the forward needs besides those (e.g. normalized_shape).
+    # None: the variant is not a layer on activations (weight reparametrizations, ...)
+    layer_init: Callable | None = None
 
     # ----- calling conventions shared by the tests, the CLI and the oracle -----
     def arguments(self, sample: SampleInput, arrays=None) -> dict:
