@@ -16,6 +16,7 @@ from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import crms_norm as _crms_norm
 from refnorm.norms import power_norm as _power_norm
 from refnorm.norms import unified_norm as _unified_norm
+from refnorm.norms import rep_bn as _rep_bn
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -29,6 +30,8 @@ ALL_SPECS = (
     _crms_norm.SPEC,
     _power_norm.SPEC,
     _unified_norm.SPEC,
+    _rep_bn.REP_SPEC,
+    _rep_bn.PREP_SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}
