@@ -569,16 +569,21 @@ def _prep_torch_call(torch, x, weight, bias, alpha, ln_weight, ln_bias, *, runni
                      num_batches_tracked=0):
     """The official ``LinearNorm`` with an explicit :math:`\\lambda` (None: warm)."""
     c = x.shape[-1]
+
+    def unused(*params):   # a branch that is not run: zero gradients, as refnorm returns
+        return sum((p - p.detach()).sum() * 0 for p in params if p is not None)
+
     if training and lam is None:
         state = {"running_mean": running_mean, "running_var": running_var,
                  "num_batches_tracked": np.asarray(int(num_batches_tracked), np.int64)}
-        return torch.nn.functional.layer_norm(x, (c,), ln_weight, ln_bias, ln_eps), state
+        y = torch.nn.functional.layer_norm(x, (c,), ln_weight, ln_bias, ln_eps)
+        return y + unused(weight, bias, alpha), state
     y_rep, state = _rep_torch_call(torch, x, weight, bias, alpha, running_mean=running_mean,
                                    running_var=running_var, training=training,
                                    momentum=momentum, eps=eps,
                                    num_batches_tracked=num_batches_tracked)
     if not training:
-        return y_rep, state
+        return y_rep + unused(ln_weight, ln_bias), state
     y_ln = torch.nn.functional.layer_norm(x, (c,), ln_weight, ln_bias, ln_eps)
     return lam * y_ln + (1 - lam) * y_rep, state
 
