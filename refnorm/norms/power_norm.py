@@ -233,7 +233,7 @@ def power_norm_backward(dy, cache):
     wide = rho.dtype
     dy2 = as_tokens(dy).astype(wide, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):
-        xt = (x2.astype(wide, copy=False).reshape(m, groups, -1) * rho).reshape(m, c)
+        xt = (x2.astype(wide, copy=False).reshape(m, groups, c // groups) * rho).reshape(m, c)
         z = xt * rstd
         g = dy2 * weight if weight is not None else dy2
         if batch_rstd is not None:       # training: the approximate backpropagation
@@ -245,8 +245,8 @@ def power_norm_backward(dy, cache):
             new_ema = ema_gz
             dxt = g * rstd
         # GroupScaling backward (exact): d = rho (dxt - xt <dxt xt>_group)
-        dxt = dxt.reshape(m, groups, -1)
-        xtg = xt.reshape(m, groups, -1)
+        dxt = dxt.reshape(m, groups, c // groups)
+        xtg = xt.reshape(m, groups, c // groups)
         dx = rho * (dxt - xtg * np.mean(dxt * xtg, axis=2, keepdims=True))
         dweight = None if weight is None else (dy2 * z).sum(axis=0).astype(weight.dtype)
     dbias = None if bias_dtype is None else channel_sum(dy, bias_dtype)

@@ -124,6 +124,7 @@ class RepBNCache(NamedTuple):
     bn: object                  # the BatchNormCache of the (M, C) token view
     x: np.ndarray               # the input (not a copy)
     alpha: np.ndarray | None    # \alpha, shape (1,), or None (no shortcut)
+    dtypes: tuple               # (weight, bias) dtypes (None where absent), for their gradients
 
     rstd = property(lambda self: self.bn.rstd)     # the statistics, for the oracle
     mean = property(lambda self: self.bn.mean)
@@ -156,34 +157,58 @@ def rep_bn_forward(x, running_mean, running_var, weight=None, bias=None, alpha=N
     new_state : BatchNormState
     cache : RepBNCache
     """
-    op = "rep_bn"
+    y, state, cache = _rep_bn_wide(x, running_mean, running_var, weight, bias, alpha, training,
+                                   momentum, eps, num_batches_tracked, "rep_bn")
+    return y.astype(x.dtype), state, cache
+
+
+def _widen(a, wide):
+    return None if a is None else a.astype(wide)
+
+
+def _rep_bn_wide(x, running_mean, running_var, weight, bias, alpha, training, momentum, eps,
+                 num_batches_tracked, op):
+    """:func:`rep_bn_forward` with ``y`` left in the wide dtype (PRepBN mixes it unrounded)."""
     x = check_tokens(x, op)
+    c = x.shape[-1]
+    weight = check_param(weight, "weight", op, (c,))
+    bias = check_param(bias, "bias", op, (c,))
     alpha = check_param(alpha, "alpha", op, (1,))
+    wide = wide_dtype(x.dtype)   # BN and the shortcut in one precision, rounded once
     with _errors_as(op):
-        y2, state, bn = batch_norm_forward(as_tokens(x), running_mean, running_var, weight, bias,
-                                           training, momentum, eps,
-                                           num_batches_tracked=num_batches_tracked)
+        y2, state, bn = batch_norm_forward(as_tokens(x).astype(wide), running_mean, running_var,
+                                           _widen(weight, wide), _widen(bias, wide), training,
+                                           momentum, eps, num_batches_tracked=num_batches_tracked)
     y = y2.reshape(x.shape)
     if alpha is not None:
-        wide = wide_dtype(x.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
-            y = (y.astype(wide) + alpha.astype(wide)[0] * x.astype(wide)).astype(x.dtype)
-    return y, state, RepBNCache(bn, x, alpha)
+            y = y + alpha.astype(wide)[0] * x.astype(wide)
+    dtypes = tuple(None if a is None else a.dtype for a in (weight, bias))
+    return y, state, RepBNCache(bn, x, alpha, dtypes)
 
 
 def rep_bn_backward(dy, cache):
     r"""Hand-derived VJP of :func:`rep_bn_forward`: BatchNorm's backward plus
     :math:`\alpha\,\mathrm{d}y`, and :math:`\mathrm{d}\alpha = \sum \mathrm{d}y\odot x`."""
-    bn, x, alpha = cache
-    grads = batch_norm_backward(as_tokens(dy), bn)
+    grads = _rep_bn_backward_wide(dy, cache)
+    return grads._replace(dx=grads.dx.astype(cache.x.dtype))
+
+
+def _rep_bn_backward_wide(dy, cache):
+    """:func:`rep_bn_backward` with ``dx`` left in the wide dtype."""
+    bn, x, alpha, (weight_dtype, bias_dtype) = cache
+    wide = wide_dtype(x.dtype)
+    dyw = dy.astype(wide)
+    grads = batch_norm_backward(as_tokens(dyw), bn)
     dx = grads.dx.reshape(x.shape)
     dalpha = None
     if alpha is not None:
-        wide = wide_dtype(x.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
-            dx = (dx.astype(wide) + alpha.astype(wide)[0] * dy.astype(wide)).astype(x.dtype)
-            dalpha = np.asarray([np.sum(dy.astype(wide) * x.astype(wide))], alpha.dtype)
-    return RepBNGrads(dx, grads.dweight, grads.dbias, dalpha)
+            dx = dx + alpha.astype(wide)[0] * dyw
+            dalpha = np.asarray([np.sum(dyw * x.astype(wide))], alpha.dtype)
+    dweight = None if grads.dweight is None else grads.dweight.astype(weight_dtype)
+    dbias = None if grads.dbias is None else grads.dbias.astype(bias_dtype)
+    return RepBNGrads(dx, dweight, dbias, dalpha)
 
 
 rep_bn = custom_vjp(rep_bn_forward, rep_bn_backward, ("x", "weight", "bias", "alpha"),
@@ -282,15 +307,15 @@ def prep_bn_forward(x, running_mean, running_var, weight=None, bias=None, alpha=
             y, ln = layer_norm_forward(x, (c,), ln_weight, ln_bias, ln_eps)
             state = BatchNormState(running_mean, running_var, np.asarray(t, np.int64))
             return y, state, PRepBNCache(ln, None, 1.0, shapes)
-        y_rep, state, rep = rep_bn_forward(x, running_mean, running_var, weight, bias, alpha,
-                                           training, momentum, eps,
-                                           num_batches_tracked=num_batches_tracked)
+        y_rep, state, rep = _rep_bn_wide(x, running_mean, running_var, weight, bias, alpha,
+                                         training, momentum, eps, num_batches_tracked, op)
         if not training:
-            return y_rep, state, PRepBNCache(None, rep, 0.0, shapes)
-        y_ln, ln = layer_norm_forward(x, (c,), ln_weight, ln_bias, ln_eps)
-    wide = wide_dtype(x.dtype)
+            return y_rep.astype(x.dtype), state, PRepBNCache(None, rep, 0.0, shapes)
+        wide = y_rep.dtype   # both branches in one precision, rounded once
+        y_ln, ln = layer_norm_forward(x.astype(wide), (c,), _widen(ln_weight, wide),
+                                      _widen(ln_bias, wide), ln_eps)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = (lam * y_ln.astype(wide) + (1.0 - lam) * y_rep.astype(wide)).astype(x.dtype)
+        y = (lam * y_ln + (1.0 - lam) * y_rep).astype(x.dtype)
     return y, state, PRepBNCache(ln, rep, lam, shapes)
 
 
@@ -309,13 +334,14 @@ def prep_bn_backward(dy, cache):
     g_ln = (zeros(ln_weight), zeros(ln_bias))
     with np.errstate(over="ignore", invalid="ignore"):
         if rep is not None:
-            r = rep_bn_backward((dy.astype(wide) * (1.0 - lam)).astype(dy.dtype), rep)
+            r = _rep_bn_backward_wide(dy.astype(wide) * (1.0 - lam), rep)
             dx += r.dx
             g_rep = r[1:]
-        if ln is not None:
-            gl = layer_norm_backward((dy.astype(wide) * lam).astype(dy.dtype), ln)
+        if ln is not None:   # the LN cache holds the wide x: its gradients come out wide
+            gl = layer_norm_backward(dy.astype(ln.x.dtype) * lam, ln)
             dx += gl.dx
-            g_ln = gl[1:]
+            g_ln = tuple(None if g is None else g.astype(p.dtype)
+                         for g, p in zip(gl[1:], (ln_weight, ln_bias)))
     return PRepBNGrads(dx.astype(dy.dtype), *g_rep, *g_ln)
 
 
