@@ -4,8 +4,8 @@
 gradient checks and exits 1 on any failure. For a variant with a surrogate gradient, the
 ``hand-engine`` column compares the hand backward with the surrogate's second formulation, the
 ``hand-FD`` column the exact (engine) gradient with finite differences, and one line per sample
-gives the distance between the surrogate and the true gradient. The golden-file and comparison commands of the
-oracle are added by :mod:`refnorm.oracle`.
+gives the distance between the surrogate and the true gradient. The golden-file and comparison
+commands of the oracle are added by :mod:`refnorm.oracle`.
 """
 from __future__ import annotations
 

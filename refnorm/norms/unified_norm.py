@@ -451,7 +451,8 @@ def error_inputs():
     yield ErrorInput(call("buffer_x2 1-d", buffer_x2=np.ones(4)), ValueError,
                      r"unified_norm: `buffer_x2` must have shape \(W, C\) with C = 4, got \(4,\)")
     yield ErrorInput(call("buffer_gz channels", buffer_gz=np.ones((4, 3))), ValueError,
-                     r"unified_norm: `buffer_gz` must have shape \(W, C\) with C = 4, got \(4, 3\)")
+                     r"unified_norm: `buffer_gz` must have shape \(W, C\) with C = 4, "
+                     r"got \(4, 3\)")
     yield ErrorInput(call("empty window", buffer_gz=np.ones((0, 4))), ValueError,
                      r"unified_norm: `buffer_x2` and `buffer_gz` must hold at least one")
     yield ErrorInput(call("momentum", momentum=2.0), ValueError,
