@@ -483,14 +483,30 @@ def _rep_torch_call(torch, x, weight, bias, alpha, *, running_mean, running_var,
                     training=False, momentum=0.1, eps=1e-5, num_batches_tracked=0):
     """The official ``RepBN``: ``x.transpose(1, 2)``, ``nn.BatchNorm1d`` (driven as
     :mod:`refnorm.norms.batch_norm`'s ``torch_call`` drives ``F.batch_norm``), back, plus
-    ``alpha * x``; any leading axes are pooled as the tokens."""
+    ``alpha * x``; any leading axes are pooled as the tokens. Half precision is computed in
+    float32 (and the new state rounded back to the input dtype), as the other
+    transformer-family ``torch_call`` s: PyTorch's own bfloat16 ``F.batch_norm`` on this
+    transposed layout is less accurate than a float32 computation rounded once (a running
+    variance 7 ULP off on data of mean 1e3; a dweight of the wrong sign on subnormal input)."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+
+    def up(t):
+        return t.float() if low and t is not None else t
+
+    def stat(a):
+        return None if a is None else torch.as_tensor(a).to(device=x.device, dtype=up(x).dtype)
+
     c = x.shape[-1]
-    tokens = x.reshape(-1, c).t().unsqueeze(0)     # (1, C, M)
-    y, state = _bn_torch_call(torch, tokens, weight, bias, running_mean=running_mean,
-                              running_var=running_var, training=training, momentum=momentum,
-                              eps=eps, num_batches_tracked=num_batches_tracked)
+    tokens = up(x).reshape(-1, c).t().unsqueeze(0)     # (1, C, M)
+    y, state = _bn_torch_call(torch, tokens, up(weight), up(bias),
+                              running_mean=stat(running_mean), running_var=stat(running_var),
+                              training=training, momentum=momentum, eps=eps,
+                              num_batches_tracked=num_batches_tracked)
     y = y.squeeze(0).t().reshape(x.shape)
-    return (y + alpha * x if alpha is not None else y), state
+    y = y + up(alpha) * up(x) if alpha is not None else y
+    if low:
+        state = {k: (v.to(x.dtype) if torch.is_tensor(v) else v) for k, v in state.items()}
+    return y.to(x.dtype), state
 
 
 def _rep_stats_axes(sample):
@@ -595,6 +611,10 @@ def _prep_torch_call(torch, x, weight, bias, alpha, ln_weight, ln_bias, *, runni
                      num_batches_tracked=0):
     """The official ``LinearNorm`` with an explicit :math:`\\lambda` (None: warm)."""
     c = x.shape[-1]
+    low = x.dtype in (torch.float16, torch.bfloat16)   # in float32, as _rep_torch_call
+
+    def up(t):
+        return t.float() if low and t is not None else t
 
     def unused(*params):   # a branch that is not run: zero gradients, as refnorm returns
         return sum((p - p.detach()).sum() * 0 for p in params if p is not None)
@@ -602,16 +622,16 @@ def _prep_torch_call(torch, x, weight, bias, alpha, ln_weight, ln_bias, *, runni
     if training and lam is None:
         state = {"running_mean": running_mean, "running_var": running_var,
                  "num_batches_tracked": np.asarray(int(num_batches_tracked), np.int64)}
-        y = torch.nn.functional.layer_norm(x, (c,), ln_weight, ln_bias, ln_eps)
-        return y + unused(weight, bias, alpha), state
+        y = torch.nn.functional.layer_norm(up(x), (c,), up(ln_weight), up(ln_bias), ln_eps)
+        return y.to(x.dtype) + unused(weight, bias, alpha), state
     y_rep, state = _rep_torch_call(torch, x, weight, bias, alpha, running_mean=running_mean,
                                    running_var=running_var, training=training,
                                    momentum=momentum, eps=eps,
                                    num_batches_tracked=num_batches_tracked)
     if not training:
         return y_rep + unused(ln_weight, ln_bias), state
-    y_ln = torch.nn.functional.layer_norm(x, (c,), ln_weight, ln_bias, ln_eps)
-    return lam * y_ln + (1 - lam) * y_rep, state
+    y_ln = torch.nn.functional.layer_norm(up(x), (c,), up(ln_weight), up(ln_bias), ln_eps)
+    return (lam * y_ln + (1 - lam) * up(y_rep)).to(x.dtype), state
 
 
 def prep_layer_init(features, *, ln_eps=1e-5, eps=1e-5, momentum=0.1):
