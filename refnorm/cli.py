@@ -1,8 +1,11 @@
 """The ``refnorm`` command.
 
 ``refnorm list`` shows everything registered; ``refnorm verify [NAME ...]`` runs the three-way
-gradient checks and exits 1 on any failure. The golden-file and comparison commands of the
-oracle are added by :mod:`refnorm.oracle`.
+gradient checks and exits 1 on any failure. For a variant with a surrogate gradient, the
+``hand-engine`` column compares the hand backward with the surrogate's second formulation, the
+``hand-FD`` column the exact (engine) gradient with finite differences, and one line per sample
+gives the distance between the surrogate and the true gradient. The golden-file and comparison
+commands of the oracle are added by :mod:`refnorm.oracle`.
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ def cmd_verify(args):
         note = f"  {r.note}" if r.note else ""
         print(f"{r.kind:<10} {r.name:<{width}} {r.cases:>5}  {_fmt(r.hand_engine):>11}  "
               f"{_fmt(r.hand_fd):>8}  {status}{note}")
+        for line in getattr(r, "details", ()):
+            print(f"{'':<10}   {line}")
     failed = [r.name for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

@@ -116,6 +116,12 @@ class NormSpec:
     # "exact", or "surrogate" (with gradient_note) for documented approximate backwards
     gradient: str = "exact"
     gradient_note: str = ""
+    # for gradient="surrogate": the surrogate backward written a second, independent way,
+    # ``surrogate(dy, **arguments) -> Grads`` (the forward's arguments, not its cache; the same
+    # fields as ``backward``'s). The hand ``backward`` is checked against it; the engine
+    # gradient of ``composite`` (the exact gradient of the forward) against finite
+    # differences; and the distance between the surrogate and the exact gradient is reported
+    surrogate: Callable | None = None
     # stateful variants return (y, new_state, cache); train/eval may differ
     stateful: bool = False
     train_eval_differ: bool = False

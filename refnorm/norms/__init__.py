@@ -13,6 +13,10 @@ from refnorm.norms import instance_norm as _instance_norm
 from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
+from refnorm.norms import crms_norm as _crms_norm
+from refnorm.norms import power_norm as _power_norm
+from refnorm.norms import unified_norm as _unified_norm
+from refnorm.norms import rep_bn as _rep_bn
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -23,6 +27,11 @@ ALL_SPECS = (
     _local_response_norm.SPEC,
     _weight_norm.SPEC,
     _spectral_norm.SPEC,
+    _crms_norm.SPEC,
+    _power_norm.SPEC,
+    _unified_norm.SPEC,
+    _rep_bn.REP_SPEC,
+    _rep_bn.PREP_SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -116,6 +116,9 @@ class _Standardization:
         else:
             self.xhat = (self.x - groups.spread(self.mu)) * groups.spread(self.r)
         self.weight, self.bias = arr.get("weight"), arr.get("bias")
+        # a scalar shortcut y = standardization + alpha x (RepBN), or none
+        alpha = arr.get("alpha")
+        self.alpha = 0.0 if alpha is None else float(np.abs(np.asarray(alpha, np.float64)).max())
         self.variant = spec.name
         self.gamma = np.ones_like(self.x) if self.weight is None else \
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
@@ -142,7 +145,10 @@ class _Standardization:
         for name in ("weight", "bias"):
             if arr.get(name) is not None and param_view(arr[name], x.shape, spec.name) is None:
                 return False
-        return set(arr) <= {"x", "weight", "bias"}
+        alpha = arr.get("alpha")
+        if alpha is not None and np.size(alpha) != 1:
+            return False
+        return set(arr) <= {"x", "weight", "bias", "alpha"}
 
     def terms(self, u_acc):
         """``{output: (A, I)}``: the accumulation error (absolute, at ``u_acc``) and the
@@ -162,6 +168,9 @@ class _Standardization:
         gam, bet = np.abs(self.gamma), np.abs(self.beta)
         out = {}
         out["y"] = (gam * dxh + uA * (gam * ax + bet), gam * mid + bet)
+        if self.alpha:   # + alpha x: a product and a sum, each rounded once
+            ax_s = self.alpha * np.abs(self.x)
+            out["y"] = (out["y"][0] + 2 * uA * ax_s, out["y"][1] + ax_s)
         g = self.gamma * self.dy
         ag = np.abs(g)
         mg, mgx = G.mean(ag), G.mean(np.abs(g * self.xhat))
@@ -173,7 +182,15 @@ class _Standardization:
                                         + ax * G.spread(G.mean(ag * dxh)) + dxh * hbar
                                         + 2 * uA * mag)
             i = R * (mag + ax * G.spread(G.mean(ag * mid)) + mid * hbar)
+            if self.alpha:   # + alpha dy
+                ady_s = self.alpha * np.abs(self.dy)
+                a, i = a + 2 * uA * ady_s, i + ady_s
             out["dx"] = (a, i)
+        if self.alpha and "dalpha" in self.outputs:   # sum over every element of dy x
+            total = float(np.sum(np.abs(self.dy * self.x)))
+            g_all = float(growth(self.x.size))
+            shape = self.outputs["dalpha"].shape
+            out["dalpha"] = (np.full(shape, uA * total), np.full(shape, (g_all + 1) * total))
         ady, adyx = np.abs(self.dy), np.abs(self.dy * self.xhat)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
             key = "d" + name
@@ -262,6 +279,78 @@ class _WeightNorm:
         return out
 
 
+def _prep_bn_parts(case):
+    """PRepBN's training output, :math:`\lambda\,\mathrm{LN} + (1-\lambda)\,
+    \mathrm{RepBN}`, as its two branches: ``[(coef, variant, arrays, kwargs, renames)]``."""
+    kw = case.kwargs
+    x, weight, bias, alpha, ln_weight, ln_bias = case.arrays
+    lam = kw.get("lam", 0.0)
+    c = x.shape[-1]
+    ln = (1.0 if lam is None else lam, "layer_norm", (x, ln_weight, ln_bias),
+          dict(normalized_shape=(c,), eps=kw.get("ln_eps", 1e-5)),
+          {"dweight": "dln_weight", "dbias": "dln_bias"})
+    rep_kw = {k: v for k, v in kw.items() if k not in ("lam", "ln_eps")}
+    rep = (1.0 - (1.0 if lam is None else lam), "rep_bn", (x, weight, bias, alpha), rep_kw, {})
+    if not kw.get("training", False):
+        return [(1.0, *rep[1:])]
+    return [ln] if lam is None else [ln, rep]
+
+
+#: Variants whose output is a weighted sum of registered variants, each with an itemized model:
+#: ``name -> (case -> [(coef, variant, arrays, kwargs, {output: renamed output})])``.
+COMPOSED = {"prep_bn": _prep_bn_parts}
+
+
+class _Composed:
+    """The itemized models of the branches of a weighted sum :math:`y = \sum_k c_k f_k(x)`.
+
+    Branch :math:`k` is run by the oracle's own reference on its inputs with the upstream
+    gradient :math:`c_k\,\mathrm{d}y` (its gradients are then already weighted), and its
+    terms are those of its own model; ``y``'s terms are scaled by :math:`|c_k|`. The sum adds one
+    rounding per branch: :math:`u_A\sum_k |c_k f_k|` to the accumulation error and
+    :math:`\sum_k |c_k f_k|` to the intermediates (a candidate may hold each branch in its
+    dtype). The same for ``dx``. Parameters of a branch get that branch's terms."""
+
+    def __init__(self, parts):
+        self.parts = parts      # [(coef, model, sub_ref, renames)]
+
+    @staticmethod
+    def build(spec, case, ref):
+        from refnorm.norms import BY_NAME
+        from refnorm.oracle.cases import Case
+        from refnorm.oracle.reference import compute
+
+        parts = []
+        for coef, name, arrays, kwargs, renames in COMPOSED[case.variant](case):
+            sub_spec = BY_NAME[name]
+            sub = Case(name, case.name, case.dtype, tuple(arrays), kwargs,
+                       np.asarray(case.dy, np.float64) * coef, case.seed, case.tags,
+                       tuple(sub_spec.diff_argnames))
+            sub_ref = compute(sub_spec, sub)
+            groups = groups_of(sub_spec, sub.sample, sub_ref.cache)
+            if not _Standardization.applies(sub_spec, sub, sub_ref, groups):
+                return None
+            parts.append((coef, _Standardization(sub_spec, sub, sub_ref, groups), sub_ref,
+                          renames))
+        return _Composed(parts)
+
+    def terms(self, u_acc):
+        out = {}
+        for coef, model, sub_ref, renames in self.parts:
+            for key, (a, i) in model.terms(u_acc).items():
+                name = renames.get(key, key)
+                if key in ("y", "dx"):
+                    value = np.abs(_finite(sub_ref.outputs[key]))
+                    value = value * abs(coef) if key == "y" else value
+                    scale = abs(coef) if key == "y" else 1.0
+                    a, i = a * scale + u_acc * value, i * scale + value
+                if name in out:
+                    out[name] = (out[name][0] + a, out[name][1] + i)
+                else:
+                    out[name] = (a, i)
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -287,6 +376,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _Standardization(spec, case, ref, groups)
     elif _WeightNorm.applies(spec, case, ref):
         model = _WeightNorm(spec, case, ref)
+    elif case.variant in COMPOSED:
+        model = _Composed.build(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
