@@ -24,3 +24,14 @@ __all__ = [
     "cross_entropy", "entropy", "layers_with_init", "CausalSelfAttention", "MLP",
     "TransformerBlock", "Transformer", "PLACEMENTS", "causal_mask",
 ]
+from .conv import (AvgPool2d, BasicBlock, Conv2d, GlobalAvgPool2d, MaxPool2d, SmallConvNet,
+                   avg_pool2d, global_avg_pool2d, max_pool2d)
+from .tent import Tent
+from . import convert  # noqa: F401  (the submodule, for users)
+from .convert import to_pre_crmsnorm, to_pre_rmsnorm
+
+__all__ += [
+    "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d", "max_pool2d", "avg_pool2d",
+    "global_avg_pool2d", "BasicBlock", "SmallConvNet", "Tent", "to_pre_rmsnorm",
+    "to_pre_crmsnorm",
+]
