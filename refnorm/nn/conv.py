@@ -20,7 +20,7 @@ import math
 import numbers
 
 from refnorm import autograd as ag
-from refnorm.nn.layers import Linear, Norm, as_rng, check_positive_int
+from refnorm.nn.layers import Linear, Norm, as_rng, check_positive_int, relu
 from refnorm.nn.module import Module, Parameter, Sequential
 
 
@@ -158,9 +158,9 @@ class BasicBlock(Module):
             self.shortcut = None
 
     def forward(self, x):
-        y = ag.relu(self.norm1(self.conv1(x)))
+        y = relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
-        return ag.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+        return relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class SmallConvNet(Module):
@@ -185,5 +185,5 @@ class SmallConvNet(Module):
         self.head = Linear(previous, num_classes, rng=rng)
 
     def forward(self, x):
-        x = ag.relu(self.stem_norm(self.stem(x)))
+        x = relu(self.stem_norm(self.stem(x)))
         return self.head(global_avg_pool2d(self.blocks(x)))

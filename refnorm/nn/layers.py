@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 
 from refnorm import autograd as ag
-from refnorm.autograd import Tensor
+from refnorm.autograd import Tensor, custom_vjp
 from refnorm.nn.module import Module, Parameter
 from refnorm.registry import TRAINING
 
@@ -51,8 +51,13 @@ class Linear(Module):
         self.bias = Parameter(rng.uniform(-k, k, out_features)) if bias else None
 
     def forward(self, x):
+        x = ag.as_tensor(x)
+        lead = x.shape[:-1]
+        if len(lead) > 1:  # one (rows, in) @ (in, out) product instead of a batch of them
+            x = ag.reshape(x, (-1, x.shape[-1]))
         y = ag.matmul(x, self.weight.mT)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return ag.reshape(y, lead + (self.out_features,)) if len(lead) > 1 else y
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
@@ -187,8 +192,24 @@ def layers_with_init():
 
 
 # ----- activations ----------------------------------------------------------------------------
+def _relu_forward(x):
+    mask = x > 0
+    return np.where(mask, x, 0).astype(x.dtype, copy=False), mask
+
+
+def _relu_backward(dy, mask):
+    return (dy * mask,)
+
+
+_relu = custom_vjp(_relu_forward, _relu_backward, ("x",))
+
+
 def relu(x):
-    return ag.relu(x)
+    r""":math:`\max(x, 0)`, with :math:`\mathrm{d}x = \mathrm{d}y \odot [x > 0]` (0 at the kink,
+    as PyTorch). One ``custom_vjp`` node: a single product in the backward, where the engine's
+    ``maximum`` rule (which splits ties) takes several passes over the array."""
+    x = ag.as_tensor(x)
+    return _relu(x)
 
 
 def gelu_tanh(x):
@@ -202,7 +223,7 @@ ACTIVATIONS = {"relu": relu, "gelu_tanh": gelu_tanh}
 
 class ReLU(Module):
     def forward(self, x):
-        return ag.relu(x)
+        return relu(x)
 
 
 class Flatten(Module):

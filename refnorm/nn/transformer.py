@@ -46,6 +46,11 @@ def causal_mask(length):
     return np.tril(np.ones((length, length), dtype=bool))
 
 
+def additive_causal_mask(length, dtype=np.float64):
+    """(length, length): 0 where query ``i`` may attend to key ``j <= i``, -inf elsewhere."""
+    return np.where(causal_mask(length), 0.0, -np.inf).astype(dtype)
+
+
 class CausalSelfAttention(Module):
     r"""Multi-head causal self-attention.
 
@@ -55,7 +60,7 @@ class CausalSelfAttention(Module):
         A_h = \mathrm{softmax}\!\Bigl(\frac{Q_h K_h^T}{\sqrt{d_h}} + M\Bigr),\quad
         y = [A_1 V_1, \dots, A_H V_H]\, W_{out}^T + b_{out},
 
-    :math:`M_{ij} = -\infty` for :math:`j > i`. ``in_features`` (default ``d_model``) is the width
+    :math:`M_{ij} = -\infty` for :math:`j > i` (0 elsewhere), added to the scores. ``in_features`` (default ``d_model``) is the width
     of the residual stream it reads and writes, which the Pre-CRMSNorm form narrows to
     ``d_model - 1`` (:mod:`refnorm.nn.convert`).
     """
@@ -77,8 +82,8 @@ class CausalSelfAttention(Module):
         h, dh = self.n_heads, self.d_model // self.n_heads
         qkv = ag.transpose(ag.reshape(self.qkv(x), (b, t, 3, h, dh)), (2, 0, 3, 1, 4))
         q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, H, T, dh) each
-        scores = ag.matmul(q, k.mT) * (1.0 / math.sqrt(dh))          # (B, H, T, T)
-        scores = ag.where(causal_mask(t), scores, -np.inf)
+        scores = ag.matmul(q * (1.0 / math.sqrt(dh)), k.mT)          # (B, H, T, T)
+        scores = scores + additive_causal_mask(t, scores.dtype)      # a constant: no gradient
         context = ag.matmul(ag.softmax(scores, axis=-1), v)          # (B, H, T, dh)
         context = ag.reshape(ag.transpose(context, (0, 2, 1, 3)), (b, t, self.d_model))
         return self.out(context)
