@@ -3,9 +3,10 @@
 A Pre-LN model (2 layers, d_model 64, 4 heads, MLP 256, vocabulary 128) on a batch of 8
 sequences of 32 tokens, cross-entropy loss, gradients of every parameter. PyTorch runs the same
 weights (``torch.nn.TransformerEncoderLayer``, ``norm_first=True``, dropout 0, causal mask) on one
-thread, and NumPy's BLAS on one thread too. The two are timed interleaved, repeat by repeat, in one process, so that machine noise
-hits both alike; the script first checks that they agree. Prints milliseconds per step (median
-and minimum) and the ratio refnorm / PyTorch; ``--profile`` adds cProfile's top entries.
+thread, and NumPy's BLAS on one thread too. The two are timed interleaved, repeat by repeat,
+in one process, so that machine noise hits both alike; the script first checks that they agree.
+Prints milliseconds per step (median and minimum) and the ratio refnorm / PyTorch;
+``--profile`` adds cProfile's top entries.
 
     python benchmarks/bench_transformer.py [--dtype float64] [--repeats 30] [--profile]
 """
@@ -63,7 +64,8 @@ def make_models(dtype):
              "head.bias": "head.bias", "final_norm.weight": "final_norm.weight",
              "final_norm.bias": "final_norm.bias"}
     for i in range(LAYERS):
-        for ours, theirs in (("attn.qkv", "self_attn.in_proj_"), ("attn.out", "self_attn.out_proj."),
+        for ours, theirs in (("attn.qkv", "self_attn.in_proj_"),
+                             ("attn.out", "self_attn.out_proj."),
                              ("mlp.fc1", "linear1."), ("mlp.fc2", "linear2."),
                              ("norm1", "norm1."), ("norm2", "norm2.")):
             for p in ("weight", "bias"):

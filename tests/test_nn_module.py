@@ -123,8 +123,8 @@ def _torch_pair(torch, name):
         "instance_norm-affine-stats": (
             tnn.InstanceNorm2d(6, affine=True, track_running_stats=True),
             nn.Norm("instance_norm", 6, affine=True, track_running_stats=True), (3, 6, 4, 4)),
-        "local_response_norm": (tnn.LocalResponseNorm(3), nn.Norm("local_response_norm", 6,
-                                                                   size=3), (3, 6, 4, 4)),
+        "local_response_norm": (tnn.LocalResponseNorm(3),
+                                nn.Norm("local_response_norm", 6, size=3), (3, 6, 4, 4)),
     }[name]
 
 

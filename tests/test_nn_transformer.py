@@ -46,7 +46,8 @@ def _torch_model(torch, model, norm_first):
         names.update({"final_norm.weight": "final_norm.weight",
                       "final_norm.bias": "final_norm.bias"})
     for i in range(2):
-        for ours, theirs in (("attn.qkv", "self_attn.in_proj_"), ("attn.out", "self_attn.out_proj."),
+        for ours, theirs in (("attn.qkv", "self_attn.in_proj_"),
+                             ("attn.out", "self_attn.out_proj."),
                              ("mlp.fc1", "linear1."), ("mlp.fc2", "linear2."),
                              ("norm1", "norm1."), ("norm2", "norm2.")):
             for p in ("weight", "bias"):

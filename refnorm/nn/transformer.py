@@ -60,9 +60,9 @@ class CausalSelfAttention(Module):
         A_h = \mathrm{softmax}\!\Bigl(\frac{Q_h K_h^T}{\sqrt{d_h}} + M\Bigr),\quad
         y = [A_1 V_1, \dots, A_H V_H]\, W_{out}^T + b_{out},
 
-    :math:`M_{ij} = -\infty` for :math:`j > i` (0 elsewhere), added to the scores. ``in_features`` (default ``d_model``) is the width
-    of the residual stream it reads and writes, which the Pre-CRMSNorm form narrows to
-    ``d_model - 1`` (:mod:`refnorm.nn.convert`).
+    :math:`M_{ij} = -\infty` for :math:`j > i` (0 elsewhere), added to the scores.
+    ``in_features`` (default ``d_model``) is the width of the residual stream it reads and
+    writes, which the Pre-CRMSNorm form narrows to ``d_model - 1`` (:mod:`refnorm.nn.convert`).
     """
 
     def __init__(self, d_model, n_heads, *, in_features=None, rng=None):
