@@ -24,8 +24,8 @@ def _layer_case(spec):
             break
     else:
         pytest.fail(f"{spec.name}: no float64 sample with a batch of at least 2")
-    options = inspect.signature(spec.layer_init).parameters
-    named = [n for n, p in options.items() if p.kind == p.KEYWORD_ONLY]
+    options = list(inspect.signature(spec.layer_init).parameters.values())[1:]  # not features
+    named = [p.name for p in options if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     chosen = {k: v for k, v in sample.kwargs.items() if k in named}
     axis = -1 if spec.param_layout == "trailing" else 1
     return nn.Norm(spec.name, x.shape[axis], **chosen), x
