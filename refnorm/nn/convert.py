@@ -162,15 +162,16 @@ def to_pre_crmsnorm(model):
 # ADAPTER POINT (CRMSNorm). The crms_norm record is written in another branch. When it is
 # registered, the converted model uses it through the generic Norm layer; until then, the same
 # math from the rms_norm record: CRMS(z) = C(RMS(D(z))), D appending -sum(z), C dropping the
-# last coordinate. Only the options passed to Norm("crms_norm", ...) may need adjusting to that
-# record's layer_init (here: eps, no affine).
+# last coordinate. The options passed to Norm("crms_norm", ...) follow that record's
+# layer_init(features, *, eps) as written on branch tvar1 (no parameters, no param_layout: the
+# layer applies it to the last axis as given).
 # ----------------------------------------------------------------------------------------------
 def crms_layer(features, eps):
     """A CRMSNorm layer without affine on the last axis, of width ``features`` (= d - 1)."""
     from refnorm.norms import BY_NAME
     spec = BY_NAME.get("crms_norm")
     if spec is not None and spec.layer_init is not None:
-        return Norm("crms_norm", features, feature_axis=-1, eps=eps, elementwise_affine=False)
+        return Norm("crms_norm", features, feature_axis=-1, eps=eps)
     return CRMSNormFromRMS(features, eps)
 
 

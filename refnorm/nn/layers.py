@@ -105,9 +105,11 @@ class Norm(Module):
         The size of the feature axis (channels, or the model width).
     feature_axis : int, optional
         The axis of the input that holds the features. Default: the record's own, the last
-        axis for a ``"trailing"`` layout, axis 1 (NCHW) otherwise. When it differs, the layer
-        moves the axis there and back (e.g. BatchNorm on (batch, tokens, features), or
-        LayerNorm over the channels of an NCHW image, as ConvNeXt's channels-first LayerNorm).
+        axis for a ``"trailing"`` layout, axis 1 (NCHW) for a ``"channel"`` one. When it
+        differs, the layer moves the axis there and back (e.g. BatchNorm on (batch, tokens,
+        features), or LayerNorm over the channels of an NCHW image, as ConvNeXt's
+        channels-first LayerNorm). A record without a ``param_layout`` (no weight or bias:
+        LocalResponseNorm, CRMSNorm) is applied to the input as it is, whatever this says.
     **options
         Passed to ``layer_init`` (``eps``, ``num_groups``, ``affine``, ...).
     """
@@ -124,10 +126,13 @@ class Norm(Module):
                              f"layer_init); layers: {usable}")
         self.spec = spec
         self.features = check_positive_int(features, "features", f"Norm({name!r})")
-        self.own_axis = -1 if spec.param_layout == "trailing" else 1
         if feature_axis is not None and not isinstance(feature_axis, numbers.Integral):
             raise TypeError(f"Norm: `feature_axis` must be an int or None, got {feature_axis!r}")
-        self.feature_axis = self.own_axis if feature_axis is None else int(feature_axis)
+        own = {"trailing": -1, "channel": 1}.get(spec.param_layout)
+        default = 1 if own is None else own
+        self.feature_axis = default if feature_axis is None else int(feature_axis)
+        # a variant without a declared layout (no weight/bias) is applied to the input as is
+        self.own_axis = self.feature_axis if own is None else own
         params, state, kwargs = spec.layer_init(self.features, **options)
         unknown = set(params) - set(spec.diff_argnames[1:])
         if unknown:
