@@ -255,6 +255,12 @@ def test_module_basics():
     assert model(np.zeros((1, 5), dtype=int)).dtype == np.float32
     with pytest.raises(TypeError, match="bool"):
         model.train(1)
+    layer = nn.Linear(2, 3, bias=False)
+    assert layer.bias is None and len(layer.parameters()) == 1
+    layer.bias = nn.Parameter(np.ones(3))   # a parameter replaces the plain attribute
+    assert isinstance(layer.bias, nn.Parameter) and len(layer.parameters()) == 2
+    layer.bias = None                       # and back
+    assert layer.bias is None and len(layer.parameters()) == 1
     with pytest.raises(ValueError, match="no parameters named"):
         nn.functional_call(model, {"nope": np.zeros(1)}, np.zeros((1, 5), dtype=int))
 

@@ -198,8 +198,7 @@ def layers_with_init():
 
 # ----- activations ----------------------------------------------------------------------------
 def _relu_forward(x):
-    mask = x > 0
-    return np.where(mask, x, 0).astype(x.dtype, copy=False), mask
+    return np.maximum(x, 0), x > 0
 
 
 def _relu_backward(dy, mask):

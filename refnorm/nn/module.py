@@ -65,10 +65,9 @@ class Module:
                                  f"assigning attributes (assigning {name!r})")
         for table in (self._parameters, self._state, self._modules):
             table.pop(name, None)
-        if isinstance(value, Parameter):
-            self._parameters[name] = value
-        elif isinstance(value, Module):
-            self._modules[name] = value
+        if isinstance(value, (Parameter, Module)):
+            self.__dict__.pop(name, None)  # a plain attribute of that name would shadow it
+            (self._parameters if isinstance(value, Parameter) else self._modules)[name] = value
         else:
             object.__setattr__(self, name, value)
 
