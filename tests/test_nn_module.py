@@ -289,3 +289,21 @@ def test_optimizer_replaces_parameter_arrays():
     np.testing.assert_allclose(layer.weight.data, copy - 0.1 * np.ones((2, 3)))
     with pytest.raises(ValueError, match="unknown optimizer"):
         nn.Optimizer(layer.parameters(), "lbfgs")
+
+
+def test_relu_node_against_finite_differences_and_at_the_kink():
+    from refnorm.gradcheck import check_vjp
+    x = np.random.default_rng(4).standard_normal((3, 5))
+    x = np.where(np.abs(x) < 0.1, 0.5, x)  # away from the kink
+
+    def vjp(cotangents, a):
+        t = Tensor(a, requires_grad=True)
+        nn.relu(t).backward(cotangents[0])
+        return (t.grad,)
+
+    report = check_vjp(lambda a: nn.relu(a).data, vjp, [x], mode="slow",
+                       rng=np.random.default_rng(5), rtol=1e-9, atol=1e-12)
+    assert report, str(report)
+    t = Tensor(np.array([-1.0, 0.0, 2.0]), requires_grad=True)
+    nn.relu(t).backward(np.array([3.0, 5.0, 7.0]))
+    np.testing.assert_array_equal(t.grad, [0.0, 0.0, 7.0])  # 0 at the kink, as PyTorch
