@@ -34,6 +34,18 @@ def labels_from_axes(shape, axes):
     return labels.astype(np.int64), int(np.prod(kshape, dtype=np.int64))
 
 
+class _Training:
+    """The type of :data:`TRAINING`."""
+
+    def __repr__(self):
+        return "TRAINING"
+
+
+#: In the ``kwargs`` of a record's ``layer_init``: "the layer's train/eval mode, at call time"
+#: (``refnorm.nn.Norm`` passes ``True`` in training mode, ``False`` in evaluation mode).
+TRAINING = _Training()
+
+
 @dataclass(frozen=True)
 class Paper:
     """A citation: ``Paper(title, authors, year, ref)``, ``ref`` an arXiv id, DOI or URL."""
@@ -152,6 +164,10 @@ class NormSpec:
     # ``diff_argnames`` after ``x``, initialized as the official code does; ``state``: {kwarg:
     # ndarray} for a stateful variant's explicit state (named as the fields of its new_state);
     # ``kwargs``: the hyper-parameters the forward needs besides those (e.g. normalized_shape).
+    # The layer passes its train/eval mode to a forward parameter named ``training`` that
+    # ``kwargs`` does not set, and to any kwarg whose value is :data:`TRAINING` (InstanceNorm's
+    # ``use_input_stats``). A stateful layer stores ``new_state``'s fields named in ``state``
+    # after a training forward. ``features`` is checked by the layer (a positive int).
     # None: the variant is not a layer on activations (weight reparametrizations, ...)
     layer_init: Callable | None = None
 

@@ -14,6 +14,8 @@ small helpers at the top of this file, which work on both. Rules in :data:`ARRAY
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from . import primitives as P
@@ -218,11 +220,24 @@ def broadcast_to_vjp(g, out, inputs):
     return (g,)  # the graph walk's unbroadcast sums g back to the input's shape
 
 
+def _basic_index(index):
+    """Whether ``index`` is basic indexing (ints, slices, None, Ellipsis): it selects every
+    element at most once."""
+    for i in index if isinstance(index, tuple) else (index,):
+        if not (i is None or i is Ellipsis or isinstance(i, slice)
+                or isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_))):
+            return False
+    return True
+
+
 @rule("getitem")
 def getitem_vjp(g, out, inputs, index):
     a = inputs[0]
     ga = np.zeros(a.shape, dtype=g.dtype)
-    np.add.at(ga, index, g)  # add.at, not ga[index] = g: a repeated index must accumulate
+    if _basic_index(index):
+        ga[index] = g  # no element is selected twice: a plain (much faster) assignment
+    else:
+        np.add.at(ga, index, g)  # add.at, not ga[index] = g: a repeated index must accumulate
     return (ga,)
 
 

@@ -457,6 +457,21 @@ def _stats_axes(sample):
     return None
 
 
+def _layer_init(features, *, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+    """``torch.nn.BatchNorm{1,2,3}d(features, eps, momentum, affine, track_running_stats)``:
+    weight 1, bias 0, running mean 0, running variance 1, counter 0. Without running
+    statistics the layer uses batch statistics in evaluation too, as PyTorch's module does."""
+    check_eps(eps, _OP)
+    check_momentum(momentum, _OP, allow_none=True)
+    params = dict(weight=np.ones(features), bias=np.zeros(features)) if affine else {}
+    kwargs = dict(momentum=momentum, eps=eps)
+    if not track_running_stats:
+        return params, {}, dict(kwargs, running_mean=None, running_var=None)
+    state = dict(running_mean=np.zeros(features), running_var=np.ones(features),
+                 num_batches_tracked=np.array(0, dtype=np.int64))
+    return params, state, kwargs
+
+
 SPEC = NormSpec(
     name="batch_norm",
     title="Batch Normalization",
@@ -477,4 +492,5 @@ SPEC = NormSpec(
     torch_equivalent="torch.nn.functional.batch_norm",
     torch_call=_torch_call,
     param_layout="channel",
+    layer_init=_layer_init,
 )

@@ -353,6 +353,14 @@ def _torch_call(torch, x, weight, bias, *, num_groups, eps):
     return torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
 
 
+def _layer_init(features, *, num_groups, eps=1e-5, affine=True):
+    """``torch.nn.GroupNorm(num_groups, features, eps, affine)``: weight 1, bias 0."""
+    check_num_groups(num_groups, features, "group_norm")
+    check_eps(eps, "group_norm")
+    params = dict(weight=np.ones(features), bias=np.zeros(features)) if affine else {}
+    return params, {}, dict(num_groups=num_groups, eps=eps)
+
+
 SPEC = NormSpec(
     name="group_norm",
     title="Group Normalization",
@@ -372,4 +380,5 @@ SPEC = NormSpec(
     torch_equivalent="torch.nn.functional.group_norm",
     torch_call=_torch_call,
     param_layout="channel",
+    layer_init=_layer_init,
 )

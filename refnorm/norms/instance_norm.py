@@ -351,6 +351,23 @@ def _torch_call(torch, x, weight, bias, *, running_mean=None, running_var=None,
     return y, (dict(running_mean=rm, running_var=rv) if tracking else {})
 
 
+def _layer_init(features, *, eps=1e-5, momentum=0.1, affine=False,
+                track_running_stats=False):
+    """``torch.nn.InstanceNorm{1,2,3}d(features, eps, momentum, affine, track_running_stats)``
+    (affine and running statistics off by default): weight 1, bias 0, running mean 0, running
+    variance 1. Instance statistics in training, and in evaluation when not tracked."""
+    from refnorm.registry import TRAINING
+
+    check_eps(eps, "instance_norm")
+    check_momentum(momentum, "instance_norm")
+    params = dict(weight=np.ones(features), bias=np.zeros(features)) if affine else {}
+    kwargs = dict(momentum=momentum, eps=eps)
+    if not track_running_stats:
+        return params, {}, dict(kwargs, use_input_stats=True)
+    state = dict(running_mean=np.zeros(features), running_var=np.ones(features))
+    return params, state, dict(kwargs, use_input_stats=TRAINING)
+
+
 SPEC = NormSpec(
     name="instance_norm",
     title="Instance Normalization",
@@ -372,4 +389,5 @@ SPEC = NormSpec(
     torch_equivalent="torch.nn.functional.instance_norm",
     torch_call=_torch_call,
     param_layout="channel",
+    layer_init=_layer_init,
 )

@@ -267,6 +267,16 @@ def _torch_call(torch, x, weight, bias, *, normalized_shape, eps):
     return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
+def _layer_init(features, *, eps=1e-5, elementwise_affine=True, bias=True):
+    """``torch.nn.LayerNorm(features, eps, elementwise_affine, bias)``: weight 1, bias 0."""
+    check_eps(eps, "layer_norm")
+    params = dict(weight=np.ones(features), bias=np.zeros(features)) if elementwise_affine \
+        else {}
+    if not bias:
+        params.pop("bias", None)
+    return params, {}, dict(normalized_shape=(features,), eps=eps)
+
+
 SPEC = NormSpec(
     name="layer_norm",
     title="Layer Normalization",
@@ -284,4 +294,5 @@ SPEC = NormSpec(
     torch_equivalent="torch.nn.functional.layer_norm",
     torch_call=_torch_call,
     param_layout="trailing",
+    layer_init=_layer_init,
 )

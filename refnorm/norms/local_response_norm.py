@@ -271,6 +271,11 @@ def _torch_call(torch, x, *, size, alpha=1e-4, beta=0.75, k=1.0):
     return torch.nn.functional.local_response_norm(x, size, alpha, beta, k)
 
 
+def _layer_init(features, *, size, alpha=1e-4, beta=0.75, k=1.0):
+    """``torch.nn.LocalResponseNorm(size, alpha, beta, k)``: no parameters, no state."""
+    return {}, {}, dict(size=size, alpha=alpha, beta=beta, k=k)
+
+
 SPEC = NormSpec(
     name="local_response_norm",
     title="Local Response Normalization",
@@ -287,4 +292,5 @@ SPEC = NormSpec(
     error_inputs=error_inputs,
     torch_equivalent="torch.nn.functional.local_response_norm",
     torch_call=_torch_call,
+    layer_init=_layer_init,
 )

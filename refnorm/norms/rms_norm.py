@@ -353,6 +353,15 @@ def _torch_call(torch, x, weight, *, normalized_shape, eps=None, eps_placement="
     return y * weight if weight is not None else y
 
 
+def _layer_init(features, *, eps=None, elementwise_affine=True, eps_placement="inside"):
+    """``torch.nn.RMSNorm(features, eps, elementwise_affine)``: weight 1 (eps None: the dtype's
+    machine epsilon, as PyTorch); ``eps_placement`` as in :func:`rms_norm_forward`."""
+    if eps is not None:
+        check_eps(eps, "rms_norm")
+    params = dict(weight=np.ones(features)) if elementwise_affine else {}
+    return params, {}, dict(normalized_shape=(features,), eps=eps, eps_placement=eps_placement)
+
+
 SPEC = NormSpec(
     name="rms_norm",
     title="Root Mean Square Layer Normalization",
@@ -374,4 +383,5 @@ SPEC = NormSpec(
     torch_equivalent="torch.nn.functional.rms_norm",
     torch_call=_torch_call,
     param_layout="trailing",
+    layer_init=_layer_init,
 )
