@@ -2,6 +2,7 @@
 other optimizers (torch.optim, deliberately wrong AdamPs) with refnorm.oracle.trajectories."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -238,6 +239,27 @@ def test_torch_optimizers_match_the_golden_trajectories(torch, gdir, cls, name):
     # a float32 run passes a relative tolerance
     f32 = torch_optimizer(getattr(torch.optim, cls), dtype=torch.float32)
     assert check_trajectory(f32, gdir, name, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, name", [("SGDP", "sgdp"), ("AdamP", "adamp")])
+def test_the_official_adamp_package_matches_the_golden_trajectories(torch, gdir, cls, name):
+    """The official code (clovaai/AdamP, ``adamp`` on PyPI, a test dependency) follows the
+    goldens to the default 16 ULP, buffers included; the paper's unprojected SGDP buffer does
+    not (it diverges at the first step whose projection fires, step 1 here)."""
+    import adamp
+
+    rename = {"momentum": "momentum_buffer"}
+    report = check_trajectory(torch_optimizer(getattr(adamp, cls), rename=rename), gdir, name)
+    assert report, str(report)
+    assert len(report.results) == len(SETTINGS[name])
+    for r in report.results:   # torch.optim has no projection decisions to report
+        assert r.steps_matched == STEPS and r.not_compared == ["projection", "wd_ratio_applied"]
+        assert set(r.compared) == {"params"} | {f"state.{f}" for f in r.trajectory.state}
+    if name == "sgdp":
+        paper = functools.partial(optim.sgdp_step, project_buffer=False)
+        wrong = check_trajectory((optim.sgdp_init, paper), gdir, "sgdp-000")
+        assert not wrong and wrong.results[0].step == 1, str(wrong)
+        assert wrong.results[0].quantity == "state.momentum_buffer", str(wrong)
 
 
 def test_refnorm_protocol_and_single_file(gdir):
