@@ -33,7 +33,7 @@ def _err(msg):
 
 
 def _progress(total, label, enabled):
-    from refnorm.cli import Progress
+    from refnorm._progress import Progress
 
     return Progress(total, label, enabled=enabled)
 

@@ -52,7 +52,7 @@ from typing import Mapping
 
 import numpy as np
 
-from refnorm.oracle import goldens as _g
+from refnorm.oracle import _goldfiles as _g
 
 __all__ = ["check_trajectory", "load_trajectories", "torch_optimizer", "make_problem",
            "select_optimizers", "GoldenTrajectory", "TrajectoryResult", "TrajectoryReport",
