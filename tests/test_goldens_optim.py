@@ -18,7 +18,7 @@ from refnorm.oracle.trajectories import (PARAM_NAMES, SETTINGS, STEPS, GoldenTra
                                          torch_optimizer)
 
 
-def _export(path, seed=0, optimizers=None, variants=()):
+def _export(path, seed=0, optimizers="all", variants=()):
     return goldens.export(path, list(variants), ("float64",), seed=seed, size="ci",
                           optimizers=optimizers)
 
@@ -131,11 +131,18 @@ def test_same_seed_same_files(tmp_path):
 
 
 def test_cli_optimizer_selection(tmp_path):
-    # --variant alone keeps every optimizer
+    # --variant alone writes no trajectory: they are written only when asked for
     assert main(["goldens", "export", str(tmp_path / "a"), "--variant", "weight_norm",
                  "--dtype", "float64"]) == 0
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["cases"] and {e["name"] for e in m["trajectories"]} == set(optim.BY_NAME)
+    assert m["cases"] and m["trajectories"] == []
+    assert not list((tmp_path / "a").glob("optim-*"))
+    assert goldens.export(tmp_path / "lib", ["weight_norm"], ("float64",))["trajectories"] == []
+    # --optimizer all: every registered optimizer
+    assert main(["goldens", "export", str(tmp_path / "e"), "--variant", "none",
+                 "--optimizer", "all"]) == 0
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert {e["name"] for e in m["trajectories"]} == set(optim.BY_NAME)
     # --optimizer none: no trajectories; --variant none: no norm case
     assert main(["goldens", "export", str(tmp_path / "b"), "--variant", "weight_norm",
                  "--dtype", "float64", "--optimizer", "none"]) == 0

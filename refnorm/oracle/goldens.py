@@ -32,9 +32,11 @@ Each ``.npz`` holds, as plain ``.npy`` members (never pickles):
 ==================  ============================================================================
 
 Optimizer trajectories (``optim-<name>-<k>.npz``, listed under the manifest's
-``"trajectories"`` with ``kind: "optimizer"``) sit beside the cases: the parameters, gradients,
-state and projection decisions of every registered optimizer over a few steps of a small
-problem, for checking another optimizer step by step; see :mod:`refnorm.oracle.trajectories`.
+``"trajectories"`` with ``kind: "optimizer"``), when asked for, sit beside the cases: the
+parameters, gradients, state and projection decisions of the chosen optimizers over a few steps
+of a small problem, for checking another optimizer step by step; see
+:mod:`refnorm.oracle.trajectories`. ``docs/howto/golden_format.rst`` is the format's full
+specification, for readers without refnorm.
 
 Writing is deterministic: sorted members, fixed zip timestamps, no compression, canonical JSON,
 no clock: the same seed and versions give bit-identical files.
@@ -116,15 +118,15 @@ def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "
     manifest. The directory must be empty or absent unless ``overwrite``.
 
     Also writes the optimizer trajectories (:mod:`refnorm.oracle.trajectories`) of
-    ``optimizers``: None (default) or ``"all"`` for every registered optimizer, ``()`` or
-    ``"none"`` for none; ``steps`` steps each (default
+    ``optimizers``, only when asked for: names, or ``"all"`` for every registered optimizer;
+    None (default), ``()`` or ``"none"`` for none; ``steps`` steps each (default
     :data:`~refnorm.oracle.trajectories.STEPS`). ``variants=()`` writes no norm case."""
     import refnorm
     from refnorm.oracle import trajectories as _traj
     from refnorm.oracle.core import _prepared_cases, select_specs
 
     try:
-        optim_specs = _traj.select_optimizers(optimizers)
+        optim_specs = [] if optimizers is None else _traj.select_optimizers(optimizers)
     except ValueError as exc:
         raise GoldenError(str(exc)) from exc
 
