@@ -39,7 +39,8 @@ Conventions, as in ``torch.nn.functional.group_norm``: ``num_groups`` required a
 :math:`C`, biased variance (:math:`1/M`), ``eps`` inside the square root, default ``eps = 1e-5``,
 no running statistics (train = eval). A single sample with one value per group
 (:math:`N \cdot C/G \cdot L = 1`, e.g. a (1, 1) input) raises ``ValueError`` ("Expected more
-than 1 value per channel"), as PyTorch does and as batch_norm and instance_norm do. ``weight``/``bias`` default to None here, as in
+than 1 value per channel"), as PyTorch does and as batch_norm and instance_norm do.
+``weight``/``bias`` default to None here, as in
 ``F.group_norm`` (the ``nn.GroupNorm`` module holds them, initialised to 1 and 0). Statistics are
 two-pass with a correction pass (:mod:`refnorm.norms._stats`), on the ``(N, G, M)`` view of ``x``
 (no copy when ``x`` is C-contiguous).
