@@ -252,7 +252,7 @@ def test_an_invisible_mistake_really_changes_nothing(mistake, dtype):
     assert check(mistake, mistake.variant, dtype=dtype, size="ci", strict=True)
 
 
-def _racing(variant, seed_cases=None):
+def _racing(variant):
     """A kernel whose y and dx are right and whose dweight/dbias pick up a stale partial sum
     (garbage left in an uninitialized buffer) when there are more than 4 rows to reduce:
     nondeterministic, so no catalogue entry can reproduce it."""

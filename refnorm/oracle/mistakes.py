@@ -2,8 +2,13 @@
 
 Each :class:`Mistake` is a candidate (it follows the protocol of
 :mod:`refnorm.oracle.adapters`) that makes one classic error: the ones students make when they
-derive a backward by hand and the ones kernels ship with. The tests require the oracle to fail
-every one of them, in float32 and in bfloat16, and to name it.
+derive a backward by hand and the ones kernels ship with, for batch, layer, RMS, group and
+instance norm (and two of LRN). Each has a ``kind`` (a key of :data:`KINDS`, the same for the
+same error in every variant: ``"unbiased-variance"``, ``"eps-outside-sqrt"``,
+``"missing-mean-term"``, ``"wrong-axis"``, ``"dweight-not-summed"``,
+``"running-momentum-convention"``...), so that a grader can map a wrong output to a named
+mistake (``Report.matched`` gives the ids). The tests require the oracle to fail every one of
+them, in float32 and in bfloat16, and to name it.
 
 They are all one small NumPy implementation, :func:`student`, written the way a kernel is:
 statistics accumulated in float32 (float64 for float64 candidates), elementwise work in the
@@ -15,7 +20,11 @@ flag.
 the failing cases and compares the candidate's outputs with the mistake's, under the same
 per-element bounds (doubled: both carry their own rounding). A mistake *matches* when it
 reproduces every failing output of every failing case and agrees with the candidate on the
-outputs that passed; it *resembles* the candidate when it explains most of them.
+outputs that passed; it *resembles* the candidate when it explains most of them. A mistake
+with a ``pattern`` is named from the shape of the failures instead: the cross-row reduction
+fault (``y`` and ``dx`` right on every case, only ``dweight``/``dbias`` wrong), which covers
+partial-sum buffers that are uninitialized, racing, or dependent on the block count, bugs that
+no deterministic candidate reproduces.
 """
 from __future__ import annotations
 
