@@ -2,6 +2,7 @@
 other optimizers (torch.optim, deliberately wrong AdamPs) with refnorm.oracle.trajectories."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ from refnorm.oracle.trajectories import (PARAM_NAMES, SETTINGS, STEPS, GoldenTra
                                          torch_optimizer)
 
 
-def _export(path, seed=0, optimizers=None, variants=()):
+def _export(path, seed=0, optimizers="all", variants=()):
     return goldens.export(path, list(variants), ("float64",), seed=seed, size="ci",
                           optimizers=optimizers)
 
@@ -130,11 +131,18 @@ def test_same_seed_same_files(tmp_path):
 
 
 def test_cli_optimizer_selection(tmp_path):
-    # --variant alone keeps every optimizer
+    # --variant alone writes no trajectory: they are written only when asked for
     assert main(["goldens", "export", str(tmp_path / "a"), "--variant", "weight_norm",
                  "--dtype", "float64"]) == 0
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["cases"] and {e["name"] for e in m["trajectories"]} == set(optim.BY_NAME)
+    assert m["cases"] and m["trajectories"] == []
+    assert not list((tmp_path / "a").glob("optim-*"))
+    assert goldens.export(tmp_path / "lib", ["weight_norm"], ("float64",))["trajectories"] == []
+    # --optimizer all: every registered optimizer
+    assert main(["goldens", "export", str(tmp_path / "e"), "--variant", "none",
+                 "--optimizer", "all"]) == 0
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert {e["name"] for e in m["trajectories"]} == set(optim.BY_NAME)
     # --optimizer none: no trajectories; --variant none: no norm case
     assert main(["goldens", "export", str(tmp_path / "b"), "--variant", "weight_norm",
                  "--dtype", "float64", "--optimizer", "none"]) == 0
@@ -238,6 +246,27 @@ def test_torch_optimizers_match_the_golden_trajectories(torch, gdir, cls, name):
     # a float32 run passes a relative tolerance
     f32 = torch_optimizer(getattr(torch.optim, cls), dtype=torch.float32)
     assert check_trajectory(f32, gdir, name, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, name", [("SGDP", "sgdp"), ("AdamP", "adamp")])
+def test_the_official_adamp_package_matches_the_golden_trajectories(torch, gdir, cls, name):
+    """The official code (clovaai/AdamP, ``adamp`` on PyPI, a test dependency) follows the
+    goldens to the default 16 ULP, buffers included; the paper's unprojected SGDP buffer does
+    not (it diverges at the first step whose projection fires, step 1 here)."""
+    import adamp
+
+    rename = {"momentum": "momentum_buffer"}
+    report = check_trajectory(torch_optimizer(getattr(adamp, cls), rename=rename), gdir, name)
+    assert report, str(report)
+    assert len(report.results) == len(SETTINGS[name])
+    for r in report.results:   # torch.optim has no projection decisions to report
+        assert r.steps_matched == STEPS and r.not_compared == ["projection", "wd_ratio_applied"]
+        assert set(r.compared) == {"params"} | {f"state.{f}" for f in r.trajectory.state}
+    if name == "sgdp":
+        paper = functools.partial(optim.sgdp_step, project_buffer=False)
+        wrong = check_trajectory((optim.sgdp_init, paper), gdir, "sgdp-000")
+        assert not wrong and wrong.results[0].step == 1, str(wrong)
+        assert wrong.results[0].quantity == "state.momentum_buffer", str(wrong)
 
 
 def test_refnorm_protocol_and_single_file(gdir):

@@ -37,7 +37,10 @@ the summands of :math:`\mathrm{d}\gamma` and :math:`\mathrm{d}\beta`):
 
 Conventions, as in ``torch.nn.functional.group_norm``: ``num_groups`` required and dividing
 :math:`C`, biased variance (:math:`1/M`), ``eps`` inside the square root, default ``eps = 1e-5``,
-no running statistics (train = eval). ``weight``/``bias`` default to None here, as in
+no running statistics (train = eval). A single sample with one value per group
+(:math:`N \cdot C/G \cdot L = 1`, e.g. a (1, 1) input) raises ``ValueError`` ("Expected more
+than 1 value per channel"), as PyTorch does and as batch_norm and instance_norm do.
+``weight``/``bias`` default to None here, as in
 ``F.group_norm`` (the ``nn.GroupNorm`` module holds them, initialised to 1 and 0). Statistics are
 two-pass with a correction pass (:mod:`refnorm.norms._stats`), on the ``(N, G, M)`` view of ``x``
 (no copy when ``x`` is C-contiguous).
@@ -118,6 +121,12 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     weight = check_param(weight, "weight", "group_norm", (channels,))
     bias = check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
+    if x.shape[0] * (channels // num_groups) * int(np.prod(x.shape[2:])) == 1:
+        # torch's test (_verify_batch_size on (N C/G, G, *spatial)): one value in each group
+        # of a single sample, where the normalized output is just the bias
+        raise ValueError(f"group_norm: Expected more than 1 value per channel when training, "
+                         f"got `x` of shape {x.shape} with num_groups={num_groups} (one value "
+                         f"per group)")
     n, groups = x.shape[0], num_groups
     per_channel = channels // groups
     y = np.empty(x.shape, dtype=x.dtype)
@@ -338,6 +347,11 @@ def error_inputs():
                      ValueError, r"`bias` must have shape \(4,\), got \(4, 1\)")
     yield ErrorInput(SampleInput("eps", (x, None, None), dict(num_groups=2, eps=-1.0)),
                      ValueError, r"`eps` must be a finite number >= 0")
+    for shape, groups in (((1, 1), 1), ((1, 4, 1), 4), ((1, 3, 1, 1), 3)):
+        yield ErrorInput(SampleInput(f"one value per group {shape}", (np.ones(shape), None,
+                                                                       np.ones(shape[1])),
+                                     dict(num_groups=groups)),
+                         ValueError, r"group_norm: Expected more than 1 value per channel")
 
 
 def _stats_groups(sample):

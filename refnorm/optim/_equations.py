@@ -145,8 +145,13 @@ def project(p: list[float], shape: tuple, grad: list[float], update: list[float]
 
 
 def sgdp_reference(params, grads_seq, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                   nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1):
-    """SGDP (Heo et al. 2021) with the official code's conventions, elementwise."""
+                   nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, project_buffer=True):
+    """SGDP (Heo et al. 2021) with the official code's conventions, elementwise.
+
+    With ``project_buffer`` (the official ``sgdp.py``, where ``d_p`` *is* ``buf`` without
+    Nesterov and is projected in place) the buffer becomes the projected update; without it
+    (the paper's Algorithm 1) only the update is projected.
+    """
     shapes = [p.shape for p in params]
     theta = [_flat(p) for p in params]
     buf = [[0.0] * len(t) for t in theta]  # the official code starts the buffer at zero
@@ -161,6 +166,8 @@ def sgdp_reference(params, grads_seq, *, lr, momentum=0.0, dampening=0.0, weight
                 update.append(g[k] + momentum * buf[i][k] if nesterov else buf[i][k])
             update, view, ratio = project(theta[i], shapes[i], g, update,
                                           delta=delta, wd_ratio=wd_ratio, eps=eps)
+            if project_buffer and not nesterov:
+                buf[i] = list(update)
             views.append(view)
             ratios.append(ratio)
             for k in range(len(g)):

@@ -39,8 +39,16 @@ otherwise :math:`u` is unchanged and :math:`r_{wd} = 1`. The test uses the raw g
     b_t = \mu b_{t-1} + (1-\tau) g_t, \quad
     u = g_t + \mu b_t \ \text{(nesterov) or}\ b_t, \quad
     (u, r_{wd}) = \Pi(w, g_t, u), \\
+    b_t \leftarrow u \ \text{(without nesterov, when}\ \Pi\ \text{fired: the official code)},
+    \\
     w \leftarrow w\,\Bigl(1 - \frac{\eta\lambda r_{wd}}{1-\mu}\Bigr)\ \text{(if}\ \lambda \ne 0),
     \quad w_t = w - \eta u
+
+Without Nesterov the official code's update *is* the buffer, and the projection subtracts from
+it in place: the stored momentum buffer is projected too, whenever the projection fires. That is
+the default here (``project_buffer=True``); ``project_buffer=False`` is the paper's Algorithm 1,
+which projects only the update and keeps :math:`b_t` as accumulated. With Nesterov both agree
+(the update is a new array).
 
 **AdamP** (:math:`m_0 = v_0 = 0`):
 
@@ -81,6 +89,13 @@ from, the algorithm as the paper states it (the projection
 * **Weight decay** is decoupled (applied to the weight, not the gradient) and multiplied by
   ``wd_ratio`` (default 0.1) whenever the projection fires. For SGDP it is also divided by
   :math:`1-\mu`, which matches the steady-state size of coupled L2 decay through a momentum buffer.
+* **SGDP projects its momentum buffer.** Without Nesterov, the official ``sgdp.py`` sets
+  ``d_p = buf`` and projects ``d_p`` in place, so the buffer itself loses its radial component
+  whenever the projection fires (timm's ``SGDP`` inherits this). The paper's Algorithm 1 projects
+  only the update. The default, ``project_buffer=True``, is the official code; after the first
+  step that projects, the two buffers differ (by ~0.3% relative on the golden problem), and the
+  trajectories with them. ``project_buffer=False`` gives the paper's form. AdamP is unaffected:
+  its update ``m_t / d`` is a new array in the official code too.
 * **SGDP's buffer starts at zero**, so its first step is dampened by :math:`(1-\tau)`; PyTorch's
   SGD copies the first gradient into the buffer instead. SGDP with :math:`\lambda = 0`,
   :math:`\tau = 0` and no projection therefore equals ``torch.optim.SGD``.
@@ -238,7 +253,8 @@ def _validate_sgdp(lr, momentum, dampening, weight_decay, eps, delta, wd_ratio) 
 
 
 def sgdp_init(params, *, lr=None, momentum=0.0, dampening=0.0, weight_decay=0.0,
-              nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1) -> SGDPState:
+              nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1,
+              project_buffer=True) -> SGDPState:
     """The state before the first step: zero momentum buffers, no projection yet.
 
     Takes the same keyword arguments as :func:`sgdp_step` (and checks them).
@@ -254,7 +270,8 @@ def sgdp_init(params, *, lr=None, momentum=0.0, dampening=0.0, weight_decay=0.0,
 
 
 def sgdp_step(params, grads, state: SGDPState, *, lr, momentum=0.0, dampening=0.0,
-              weight_decay=0.0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1):
+              weight_decay=0.0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1,
+              project_buffer=True):
     r"""One SGDP step; returns ``(new_params, new_state)`` and modifies nothing.
 
     Parameters
@@ -270,6 +287,11 @@ def sgdp_step(params, grads, state: SGDPState, *, lr, momentum=0.0, dampening=0.
         the weight decay is decoupled (see the module notes).
     eps, delta, wd_ratio
         The projection's :math:`\epsilon`, threshold :math:`\delta` and weight-decay factor.
+    project_buffer : bool
+        True (default, the official code): without Nesterov, the stored buffer is the projected
+        update whenever the projection fires. False: the paper's Algorithm 1, the buffer stays
+        unprojected. No effect with ``nesterov=True``. (Not an argument of the official SGDP,
+        hence not in :data:`SGDP_DEFAULTS`.)
 
     Notes
     -----
@@ -278,6 +300,8 @@ def sgdp_step(params, grads, state: SGDPState, *, lr, momentum=0.0, dampening=0.
         b_t = \mu b_{t-1} + (1-\tau) g_t,\quad (u, r_{wd}) = \Pi(w, g_t, g_t + \mu b_t
         \ \text{or}\ b_t),\quad
         w_t = w\,\bigl(1 - \tfrac{\eta\lambda r_{wd}}{1-\mu}\bigr) - \eta u
+
+    and, without Nesterov and with ``project_buffer``, :math:`b_t \leftarrow u`.
     """
     params = as_param_list(params)
     grads = check_grads(params, grads)
@@ -291,6 +315,8 @@ def sgdp_step(params, grads, state: SGDPState, *, lr, momentum=0.0, dampening=0.
         update = g + momentum * buf if nesterov else buf
         update, view, ratio = project_update(w, g, update, delta=delta, wd_ratio=wd_ratio,
                                              eps=eps)
+        if project_buffer and not nesterov:
+            buf = update  # the official code projects d_p = buf in place: the buffer too
         if weight_decay != 0:
             # Decoupled decay; dividing by 1 - mu matches coupled L2 through the buffer, whose
             # steady-state gain is 1/(1 - mu).
@@ -476,6 +502,7 @@ def _sgdp_check(rng: np.random.Generator) -> float:
         dict(lr=0.05, momentum=0.9, weight_decay=0.1),
         dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, wd_ratio=0.3),
         dict(lr=0.05, momentum=0.5, dampening=0.2, eps=1e-6, delta=0.2),
+        dict(lr=0.05, momentum=0.9, weight_decay=0.1, project_buffer=False),  # the paper's form
     ]
     cases = []
     for params, grad_fn, expected in _projection_cases(rng):

@@ -12,6 +12,7 @@ Examples::
     refnorm compare --impl mypkg.kernels:candidate --variant layer_norm --dtype bfloat16
     refnorm goldens export goldens/ --variant layer_norm --dtype bfloat16 float32
     refnorm goldens export traj/ --variant none --optimizer adamp sgdp   # trajectories only
+    refnorm goldens export all/ --optimizer all          # every case and every trajectory
     refnorm goldens verify goldens/
     refnorm compare --impl torch --goldens goldens/               # the cases of a golden dir
 """
@@ -33,7 +34,7 @@ def _err(msg):
 
 
 def _progress(total, label, enabled):
-    from refnorm.cli import Progress
+    from refnorm._progress import Progress
 
     return Progress(total, label, enabled=enabled)
 
@@ -97,11 +98,13 @@ def cmd_compare(args):
 def cmd_goldens_export(args):
     from refnorm.oracle import core, goldens, trajectories
 
-    # --variant and --optimizer each narrow only their own kind; "none" drops that kind.
+    # --variant narrows the norm cases ("none": no case); trajectories are written only for
+    # the optimizers --optimizer names ("all": every one)
     variants = args.variant
     try:
         specs = [] if variants and "none" in variants else core.select_specs(variants)
-        optimizers = trajectories.select_optimizers(args.optimizer)
+        optimizers = ([] if args.optimizer is None
+                      else trajectories.select_optimizers(args.optimizer))
     except ValueError as exc:
         return _err(str(exc))
     bar = _progress(len(specs) * len(args.dtype) + len(optimizers), "export", args.progress)
@@ -209,8 +212,9 @@ def add_commands(subparsers):
     e.add_argument("directory", metavar="DIR")
     _common(e, DTYPES, "ci")  # all variants x dtypes: ~180 MB at ci size, ~350 MB at full
     e.add_argument("--optimizer", nargs="+", action="extend", metavar="NAME",
-                   help="optimizer trajectories to write (default: all registered; 'none' "
-                   "writes none, and '--variant none' writes no norm case)")
+                   help="also write the optimizer trajectories of these optimizers ('all': "
+                   "every registered one; default: none). '--variant none' writes no norm "
+                   "case")
     e.add_argument("--emulated", action="store_true",
                    help="also store the emulated correct low-precision outputs")
     e.add_argument("--force", action="store_true", help="overwrite the golden files in DIR")

@@ -271,8 +271,14 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             if progress is not None:
                 progress(f"{spec.name} {prep.case.name}")
         if diagnose and failing:
-            summary, per_case = _mistakes.diagnose(spec, failing, fmt.name)
-            if not summary.startswith("matches") and not ftz and _flushes(spec, failing, strict):
+            summary, per_case, matched = _mistakes.diagnose(spec, failing, fmt.name,
+                                                              n_cases=len(preps), detail=True)
+            # a pattern (the reduction-fault class) is named from the shape of the failures,
+            # not reproduced: flushing subnormals, when it explains them all, is the better name
+            by_pattern = any(m.pattern for m in _mistakes.MISTAKES if m.id in matched)
+            if (not summary.startswith("matches") or by_pattern) and not ftz and \
+                    _flushes(spec, failing, strict):
+                matched = []
                 summary = ("matches: flushes subnormal numbers to zero (FTZ/DAZ) -- every failure "
                            "goes away when subnormal inputs and intermediates are flushed; "
                            "pass ftz=True (--ftz) to accept this")
@@ -280,6 +286,8 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
                             for _, res, _ in failing}
             if summary:
                 report.diagnoses[spec.name] = summary
+            if matched and summary.startswith("matches"):
+                report.matched[spec.name] = matched
             for _, res, _ in failing:
                 res.diagnosis = per_case.get(res.case, "")
     return report

@@ -2,8 +2,13 @@
 
 Each :class:`Mistake` is a candidate (it follows the protocol of
 :mod:`refnorm.oracle.adapters`) that makes one classic error: the ones students make when they
-derive a backward by hand and the ones kernels ship with. The tests require the oracle to fail
-every one of them, in float32 and in bfloat16, and to name it.
+derive a backward by hand and the ones kernels ship with, for batch, layer, RMS, group and
+instance norm (and two of LRN). Each has a ``kind`` (a key of :data:`KINDS`, the same for the
+same error in every variant: ``"unbiased-variance"``, ``"eps-outside-sqrt"``,
+``"missing-mean-term"``, ``"wrong-axis"``, ``"dweight-not-summed"``,
+``"running-momentum-convention"``...), so that a grader can map a wrong output to a named
+mistake (``Report.matched`` gives the ids). The tests require the oracle to fail every one of
+them, in float32 and in bfloat16, and to name it.
 
 They are all one small NumPy implementation, :func:`student`, written the way a kernel is:
 statistics accumulated in float32 (float64 for float64 candidates), elementwise work in the
@@ -15,7 +20,11 @@ flag.
 the failing cases and compares the candidate's outputs with the mistake's, under the same
 per-element bounds (doubled: both carry their own rounding). A mistake *matches* when it
 reproduces every failing output of every failing case and agrees with the candidate on the
-outputs that passed; it *resembles* the candidate when it explains most of them.
+outputs that passed; it *resembles* the candidate when it explains most of them. A mistake
+with a ``pattern`` is named from the shape of the failures instead: the cross-row reduction
+fault (``y`` and ``dx`` right on every case, only ``dweight``/``dbias`` wrong), which covers
+partial-sum buffers that are uninitialized, racing, or dependent on the block count, bugs that
+no deterministic candidate reproduces.
 """
 from __future__ import annotations
 
@@ -26,7 +35,8 @@ import numpy as np
 from refnorm.oracle.formats import get_format, round_to
 from refnorm.oracle.structure import labels_from_axes, param_view
 
-__all__ = ["Mistake", "MISTAKES", "for_variant", "student", "diagnose", "STUDENT_VARIANTS"]
+__all__ = ["Mistake", "MISTAKES", "KINDS", "for_variant", "student", "diagnose",
+           "STUDENT_VARIANTS", "REDUCTION_BLOCK"]
 
 STUDENT_VARIANTS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm",
                     "local_response_norm")
@@ -66,14 +76,35 @@ class _Groups:
         return g[self.labels]
 
 
-def _param_sum(a, p, x_shape, variant, first_sample=False):
+#: rows per block of the simulated two-stage reduction (``partial_sums="drop_tail"``)
+REDUCTION_BLOCK = 4
+
+
+def _param_sum(a, p, x_shape, variant, how="sum"):
+    """``a`` (the shape of x) reduced to the parameter ``p``'s shape, over every row.
+
+    ``how``: ``"sum"`` (correct); ``"first_sample"``: one sample's rows only; ``"mean"``:
+    divided by the number of rows; ``"drop_tail"``: a two-stage reduction over blocks of
+    :data:`REDUCTION_BLOCK` rows whose second stage reads ``rows // block`` partial sums
+    (floor where a ceiling was needed), so the last, partial block is lost unless the row count
+    is a multiple of the block size.
+    """
     view = param_view(p, x_shape, variant).shape
-    if first_sample:
+    if how == "first_sample":
         a = a[:1]
     lead = a.ndim - len(view)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(view)
                                       if n == 1 and a.shape[lead + i] != 1)
-    return (a.sum(axis=axes) if axes else a).reshape(p.shape)
+    if not axes:
+        return a.reshape(p.shape)
+    rows = int(np.prod([a.shape[i] for i in axes]))
+    if how == "drop_tail":
+        kept = [i for i in range(a.ndim) if i not in axes]
+        r = a.transpose(kept + list(axes)).reshape(-1, rows)
+        full = (rows // REDUCTION_BLOCK) * REDUCTION_BLOCK
+        return np.ascontiguousarray(r[:, :full]).sum(axis=1).reshape(p.shape)
+    out = a.sum(axis=axes).reshape(p.shape)
+    return out / out.dtype.type(rows) if how == "mean" else out
 
 
 def _layout(variant, x, kwargs, flags):
@@ -90,11 +121,18 @@ def _layout(variant, x, kwargs, flags):
         n, c, g = x.shape[0], x.shape[1], kwargs["num_groups"]
         idx = np.indices(x.shape)
         cpg = c // g
-        grp = np.minimum((idx[1] + 1) // cpg, g - 1) if flags.get("group_shift") else idx[1] // cpg
+        if flags.get("group_shift"):
+            grp = np.minimum((idx[1] + 1) // cpg, g - 1)
+        elif flags.get("axis") == "interleaved":   # (N, C/G, G) where (N, G, C/G) was meant
+            grp = idx[1] % g
+        else:
+            grp = idx[1] // cpg
         return (idx[0] * g + grp).astype(np.int64), n * g, True
     if variant == "batch_norm":
         stats = kwargs.get("training", False) or kwargs.get("running_mean") is None
-        labels, count = labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
+        axes = (0,) if flags.get("axis") == "first" and stats else \
+            (0,) + tuple(range(2, x.ndim))
+        labels, count = labels_from_axes(x.shape, axes)
         return labels, count, stats
     if variant == "instance_norm":
         stats = kwargs.get("use_input_stats", True)
@@ -108,9 +146,19 @@ def _layout(variant, x, kwargs, flags):
     raise NotImplementedError(f"the student implementation has no {variant!r}")
 
 
+def _cast16(a, T):
+    """A float16 round trip: what a kernel that loads its inputs as float16 computes on."""
+    if a is None:
+        return None
+    with np.errstate(over="ignore"):
+        return np.asarray(a).astype(np.float16).astype(T)
+
+
 def _standardize(variant, inputs, dy, kwargs, T, flags):
     x = inputs["x"].astype(T)
     w, b = inputs.get("weight"), inputs.get("bias")
+    if flags.get("cast16"):
+        x, w, b, dy = _cast16(x, T), _cast16(w, T), _cast16(b, T), _cast16(dy, T)
     labels, count, stats = _layout(variant, x, kwargs, flags)
     G = _Groups(labels, count)
     half = flags.get("half", False)
@@ -168,20 +216,36 @@ def _standardize(variant, inputs, dy, kwargs, T, flags):
             dx = dx * G.spread(r)
         else:
             dx = g * G.spread(r)
-        out["dx"] = dx
+        out["dx"] = -dx if flags.get("dx_sign") else dx
         dyt = dy.astype(T)
-        first = flags.get("dweight") == "first_sample"
-        if w is not None:
-            prod = dyt * (x if flags.get("dweight") == "x" else xhat)
-            out["dweight"] = _param_sum(prod, w, x.shape, variant, first)
-        if b is not None:
-            out["dbias"] = _param_sum(dyt, b, x.shape, variant, False)
+        reduce_w = {"first_sample": "first_sample", "mean": "mean"}.get(flags.get("dweight"),
+                                                                         "sum")
+        reduce_b = "sum"
+        if flags.get("partial_sums") == "drop_tail":
+            reduce_w = reduce_b = "drop_tail"
+        prod_w = dyt * (x if flags.get("dweight") == "x" else xhat)
+        if flags.get("swap_params"):   # each gradient gets the other's formula
+            if w is not None:
+                out["dweight"] = _param_sum(dyt, w, x.shape, variant)
+            if b is not None:
+                out["dbias"] = _param_sum(prod_w, b, x.shape, variant)
+        else:
+            if w is not None:
+                out["dweight"] = _param_sum(prod_w, w, x.shape, variant, reduce_w)
+            if b is not None:
+                out["dbias"] = _param_sum(dyt, b, x.shape, variant, reduce_b)
         if stats and variant in ("layer_norm", "group_norm", "batch_norm", "instance_norm"):
             out["mean"], out["rstd"] = mu, r
         if stats and variant == "rms_norm":
             out["rstd"] = r
         out.update(_running(variant, kwargs, x, mu, var, G, stats, T, flags))
     return out
+
+
+def _var_is_final(flags):
+    """Whether the running variance takes the batch variance as it is: biased on purpose (the
+    mistake), or already unbiased (a forward that used 1/(m-1) stores what it computed)."""
+    return flags.get("running_var") == "biased" or flags.get("var") == "unbiased"
 
 
 def _running(variant, kwargs, x, mu, var, G, stats, T, flags):
@@ -196,8 +260,11 @@ def _running(variant, kwargs, x, mu, var, G, stats, T, flags):
         m = kwargs.get("momentum", 0.1)
         f = T(1.0 / t if m is None else m)
         n = G.sizes.astype(T)
-        unbiased = var if flags.get("running_var") == "biased" else var * n / (n - 1)
+        unbiased = var if _var_is_final(flags) else var * n / (n - 1)
         new_mu, new_var = mu, unbiased
+        if mu.shape != rm.shape:   # per-position statistics (wrong axis): averaged per channel
+            new_mu = mu.reshape(rm.shape[0], -1).mean(1)
+            new_var = unbiased.reshape(rm.shape[0], -1).mean(1)
         state = {"num_batches_tracked": np.asarray(t, dtype=np.int64)}
     else:
         if not kwargs.get("use_input_stats", True):
@@ -205,7 +272,7 @@ def _running(variant, kwargs, x, mu, var, G, stats, T, flags):
         f = T(kwargs.get("momentum", 0.1))
         n_, c = x.shape[0], x.shape[1]
         m = G.sizes.astype(T)
-        unbiased = var if flags.get("running_var") == "biased" else var * m / (m - 1)
+        unbiased = var if _var_is_final(flags) else var * m / (m - 1)
         new_mu = mu.reshape(n_, c).mean(0)
         new_var = unbiased.reshape(n_, c).mean(0)
         state = {}
@@ -264,9 +331,44 @@ student.variants = STUDENT_VARIANTS
 # ----------------------------------------------------------------------------------------------
 # The catalogue
 # ----------------------------------------------------------------------------------------------
+#: The kinds of mistake, shared by every variant: a stable key (for a grader that maps a wrong
+#: output to a named mistake) and what it means in general. Each entry of :data:`MISTAKES` has
+#: one kind; ``Mistake.name`` says it for that variant.
+KINDS = {
+    "unbiased-variance": "the variance divided by N-1 instead of N",
+    "eps-outside-sqrt": "1/(sqrt(var)+eps) instead of 1/sqrt(var+eps)",
+    "missing-mean-term": "dx forgets the gradient through the mean",
+    "missing-xhat-term": "dx forgets the gradient through the variance (or mean square)",
+    "wrong-axis": "statistics over the wrong axes (or the wrong grouping of channels)",
+    "dweight-not-summed": "dweight holds one sample's contribution, not the batch sum",
+    "dweight-averaged": "dweight divided by the number of rows it sums",
+    "dweight-uses-x": "dweight sums dy * x instead of dy * xhat",
+    "params-swapped": "dweight and dbias swapped",
+    "dx-sign": "dx with the wrong sign",
+    "float16-inputs": "inputs rounded to float16 before a float32 computation",
+    "float16-accumulation": "statistics accumulated in a float16 register",
+    "one-pass-variance": "variance as E[x^2] - E[x]^2: catastrophic cancellation",
+    "running-variance-biased": "running variance updated with the biased batch variance",
+    "running-momentum-convention": "running = momentum*running + (1-momentum)*batch "
+                                   "(TensorFlow's convention with PyTorch's momentum)",
+    "reduction-fault": "the cross-row reduction of dweight/dbias is wrong on some cases only: "
+                       "partial sums uninitialized, racing, or dependent on the block count",
+    "rms-centred": "RMSNorm that subtracts the mean",
+    "group-split": "channels assigned to the wrong group",
+    "lrn-alpha": "LRN alpha not divided by the window size",
+    "lrn-window": "LRN backward window not mirrored",
+}
+
+
 @dataclass(frozen=True)
 class Mistake:
-    """One classic error, as a candidate for ``variant``."""
+    """One classic error, as a candidate for ``variant``.
+
+    ``kind`` is a key of :data:`KINDS`, the same for the same error in every variant. A mistake
+    with a ``pattern`` (``"reduction"``) stands for a class of bugs that need not be
+    reproducible (a race): the diagnosis names it from the pattern of the failures, not by
+    reproducing its outputs.
+    """
 
     name: str
     variant: str
@@ -277,6 +379,11 @@ class Mistake:
     #: other flag sets that make the same mistake (a forward bug whose backward is derived
     #: consistently, as autograd does, rather than left textbook): the diagnosis tries them all
     alternatives: tuple = ()
+    kind: str = ""
+    pattern: str | None = None
+    #: candidate dtypes in which the mistake changes nothing on the oracle's cases (a float16
+    #: round trip of float16 inputs is exact); the tests leave those out, each with its reason
+    invisible_in: tuple = ()
 
     @property
     def id(self) -> str:
@@ -293,58 +400,126 @@ class Mistake:
         return (self.variant,)
 
 
-def _m(variant, name, description, strict_only=(), alternatives=(), **flags):
-    return Mistake(name, variant, description, flags, strict_only, alternatives)
+def _m(variant, kind, name, description, strict_only=(), alternatives=(), pattern=None,
+       invisible_in=(), **flags):
+    assert kind in KINDS, kind
+    return Mistake(name, variant, description, flags, strict_only, alternatives, kind, pattern,
+                   invisible_in)
 
+
+_CONSISTENT = ({"consistent": True},)
+_STANDARDIZING = ("layer_norm", "batch_norm", "group_norm", "instance_norm")
+_AFFINE = ("layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm")
+_ROWS = {"layer_norm": "the rows", "rms_norm": "the rows", "batch_norm": "(N, H, W)",
+         "group_norm": "(N, H, W)", "instance_norm": "(N, H, W)"}
+
+
+def _common():
+    """The mistakes every one of the five standardizing variants can make."""
+    out = []
+    for v in _STANDARDIZING:
+        what = "the batch variance in the training forward" if v == "batch_norm" else \
+            "the variance"
+        out += [
+            _m(v, "unbiased-variance", "unbiased variance",
+               f"{what} divides the sum of squares by N-1 instead of N", var="unbiased",
+               alternatives=_CONSISTENT),
+            _m(v, "missing-mean-term", "missing mean term in dx",
+               "dx = r (g - xhat mean(g xhat)): forgets the gradient through the mean",
+               drop_mean_term=True),
+        ]
+    for v in _AFFINE:
+        rows = _ROWS[v]
+        out += [
+            _m(v, "eps-outside-sqrt", "eps outside the sqrt",
+               "1/(sqrt(var)+eps) instead of 1/sqrt(var+eps)" if v != "rms_norm" else
+               "1/(rms+eps) instead of 1/sqrt(ms+eps)", eps_outside=True,
+               alternatives=_CONSISTENT),
+            _m(v, "missing-xhat-term", "missing xhat term in dx",
+               "dx = r (g - mean(g)): forgets the gradient through the variance"
+               if v != "rms_norm" else "dx = r g: forgets the gradient through the mean square",
+               drop_xhat_term=True),
+            _m(v, "dweight-not-summed", "dweight not summed over the batch",
+               "dweight holds one sample's dy*xhat (one block's partial sum), not the batch sum",
+               dweight="first_sample"),
+            _m(v, "dweight-averaged", "dweight averaged instead of summed",
+               f"dweight = mean of dy*xhat over {rows} instead of the sum", dweight="mean"),
+            _m(v, "dweight-uses-x", "dweight uses x instead of xhat",
+               "dweight = sum dy * x, the un-normalized input", dweight="x"),
+            _m(v, "dx-sign", "sign error in dx", "dx has the opposite sign", dx_sign=True),
+            _m(v, "float16-inputs", "inputs cast to float16",
+               "x, weight, bias and dy rounded to float16 before a float32 computation",
+               cast16=True, invisible_in=("float16", "float64")),
+            _m(v, "reduction-fault", "dweight/dbias cross-row reduction fault",
+               f"y and dx are right but dweight/dbias, reduced across {rows}, are wrong on some "
+               f"cases only: partial-sum buffers uninitialized, racing between blocks, or "
+               f"dependent on the block count (simulated: a two-stage sum whose second stage "
+               f"drops the last partial block)", pattern="reduction", partial_sums="drop_tail"),
+        ]
+        if v != "rms_norm":
+            out.append(_m(v, "params-swapped", "dweight and dbias swapped",
+                          "dweight = sum dy, dbias = sum dy*xhat", swap_params=True))
+    return out
+
+
+_ORDER = ("layer_norm", "batch_norm", "group_norm", "rms_norm", "instance_norm",
+          "local_response_norm")
 
 MISTAKES = (
-    _m("layer_norm", "unbiased variance",
-       "divides the sum of squares by N-1 instead of N", var="unbiased",
-       alternatives=({"consistent": True},)),
-    _m("layer_norm", "eps outside the sqrt",
-       "1/(sqrt(var)+eps) instead of 1/sqrt(var+eps)", eps_outside=True,
-       alternatives=({"consistent": True},)),
-    _m("layer_norm", "missing mean term in dx",
-       "dx = r (g - xhat mean(g xhat)): forgets the gradient through the mean",
-       drop_mean_term=True),
-    _m("layer_norm", "missing xhat term in dx",
-       "dx = r (g - mean(g)): forgets the gradient through the variance", drop_xhat_term=True),
-    _m("layer_norm", "wrong reduction axis",
+    *_common(),
+    _m("layer_norm", "wrong-axis", "wrong reduction axis",
        "normalizes over the batch axis 0 instead of the trailing axes", axis="first"),
-    _m("layer_norm", "dweight not summed over the batch",
-       "dweight holds one sample's dy*xhat (one block's partial sum), not the batch sum",
-       dweight="first_sample"),
-    _m("layer_norm", "float16 accumulation of a long row",
+    _m("layer_norm", "float16-accumulation", "float16 accumulation of a long row",
        "sums the row's statistics in a float16 register", half=True),
-    _m("layer_norm", "one-pass variance E[x^2] - E[x]^2",
+    _m("layer_norm", "one-pass-variance", "one-pass variance E[x^2] - E[x]^2",
        "variance as mean(x^2) - mean(x)^2 in float32: catastrophic cancellation", var="onepass",
        # in float32 its error (u32 * kappa^2) hides under half-precision rounding until
        # kappa ~ 250, and beyond that under the allowance for statistics held in the dtype
        strict_only=("bfloat16", "float16")),
-    _m("layer_norm", "dweight uses x instead of xhat",
-       "dweight = sum dy * x, the un-normalized input", dweight="x"),
-    _m("batch_norm", "biased running variance",
+    _m("batch_norm", "wrong-axis", "wrong reduction axis",
+       "training statistics over the batch axis only, per (channel, position), instead of "
+       "over (N, H, W) per channel", axis="first"),
+    _m("batch_norm", "running-variance-biased", "biased running variance",
        "updates running_var with the biased batch variance (1/m, not 1/(m-1))",
        running_var="biased"),
-    _m("batch_norm", "momentum reversed",
+    _m("batch_norm", "running-momentum-convention", "momentum reversed",
        "running = momentum*running + (1-momentum)*batch (the TensorFlow convention with "
        "PyTorch's momentum)", momentum="reversed"),
-    _m("group_norm", "off-by-one group split",
+    _m("batch_norm", "one-pass-variance", "one-pass variance E[x^2] - E[x]^2",
+       "variance as mean(x^2) - mean(x)^2 in float32: catastrophic cancellation",
+       var="onepass",
+       # the cancelling case (mean 1e4, std 1e-3) rounds to a constant in bfloat16 and float16,
+       # whose squares float32 sums exactly: the variance comes out 0, as it should
+       invisible_in=("bfloat16", "float16")),
+    _m("group_norm", "group-split", "off-by-one group split",
        "channel c goes to group (c+1)//(C/G) (clipped) instead of c//(C/G)", group_shift=True),
-    _m("rms_norm", "RMSNorm subtracts the mean",
+    _m("group_norm", "wrong-axis", "channels interleaved into groups",
+       "channel c goes to group c % G, a reshape to (N, C/G, G) where (N, G, C/G) was meant",
+       axis="interleaved"),
+    _m("group_norm", "float16-accumulation", "float16 accumulation of a long group",
+       "sums the group's statistics in a float16 register", half=True),
+    _m("rms_norm", "rms-centred", "RMSNorm subtracts the mean",
        "centres the row first: LayerNorm without bias instead of RMSNorm", center=True),
-    _m("rms_norm", "eps outside the sqrt",
-       "1/(rms+eps) instead of 1/sqrt(ms+eps)", eps_outside=True,
-       alternatives=({"consistent": True},)),
-    _m("instance_norm", "wrong reduction axis",
+    _m("rms_norm", "wrong-axis", "wrong reduction axis",
+       "normalizes over the batch axis 0 instead of the trailing axes", axis="first"),
+    _m("rms_norm", "float16-accumulation", "float16 accumulation of a long row",
+       "sums the row's mean square in a float16 register", half=True),
+    _m("instance_norm", "wrong-axis", "wrong reduction axis",
        "statistics over (C, H, W) per sample instead of (H, W) per channel", axis="first"),
-    _m("local_response_norm", "alpha not divided by size",
+    _m("instance_norm", "running-variance-biased", "biased running variance",
+       "updates running_var with the biased variance (1/m, not 1/(m-1))",
+       running_var="biased"),
+    _m("instance_norm", "running-momentum-convention", "momentum reversed",
+       "running = momentum*running + (1-momentum)*batch (the TensorFlow convention with "
+       "PyTorch's momentum)", momentum="reversed"),
+    _m("local_response_norm", "lrn-alpha", "alpha not divided by size",
        "k + alpha * sum(x^2) (TensorFlow/AlexNet) instead of PyTorch's k + alpha/n * sum",
        alpha_not_divided=True),
-    _m("local_response_norm", "backward window not mirrored",
+    _m("local_response_norm", "lrn-window", "backward window not mirrored",
        "the backward sums over the forward's window, not its transpose (wrong for even sizes)",
        unmirrored=True),
 )
+MISTAKES = tuple(sorted(MISTAKES, key=lambda m: _ORDER.index(m.variant)))  # (stable)
 
 
 def for_variant(name):
@@ -416,35 +591,80 @@ def _score(m, alt, failing, per_case_best):
     return (explained - contradicted, explained, contradicted, m, cases_ok)
 
 
-def diagnose(spec, failing, dtype):
+def _param_grads(spec):
+    """The output names of the parameter gradients (``dweight``, ``dbias``)."""
+    return {"d" + n for n in getattr(spec, "diff_argnames", ()) if n != "x"}
+
+
+def _pattern_diagnosis(spec, mistakes, failing, n_cases, per_case):
+    """The reduction-fault class, from its pattern: every failing output of every failing case
+    is a parameter gradient (``y``, ``dx``, the saved and running statistics all pass), so the
+    per-row work is right and the reduction across rows is not. ``n_cases`` (all the cases
+    checked, when known) says on how many cases it went wrong."""
+    grads = _param_grads(spec)
+    bad = [{o.name for o in res.failing()} for _, res, _ in failing]
+    if not grads or not all(b and b <= grads for b in bad):
+        return "", per_case, []
+    m = next((m for m in mistakes if m.pattern == "reduction"), None)
+    name = m.name if m is not None else "dweight/dbias cross-row reduction fault"
+    which = ", ".join(sorted(set().union(*bad)))
+    some = (f"{len(failing)} of {n_cases} cases" if n_cases else f"{len(failing)} case(s)")
+    text = (f"matches: {name} -- y and dx are right on every case; only {which} (reduced "
+            f"across rows) fail, on {some}: look for partial-sum buffers across rows that are "
+            f"uninitialized, racing between blocks, or dependent on the block count")
+    return (text, {res.case: f"matches: {name}" for _, res, _ in failing},
+            [m.id] if m is not None else [])
+
+
+def diagnose(spec, failing, dtype, n_cases=None, *, detail=False):
     """Which known mistake the failures look like.
 
     ``failing`` is a list of ``(prepared, case_result, outputs)`` for the failing cases of one
-    variant (``prepared`` has ``case``, ``ref``, ``bounds``). Returns ``(summary, per_case)``:
-    a sentence for the variant and a dict case name -> sentence.
+    variant (``prepared`` has ``case``, ``ref``, ``bounds``); ``n_cases``, optional, the number
+    of cases checked. Returns ``(summary, per_case)``: a sentence for the variant and a dict
+    case name -> sentence; with ``detail``, also the ids (``Mistake.id``) of the mistakes that
+    match (several when they tie), for a grader to map a wrong output to a named mistake.
+
+    A mistake *matches* when it reproduces every failing output and contradicts none. When none
+    does and every failure is a parameter gradient (``y`` and ``dx`` right everywhere), the
+    reduction-fault class is named from that pattern; otherwise the closest mistake is said to
+    *resemble* the candidate, or none is named.
     """
+    summary, per_case, matched = _diagnose(spec, failing, n_cases)
+    return (summary, per_case, matched) if detail else (summary, per_case)
+
+
+def _diagnose(spec, failing, n_cases):
     mistakes = for_variant(spec.name)
     if not mistakes or not failing:
-        return "", {}
+        return "", {}, []
     total = sum(len(res.failing()) for _, res, _ in failing)
     scored = []
     per_case_best = {}
     for m in mistakes:
+        if m.pattern is not None:
+            continue
         for alt in [None] + list(range(len(m.alternatives))):
             scored.append(_score(m, alt, failing, per_case_best))
+    if not scored:
+        return _pattern_diagnosis(spec, mistakes, failing, n_cases, per_case_best)
     scored.sort(key=lambda s: (-s[0], MISTAKES.index(s[3])))
     best = scored[0]
     score, explained, contradicted, m, _ = best
-    ties = []
+    ties, tie_ids = [], []
     for s in scored[1:]:
         if s[0] == score and s[1] == explained and score > 0 and s[3].name != m.name \
                 and s[3].name not in ties:
             ties.append(s[3].name)
+            tie_ids.append(s[3].id)
     per_case = {c: "matches: " + " or ".join(names) for c, names in per_case_best.items()}
     if explained == total and contradicted == 0:
         alt = f" (or: {', '.join(ties)})" if ties else ""
-        return f"matches: {m.name}{alt} -- {m.description}", per_case
+        return f"matches: {m.name}{alt} -- {m.description}", per_case, [m.id] + tie_ids
+    pattern = _pattern_diagnosis(spec, mistakes, failing, n_cases, {})
+    if pattern[0]:
+        return pattern
     if score > 0 and explained >= total / 2:
         return (f"resembles: {m.name} (reproduces {explained} of {total} failing outputs) -- "
-                f"{m.description}"), per_case
-    return "no known mistake matches", per_case
+                f"{m.description}"), per_case, []
+    return "no known mistake matches", per_case, []

@@ -235,6 +235,9 @@ class Report:
     results: list = field(default_factory=list)      # CaseResult, in order
     skipped: list = field(default_factory=list)      # cases.Skipped
     diagnoses: dict = field(default_factory=dict)    # variant -> text
+    #: variant -> ids of the catalogue mistakes the failures match (``"layer_norm:unbiased
+    #: variance"``; :data:`refnorm.oracle.mistakes.MISTAKES`, whose ``kind`` is stable)
+    matched: dict = field(default_factory=dict)
     unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
 
     @property
@@ -357,7 +360,8 @@ class Report:
         return {
             "impl": self.impl, "dtype": self.dtype, "device": self.device, "seed": self.seed,
             "size": self.size, "strict": self.strict, "ftz": self.ftz, "passed": self.passed,
-            "diagnoses": self.diagnoses, "unsupported": self.unsupported,
+            "diagnoses": self.diagnoses, "matched": self.matched,
+            "unsupported": self.unsupported,
             "skipped": [asdict(s) for s in self.skipped],
             "results": [{"variant": r.variant, "case": r.case, "dtype": r.dtype,
                          "status": r.status, "message": r.message, "diagnosis": r.diagnosis,

@@ -1,7 +1,8 @@
 r"""Golden optimizer trajectories: check another optimizer step by step against refnorm's.
 
-``refnorm goldens export`` writes, next to the normalization cases, one trajectory per registered
-optimizer (:data:`refnorm.optim.ALL_OPTIMIZERS`) and hyper-parameter setting (:data:`SETTINGS`):
+``refnorm goldens export --optimizer NAME ...`` (``all``: every registered optimizer,
+:data:`refnorm.optim.ALL_OPTIMIZERS`) writes, next to the normalization cases, one trajectory
+per optimizer and hyper-parameter setting (:data:`SETTINGS`):
 the initial parameters, and after each of ``steps`` steps the gradients that were fed, the
 parameters, the optimizer state and, for SGDP and AdamP, the projection decisions. A checker never
 recomputes a loss: it feeds the recorded gradients to its own optimizer and compares what comes
@@ -52,7 +53,7 @@ from typing import Mapping
 
 import numpy as np
 
-from refnorm.oracle import goldens as _g
+from refnorm.oracle import _goldfiles as _g
 
 __all__ = ["check_trajectory", "load_trajectories", "torch_optimizer", "make_problem",
            "select_optimizers", "GoldenTrajectory", "TrajectoryResult", "TrajectoryReport",
