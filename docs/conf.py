@@ -43,7 +43,7 @@ mathjax_path = "mathjax/tex-chtml.js"
 sphinx_gallery_conf = {
     "examples_dirs": ["../tutorials"],
     "gallery_dirs": ["auto_tutorials"],
-    "filename_pattern": r"[\\/]plot_",           # execute every plot_*.py
+    "filename_pattern": r"[\\/]plot_",              # execute every plot_*.py
     "within_subsection_order": "FileNameSortKey",  # plot_01_, plot_02_, ... in order
     "abort_on_example_error": True,                # a failing tutorial fails the build
     "run_stale_examples": True,                    # execute every tutorial on every build
@@ -53,6 +53,7 @@ sphinx_gallery_conf = {
     "image_scrapers": ("matplotlib",),
     "min_reported_time": 0,
     "show_signature": False,
+    "write_computation_times": False,  # those pages load jQuery from a CDN
 }
 
 
