@@ -136,9 +136,9 @@ def unbiased_variance_term(dy, cache):  # a 1/(m-1) where the forward has 1/m
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
 
 
-backwards = {"correct": bn_backward, "forgot the variance path": forgot_variance_path,
-             "forgot mean and variance": forgot_mean_and_variance,
-             "1/(m-1) in one term": unbiased_variance_term}
+backwards = {"correct": bn_backward, "forgot the\nvariance path": forgot_variance_path,
+             "forgot mean\nand variance": forgot_mean_and_variance,
+             "1/(m-1) in\none term": unbiased_variance_term}
 
 # %%
 # Each backward against central differences of :math:`L = \sum_i \bar y_i\,y_i`, once with
@@ -165,13 +165,14 @@ for label, dy in [("all ones", np.ones_like(x)), ("random", rng.standard_normal(
 for name in backwards:
     ones, rand = results[name, "all ones"], results[name, "random"]
     verdict = lambda e: "pass" if e < 1e-6 else "FAIL"  # noqa: E731
-    print(f"{name:26s} all ones: {ones:8.1e} {verdict(ones)}   random: {rand:8.1e} "
+    print(f"{name.replace(chr(10), ' '):26s} all ones: {ones:8.1e} {verdict(ones)}   "
+          f"random: {rand:8.1e} "
           f"{verdict(rand)}")
 
 fig, ax = plt.subplots(figsize=(7.0, 3.6))
 names = list(backwards)
 pos = np.arange(len(names))
-floor = 1e-17  # an exact zero, drawn at the floor of the axis
+floor = 1e-13  # an error below it is drawn at the floor of the axis
 for k, (label, color) in enumerate([("all ones", "tab:gray"), ("random", "tab:blue")]):
     ax.bar(pos + (k - 0.5) * 0.38, [max(results[n, label], floor) for n in names], 0.38,
            label=f"upstream gradient: {label}", color=color)

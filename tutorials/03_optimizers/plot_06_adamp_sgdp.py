@@ -95,9 +95,11 @@ def project_plain(w, g, u, delta=0.1, eps=1e-8):
 u = g1 + 0.3 * W1  # an update with a radial part, as a momentum buffer has
 ours = project_plain(W1, g1, u)
 theirs, view, ratio = project_update(W1, g1, u, delta=0.1, wd_ratio=0.1, eps=1e-8)
+radial_before = np.max(np.abs(np.sum(u * W1, 1)))
+radial_after = np.max(np.abs(np.sum(theirs * W1, 1)))
 print(f"projected in the {view!r} view; max |plain - refnorm| = "
-      f"{np.max(np.abs(ours - theirs)):.1e}; radial part left: "
-      f"{np.max(np.abs(np.sum(theirs * W1, 1))):.1e} (before: {np.max(np.abs(np.sum(u * W1, 1))):.1e})")
+      f"{np.max(np.abs(ours - theirs)):.1e}; radial part <w_r, u_r>: {radial_before:.1e} "
+      f"before, {radial_after:.1e} after")
 
 # %%
 # refnorm's :func:`~refnorm.optim.project_update` differs from the three lines only where the
@@ -141,7 +143,8 @@ for label, (name, hyper) in runs.items():
 # (:func:`refnorm.optim.effective_step_size`: :math:`\eta/\lVert w\rVert^2` for SGD-type
 # updates, :math:`\eta/\lVert w\rVert` for Adam-type ones, whose step does not shrink with the
 # gradient), and the loss. With momentum, SGD's weight norm grows fast and its effective step
-# collapses; SGDP's norm stays almost where it started.
+# size collapses within a few dozen steps; with the projection the norm grows far less, and the
+# effective step stays much nearer the one the learning rate asked for.
 
 fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.4))
 styles = {"SGD": ("tab:red", "-"), "SGDP": ("tab:red", "--"),

@@ -168,11 +168,11 @@ print("rows with a NaN (negative variance):", nan_rows)
 
 # %%
 # The one-pass formula is off by hundreds of ULPs already at a mean of 10, and returns
-# negative variances (NaN) from about :math:`10^4` on. The two-pass formula stays finite but loses about
-# one digit per decade of mean-to-spread ratio, because of the rounded mean. The corrected
-# two-pass formula, and refnorm's LayerNorm, stay within a few ULPs at every mean (half an ULP
-# is the best possible, since the result is rounded once; the rest comes from the rounding of
-# the sums and of :math:`r`).
+# negative variances (NaN) from about :math:`10^4` on. The two-pass formula stays finite but
+# loses about one digit per decade of mean-to-spread ratio, because of the rounded mean. The
+# corrected two-pass formula, and refnorm's LayerNorm, stay within a few ULPs at every mean
+# (half an ULP is the best possible, since the result is rounded once; the rest comes from the
+# rounding of the sums and of :math:`r`).
 
 fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), sharey=True)
 markers = {"one pass": "o-", "two pass": "s-", "corrected two pass": "^-",
