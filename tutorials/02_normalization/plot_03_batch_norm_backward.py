@@ -31,8 +31,9 @@ from refnorm.norms.batch_norm import batch_norm_backward, batch_norm_forward
 #
 # .. math::
 #    \mu = \frac1m\sum_i x_i,\quad \sigma^2 = \frac1m\sum_i (x_i-\mu)^2,\quad
-#    r = (\sigma^2+\epsilon)^{-1/2},\quad \hat x_i = (x_i-\mu)\,r,\quad
-#    y_i = \gamma\hat x_i + \beta .
+#    r = (\sigma^2+\epsilon)^{-1/2},
+#
+#    \hat x_i = (x_i-\mu)\,r,\quad y_i = \gamma\hat x_i + \beta .
 
 
 def bn_forward(x, gamma, beta, eps=1e-5):
@@ -55,9 +56,10 @@ def bn_forward(x, gamma, beta, eps=1e-5):
 # .. math::
 #    \bar{\hat x}_i = \gamma\,\bar y_i,\qquad
 #    \bar r = \sum_i \bar{\hat x}_i (x_i-\mu),\qquad
-#    \bar{\sigma^2} = -\tfrac12 r^3\,\bar r,\qquad
+#    \bar{\sigma^2} = -\tfrac12 r^3\,\bar r,
+#
 #    \bar\mu = -r\sum_i \bar{\hat x}_i - \bar{\sigma^2}\,\tfrac2m\sum_i (x_i-\mu)
-#    \ (\text{the last sum is } 0),
+#    \quad (\text{the last sum is } 0),
 #
 # .. math::
 #    \bar x_i = r\,\bar{\hat x}_i + \bar{\sigma^2}\,\tfrac2m (x_i-\mu) + \tfrac1m\bar\mu ,
