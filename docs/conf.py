@@ -26,6 +26,7 @@ import refnorm  # noqa: E402
 
 project = "refnorm"
 author = "the refnorm developers"
+copyright = "the refnorm developers"
 release = version = refnorm.__version__
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx-mathjax-offline",
               "sphinx.ext.napoleon", "sphinx.ext.viewcode", "sphinx_gallery.gen_gallery"]

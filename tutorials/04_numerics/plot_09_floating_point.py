@@ -24,7 +24,7 @@ from refnorm.norms.layer_norm import layer_norm_forward
 
 try:
     import mpmath
-except ImportError:  # pragma: no cover - mpmath is in refnorm's test extras
+except ImportError:  # mpmath is in the test extras; without it, decimal does the same job
     mpmath = None
     print("mpmath is not installed: the exact square roots use the decimal module instead")
 
