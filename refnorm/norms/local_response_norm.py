@@ -125,7 +125,7 @@ def local_response_norm_forward(x, size, alpha=1e-4, beta=0.75, k=1.0):
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, *)
+    x : ndarray, shape ``(N, C, *)``
         At least 2 dimensions; channels on axis 1.
     size : int
         :math:`n`, the number of channels in the window (:math:`\lfloor n/2\rfloor` before the
