@@ -235,8 +235,9 @@ class Report:
     results: list = field(default_factory=list)      # CaseResult, in order
     skipped: list = field(default_factory=list)      # cases.Skipped
     diagnoses: dict = field(default_factory=dict)    # variant -> text
-    #: variant -> ids of the catalogue mistakes the failures match (``"layer_norm:unbiased
-    #: variance"``; :data:`refnorm.oracle.mistakes.MISTAKES`, whose ``kind`` is stable)
+    #: variant -> ids of the catalogue mistakes the failures match, such as
+    #: ``"layer_norm:unbiased variance"`` (see :data:`refnorm.oracle.mistakes.MISTAKES`, whose
+    #: ``kind`` is stable)
     matched: dict = field(default_factory=dict)
     unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
 
