@@ -234,9 +234,12 @@ def test_kinks_are_reported_not_failed(name, mode):
 def test_kinks_of_a_large_input_are_inconclusive_not_failures(rng):
     x = relu(rng.standard_normal(3000))  # half the elements sit exactly on the kink
     report = check_vjp(relu, relu_vjp, (x,))
-    assert report.passed and report.kinks and report.kinks[0].index is None
+    # a random projection across kinks compares no slope: never a pass, never a failure
+    assert not report and report.verdict == "INCONCLUSIVE" and report.inconclusive
+    assert report.kinks and report.kinks[0].index is None
     assert any("inconclusive" in note for note in report.notes)
-    assert report.n_evals == 1 + 3 * 8
+    assert any("mode='slow'" in note for note in report.notes), str(report)
+    assert report.n_evals == 1 + 3 * 8  # no step search on a kink
 
 
 @pytest.mark.parametrize("mode", MODES)
