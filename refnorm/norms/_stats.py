@@ -119,7 +119,9 @@ def shifted_moments(x3, out, eps):
     if bad.any():
         rows = np.flatnonzero(bad)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0], eps, axes=(0, 2))
+            rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0],
+                                     eps if np.ndim(eps) == 0 else np.ravel(eps)[rows],
+                                     axes=(0, 2))
             var[rows, 0], rstd[rows, 0] = rvar, rr
     return shift, c.astype(x3.dtype, copy=False), var, rstd
 
@@ -193,16 +195,88 @@ def correction_first(c, scale):
 
 
 def saved_mean(cache):
-    """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
-    (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""
-    return cache.shift + cache.correction
+    r"""The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
+    (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics. With an
+    ``exponent`` field (:func:`tiny_groups`), the statistics are those of :math:`x\,2^{-e}`."""
+    with np.errstate(over="ignore", under="ignore"):
+        return unscale(cache.shift + cache.correction, getattr(cache, "exponent", None))
 
 
 def saved_xhat(cache):
     r""":math:`\hat x = (x - m_0 - c)\,r` of a cache holding ``x``, ``shift``, ``correction`` and
     ``rstd`` in shapes that broadcast against ``x``: recomputed on access, not stored."""
-    xhat = (cache.x - cache.shift - cache.correction) * cache.rstd
+    x = scale_groups(cache.x, getattr(cache, "exponent", None))
+    with np.errstate(invalid="ignore", over="ignore"):
+        xhat = (x - cache.shift - cache.correction) * cache.rstd
     return xhat.astype(cache.x.dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The whole floating range: groups whose rstd does not fit the dtype (subnormal inputs)
+# ------------------------------------------------------------------------------------------
+def tiny_groups(rstd):
+    r"""Indices (flat) of the groups whose ``rstd`` is too large to use: not finite, or above
+    :math:`2^{e_{max} - p - 2}` (float64: about 2e292; float32 accumulation: 1e31), which
+    happens only for groups of spread near or below the smallest normal number with
+    ``eps = 0`` (or as tiny), e.g. float64 :math:`x = 10^{-310}\,z`: :math:`r = 1/\sigma`
+    overflows, or multiplies subnormal, inexact differences. NaN rstd (a non-finite input) is
+    not flagged. One comparison per group: free for ordinary inputs.
+
+    The remedy, the same for every variant: recompute those groups from
+    :math:`x\,2^{-e}` (:func:`group_exponents`, :func:`scale_groups`) with ``eps`` scaled to
+    match (:func:`scaled_eps`); the normalized output is the same, exactly, and the statistics
+    are kept in the scaled domain with the exponent (a cache field ``exponent``); the backward
+    works on :math:`x\,2^{-e}` and multiplies ``dx`` by :math:`2^{-e}` (:func:`unscale`), which
+    overflows to inf exactly where the true ``dx`` exceeds the dtype."""
+    r = np.ravel(rstd)
+    info = np.finfo(r.dtype)
+    limit = float(info.max) * 2.0 ** -(info.nmant + 2)
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero(r > limit)
+
+
+def group_exponents(x2, eps=0.0, power=2):
+    r"""Per row of ``x2`` (groups along axis 0, their elements along axis 1), the exponent
+    :math:`e` with :math:`\max|x|\,2^{-e} \in [1/2, 1)`, but no lower than keeps
+    ``scaled_eps(eps, e, power)`` at most 1 (an ``eps`` that dominates the tiny spread then
+    stays finite). Rows with max 0 or not finite get 0. Returns an int array of shape
+    ``(rows, 1)``."""
+    with np.errstate(invalid="ignore"):
+        m = np.max(np.abs(x2.astype(np.float64)), axis=1) if x2.shape[1] else \
+            np.zeros(x2.shape[0])
+    ok = np.isfinite(m) & (m > 0)
+    e = np.where(ok, np.frexp(np.where(ok, m, 1.0))[1], 0)
+    eps = float(eps) if np.ndim(eps) == 0 else np.ravel(eps)
+    if np.any(np.asarray(eps) > 0):
+        floor = np.ceil(np.log2(np.where(np.asarray(eps) > 0, eps, 1.0)) / power)
+        e = np.where(ok & (np.asarray(eps) > 0), np.maximum(e, floor), e)
+    return e.astype(np.int64).reshape(-1, 1)
+
+
+def scale_groups(x, exponent):
+    r"""``x * 2**-exponent`` (exact: a power of two; ``exponent`` broadcasts against ``x``),
+    in ``x``'s dtype; ``x`` itself when ``exponent`` is None."""
+    if exponent is None:
+        return x
+    with np.errstate(over="ignore", under="ignore"):
+        return np.ldexp(x, -exponent).astype(x.dtype, copy=False)
+
+
+def unscale(a, exponent):
+    """``a * 2**exponent``: a statistic or gradient of the scaled groups back in ``x``'s units
+    (inf where that exceeds the dtype, as the exact value does); ``a`` when None."""
+    if exponent is None:
+        return a
+    with np.errstate(over="ignore", under="ignore"):
+        return np.ldexp(a, exponent).astype(a.dtype, copy=False)
+
+
+def scaled_eps(eps, exponent, power=2):
+    r"""``eps`` for the groups scaled by :math:`2^{-e}`: :math:`\epsilon\,2^{-p e}`, ``power``
+    :math:`p` = 2 for an ``eps`` added to a variance (inside the square root), 1 for one added
+    to a standard deviation. An array of ``exponent``'s shape (float64)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return np.ldexp(np.float64(eps), -power * np.asarray(exponent))
 
 
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):

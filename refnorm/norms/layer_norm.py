@@ -46,8 +46,10 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, correction_first, row_blocks, row_broadcasting,
-                                  row_sums, saved_mean, saved_xhat, shifted_moments, trailing_axes)
+                                  check_param, correction_first, group_exponents, row_blocks,
+                                  row_broadcasting, row_sums, saved_mean, saved_xhat,
+                                  scale_groups, scaled_eps, shifted_moments, tiny_groups,
+                                  trailing_axes, unscale)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -61,6 +63,8 @@ class LayerNormCache(NamedTuple):
     has_bias: bool
     axes: tuple[int, ...]           # the normalized axes A
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
+    exponent: np.ndarray | None = None  # e per row (keepdims), or None: shift, correction and
+    #                                     rstd are those of x 2^-e (subnormal rows, see _stats)
 
     mean = property(saved_mean)   # m0 + c, rounded to one float
     xhat = property(saved_xhat)   # recomputed from x on access, not stored
@@ -95,8 +99,31 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     bias = check_param(bias, "bias", "layer_norm", shape)
     eps = check_eps(eps, "layer_norm")
     axes = trailing_axes(x.ndim, len(shape))
+    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
-    y = np.empty(rows.shape, dtype=x.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a row with an inf: NaN
+        y, shift, c, rstd = _forward_rows(rows, weight, bias, eps)
+        exponent = None
+        tiny = tiny_groups(rstd)
+        if tiny.size:  # subnormal rows: the same from x 2^-e, statistics kept scaled
+            exponent = np.zeros((rows.shape[0], 1), np.int64)
+            exponent[tiny] = group_exponents(rows[tiny], eps)
+            y[tiny], shift[tiny], c[tiny], rstd[tiny] = _forward_rows(
+                scale_groups(rows[tiny], exponent[tiny]), weight, bias,
+                scaled_eps(eps, exponent[tiny]))
+            exponent = exponent.reshape(keep)
+    cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
+                           bias is not None, axes, None if bias is None else bias.dtype,
+                           exponent)
+    return y.reshape(x.shape), cache
+
+
+def _forward_rows(rows, weight, bias, eps):
+    """``(y, shift, c, rstd)`` of rows (rows, N); ``eps`` a float or a column (rows, 1)."""
+    y = np.empty(rows.shape, dtype=rows.dtype)
+    if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
+        col = np.zeros((rows.shape[0], 1), rows.dtype)
+        return y, col, col.copy(), col.astype(np.promote_types(rows.dtype, np.float32))
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
     shift, c, _, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
     with row_broadcasting(rows.shape[1]):  # y = (d - c) r gamma + beta, in y's own buffer
@@ -106,10 +133,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
             y *= weight.reshape(-1)  # same_kind casting: y keeps x's dtype
         if bias is not None:
             y += bias.reshape(-1)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
-    cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
-                           bias is not None, axes, None if bias is None else bias.dtype)
-    return y.reshape(x.shape), cache
+    return y, shift, c, rstd
 
 
 def layer_norm_backward(dy, cache):
@@ -139,12 +163,17 @@ def layer_norm_backward(dy, cache):
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
     dweight = np.zeros(rows.shape[1], acc) if weight is not None else None
     dbias = np.zeros(rows.shape[1], acc) if has_bias else None
-    for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-        part = _backward_rows(dy2[blk], rows[blk], shift[blk], c[blk], r[blk], w, dx[blk])
-        if weight is not None:
-            dweight += part
-        if has_bias:
-            dbias += row_sums(dy2[blk].T)  # the sum over the block's rows
+    e = None if cache.exponent is None else cache.exponent.reshape(-1, 1)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+            xb = rows[blk] if e is None else scale_groups(rows[blk], e[blk])
+            part = _backward_rows(dy2[blk], xb, shift[blk], c[blk], r[blk], w, dx[blk])
+            if e is not None:  # dx of x = 2^-e dx of x 2^-e
+                dx[blk] = unscale(dx[blk], -e[blk])
+            if weight is not None:
+                dweight += part
+            if has_bias:
+                dbias += row_sums(dy2[blk].T)  # the sum over the block's rows
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
@@ -193,7 +222,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
 def _rows(x, axes):
     """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
     n = axis_count(x.shape, axes)
-    return x.reshape(x.size // n if n else 0, n)
+    return x.reshape(axis_count(x.shape, range(x.ndim - len(axes))), n)
 
 
 layer_norm = custom_vjp(layer_norm_forward, layer_norm_backward, ("x", "weight", "bias"))
