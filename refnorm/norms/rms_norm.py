@@ -76,8 +76,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, needs_rescaling, rescaled_rstd, row_blocks,
-                                  row_broadcasting, row_dots, row_sums, rsqrt, trailing_axes)
+                                  check_param, group_exponents, needs_rescaling, rescaled_rstd,
+                                  row_blocks, row_broadcasting, row_dots, row_sums, rsqrt,
+                                  scale_groups, scaled_eps, tiny_groups, trailing_axes, unscale)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 EPS_PLACEMENTS = ("inside", "outside")
@@ -90,11 +91,15 @@ class RMSNormCache(NamedTuple):
     q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
     weight: np.ndarray | None       # \gamma, or None
     axes: tuple[int, ...]           # the normalized axes A
+    exponent: np.ndarray | None = None  # e per row (keepdims), or None: rstd is that of
+    #                                     x 2^-e (subnormal rows, see _stats.tiny_groups)
 
     @property
     def xhat(self):
         """xhat = x r: recomputed on access, not stored."""
-        return (self.x * self.rstd).astype(self.x.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            xhat = scale_groups(self.x, self.exponent) * self.rstd
+        return xhat.astype(self.x.dtype, copy=False)
 
 
 class RMSNormGrads(NamedTuple):
@@ -144,6 +149,31 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     outside = _check_placement(eps_placement) == "outside"
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
+    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
+    power = 1 if outside else 2  # eps scales with x (outside) or with x^2 (inside)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, rstd, q = _forward_rows(rows, weight, eps, outside)
+        exponent = None
+        tiny = tiny_groups(rstd)
+        if tiny.size:  # subnormal rows: the same from x 2^-e, rstd kept scaled
+            exponent = np.zeros((rows.shape[0], 1), np.int64)
+            exponent[tiny] = group_exponents(rows[tiny], eps, power)
+            yt, rt, qt = _forward_rows(scale_groups(rows[tiny], exponent[tiny]), weight,
+                                       scaled_eps(eps, exponent[tiny], power), outside)
+            y[tiny], rstd[tiny] = yt, rt
+            if q is not None:
+                q[tiny] = qt
+            exponent = exponent.reshape(keep)
+    cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
+                         axes, exponent)
+    return y.reshape(x.shape), cache
+
+
+def _forward_rows(rows, weight, eps, outside):
+    """``(y, rstd, q)`` of rows (rows, N); ``eps`` a float or a column (rows, 1)."""
+    if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
+        col = np.zeros((rows.shape[0], 1), np.promote_types(rows.dtype, np.float32))
+        return np.empty(rows.shape, rows.dtype), col, col.copy() if outside else None
     # the mean square, a BLAS dot product per row; no cancellation: a sum of squares. It and
     # rstd stay in the accumulation dtype (float32 for float16): a zero float16 row has
     # rstd = 1/eps = 1e5 beyond float16's range, while y = x rstd = 0
@@ -166,20 +196,19 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             if outside:
                 rms64 = np.sqrt(ms64)
-                rstd[flagged, 0] = 1.0 / (rms64 + eps)
-                q[flagged, 0] = rms64 / (rms64 + eps)
+                e64 = eps if np.ndim(eps) == 0 else np.ravel(eps)[flagged]
+                rstd[flagged, 0] = 1.0 / (rms64 + e64)
+                q[flagged, 0] = rms64 / (rms64 + e64)
             else:
-                _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
-                                                    np.zeros(flagged.size), eps, axes=(0, 2))
-    y = np.empty(rows.shape, dtype=x.dtype)
+                _, rstd[flagged, 0] = rescaled_rstd(
+                    rows[None, flagged, :], np.zeros(flagged.size),
+                    eps if np.ndim(eps) == 0 else np.ravel(eps)[flagged], axes=(0, 2))
+    y = np.empty(rows.shape, dtype=rows.dtype)
     with row_broadcasting(rows.shape[1]):
         np.multiply(rows, rstd, out=y, casting="same_kind")
         if weight is not None:
             y *= weight.reshape(-1)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
-    cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
-                         axes)
-    return y.reshape(x.shape), cache
+    return y, rstd, q
 
 
 def rms_norm_backward(dy, cache):
@@ -191,8 +220,9 @@ def rms_norm_backward(dy, cache):
     block at a time (:func:`~refnorm.norms._stats.row_blocks`), so that the passes over a block
     find it in the CPU cache, and the one temporary is the size of a block.
     """
-    x, rstd, q, weight, axes = cache
+    x, rstd, q, weight, axes = cache[:5]
     rows = _rows(x, axes)
+    e = None if cache.exponent is None else cache.exponent.reshape(-1, 1)
     dy2 = dy.reshape(rows.shape)
     r = rstd.reshape(-1, 1)
     q = q.reshape(-1, 1) if q is not None else None
@@ -200,11 +230,15 @@ def rms_norm_backward(dy, cache):
     dx = np.empty(rows.shape, dtype=x.dtype)
     dweight = np.zeros(rows.shape[1], np.promote_types(x.dtype, np.float32)) \
         if weight is not None else None
-    for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-        part = _backward_rows(dy2[blk], rows[blk], r[blk], None if q is None else q[blk], w,
-                              dx[blk])
-        if weight is not None:
-            dweight += part
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+            xb = rows[blk] if e is None else scale_groups(rows[blk], e[blk])
+            part = _backward_rows(dy2[blk], xb, r[blk], None if q is None else q[blk], w,
+                                  dx[blk])
+            if e is not None:  # dx of x = 2^-e dx of x 2^-e
+                dx[blk] = unscale(dx[blk], -e[blk])
+            if weight is not None:
+                dweight += part
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     return RMSNormGrads(dx.reshape(dy.shape), dweight)
@@ -235,7 +269,7 @@ def _backward_rows(dy, x, r, q, w, dx):
 def _rows(x, axes):
     """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
     n = axis_count(x.shape, axes)
-    return x.reshape(x.size // n if n else 0, n)
+    return x.reshape(axis_count(x.shape, range(x.ndim - len(axes))), n)
 
 
 rms_norm = custom_vjp(rms_norm_forward, rms_norm_backward, ("x", "weight"))
