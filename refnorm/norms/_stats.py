@@ -195,88 +195,66 @@ def correction_first(c, scale):
 
 
 def saved_mean(cache):
-    r"""The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
-    (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics. With an
-    ``exponent`` field (:func:`tiny_groups`), the statistics are those of :math:`x\,2^{-e}`."""
-    with np.errstate(over="ignore", under="ignore"):
-        return unscale(cache.shift + cache.correction, getattr(cache, "exponent", None))
+    """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
+    (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""
+    return cache.shift + cache.correction
 
 
 def saved_xhat(cache):
     r""":math:`\hat x = (x - m_0 - c)\,r` of a cache holding ``x``, ``shift``, ``correction`` and
     ``rstd`` in shapes that broadcast against ``x``: recomputed on access, not stored."""
-    x = scale_groups(cache.x, getattr(cache, "exponent", None))
     with np.errstate(invalid="ignore", over="ignore"):
-        xhat = (x - cache.shift - cache.correction) * cache.rstd
+        xhat = (cache.x - cache.shift - cache.correction) * cache.rstd
     return xhat.astype(cache.x.dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------------------
-# The whole floating range: groups whose rstd does not fit the dtype (subnormal inputs)
+# The whole floating range: groups done again in a wider dtype
 # ------------------------------------------------------------------------------------------
-def tiny_groups(rstd):
-    r"""Indices (flat) of the groups whose ``rstd`` is too large to use: not finite, or above
-    :math:`2^{e_{max} - p - 2}` (float64: about 2e292; float32 accumulation: 1e31), which
-    happens only for groups of spread near or below the smallest normal number with
-    ``eps = 0`` (or as tiny), e.g. float64 :math:`x = 10^{-310}\,z`: :math:`r = 1/\sigma`
-    overflows, or multiplies subnormal, inexact differences. NaN rstd (a non-finite input) is
-    not flagged. One comparison per group: free for ordinary inputs.
+def extreme_groups(var, rstd):
+    r"""Flat indices of the groups that the dtype's own arithmetic cannot do right, from the
+    statistics already computed (one comparison per group: free for ordinary inputs):
 
-    The remedy, the same for every variant: recompute those groups from
-    :math:`x\,2^{-e}` (:func:`group_exponents`, :func:`scale_groups`) with ``eps`` scaled to
-    match (:func:`scaled_eps`); the normalized output is the same, exactly, and the statistics
-    are kept in the scaled domain with the exponent (a cache field ``exponent``); the backward
-    works on :math:`x\,2^{-e}` and multiplies ``dx`` by :math:`2^{-e}` (:func:`unscale`), which
-    overflows to inf exactly where the true ``dx`` exceeds the dtype."""
-    r = np.ravel(rstd)
+    * ``var`` below the smallest normal number of its (accumulation) dtype: the spread of the
+      group is below about :math:`10^{-154}` (float64; float32: :math:`10^{-19}`), so that its
+      differences :math:`x - \mu` may be subnormal, with few significant bits, and their
+      squares underflow (subnormal inputs, e.g. float64 :math:`10^{-310}\,z`, with any
+      ``eps``). Constant groups (``var = 0``) are included: their result is the same;
+    * ``rstd`` above :math:`2^{e_{max}-p-2}` (float64 about :math:`10^{292}`) or below its
+      inverse: :math:`1/\sigma` overflows or is about to (``eps = 0`` and a tiny spread), or
+      the values are so large that :math:`x - m_0` may overflow.
+
+    NaN statistics (a non-finite input) are not flagged. The remedy, the same for every
+    variant: recompute those groups with the same function in :func:`wider_dtype` (float16,
+    float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
+    results back (they round to the dtype as the exact values do: inf only where the exact
+    value exceeds it), keep that sub-cache, and do the groups' backward with it."""
+    v, r = np.ravel(var), np.ravel(rstd)
     info = np.finfo(r.dtype)
-    limit = float(info.max) * 2.0 ** -(info.nmant + 2)
+    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
     with np.errstate(invalid="ignore"):
-        return np.flatnonzero(r > limit)
+        return np.flatnonzero((v < float(np.finfo(v.dtype).smallest_normal)) | (r > hi)
+                              | (r < 1.0 / hi))
 
 
-def group_exponents(x2, eps=0.0, power=2):
-    r"""Per row of ``x2`` (groups along axis 0, their elements along axis 1), the exponent
-    :math:`e` with :math:`\max|x|\,2^{-e} \in [1/2, 1)`, but no lower than keeps
-    ``scaled_eps(eps, e, power)`` at most 1 (an ``eps`` that dominates the tiny spread then
-    stays finite). Rows with max 0 or not finite get 0. Returns an int array of shape
-    ``(rows, 1)``."""
-    with np.errstate(invalid="ignore"):
-        m = np.max(np.abs(x2.astype(np.float64)), axis=1) if x2.shape[1] else \
-            np.zeros(x2.shape[0])
-    ok = np.isfinite(m) & (m > 0)
-    e = np.where(ok, np.frexp(np.where(ok, m, 1.0))[1], 0)
-    eps = float(eps) if np.ndim(eps) == 0 else np.ravel(eps)
-    if np.any(np.asarray(eps) > 0):
-        floor = np.ceil(np.log2(np.where(np.asarray(eps) > 0, eps, 1.0)) / power)
-        e = np.where(ok & (np.asarray(eps) > 0), np.maximum(e, floor), e)
-    return e.astype(np.int64).reshape(-1, 1)
+def wider_dtype(dtype):
+    r"""The dtype that :func:`extreme_groups` are recomputed in: float64 for float16 and float32,
+    ``np.longdouble`` for float64 where it has a wider exponent range (x86: 80-bit, up to
+    :math:`10^{\pm 4932}`), else None (then those groups keep the dtype's own result)."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize < 8:
+        return np.dtype(np.float64)
+    if dtype == np.float64 and np.finfo(np.longdouble).maxexp > np.finfo(np.float64).maxexp:
+        return np.dtype(np.longdouble)
+    return None
 
 
-def scale_groups(x, exponent):
-    r"""``x * 2**-exponent`` (exact: a power of two; ``exponent`` broadcasts against ``x``),
-    in ``x``'s dtype; ``x`` itself when ``exponent`` is None."""
-    if exponent is None:
-        return x
-    with np.errstate(over="ignore", under="ignore"):
-        return np.ldexp(x, -exponent).astype(x.dtype, copy=False)
-
-
-def unscale(a, exponent):
-    """``a * 2**exponent``: a statistic or gradient of the scaled groups back in ``x``'s units
-    (inf where that exceeds the dtype, as the exact value does); ``a`` when None."""
-    if exponent is None:
-        return a
-    with np.errstate(over="ignore", under="ignore"):
-        return np.ldexp(a, exponent).astype(a.dtype, copy=False)
-
-
-def scaled_eps(eps, exponent, power=2):
-    r"""``eps`` for the groups scaled by :math:`2^{-e}`: :math:`\epsilon\,2^{-p e}`, ``power``
-    :math:`p` = 2 for an ``eps`` added to a variance (inside the square root), 1 for one added
-    to a standard deviation. An array of ``exponent``'s shape (float64)."""
-    with np.errstate(over="ignore", under="ignore"):
-        return np.ldexp(np.float64(eps), -power * np.asarray(exponent))
+def widen(a, dtype, flat=False):
+    """``a`` cast to ``dtype`` (flattened with ``flat``), or None for None: a parameter of the
+    groups that :func:`extreme_groups` recomputes."""
+    if a is None:
+        return None
+    return (a.reshape(-1) if flat else a).astype(dtype)
 
 
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):

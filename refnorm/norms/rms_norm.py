@@ -76,9 +76,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, group_exponents, needs_rescaling, rescaled_rstd,
+                                  check_param, extreme_groups, needs_rescaling, rescaled_rstd,
                                   row_blocks, row_broadcasting, row_dots, row_sums, rsqrt,
-                                  scale_groups, scaled_eps, tiny_groups, trailing_axes, unscale)
+                                  trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 EPS_PLACEMENTS = ("inside", "outside")
@@ -91,15 +91,14 @@ class RMSNormCache(NamedTuple):
     q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
     weight: np.ndarray | None       # \gamma, or None
     axes: tuple[int, ...]           # the normalized axes A
-    exponent: np.ndarray | None = None  # e per row (keepdims), or None: rstd is that of
-    #                                     x 2^-e (subnormal rows, see _stats.tiny_groups)
+    wide: tuple | None = None       # (rows, cache) of the rows the forward did in a wider
+    #                                 dtype (subnormal or huge: _stats.extreme_groups), or None
 
     @property
     def xhat(self):
         """xhat = x r: recomputed on access, not stored."""
         with np.errstate(over="ignore", invalid="ignore"):
-            xhat = scale_groups(self.x, self.exponent) * self.rstd
-        return xhat.astype(self.x.dtype, copy=False)
+            return (self.x * self.rstd).astype(self.x.dtype, copy=False)
 
 
 class RMSNormGrads(NamedTuple):
@@ -150,30 +149,32 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
-    power = 1 if outside else 2  # eps scales with x (outside) or with x^2 (inside)
     with np.errstate(invalid="ignore", over="ignore"):
-        y, rstd, q = _forward_rows(rows, weight, eps, outside)
-        exponent = None
-        tiny = tiny_groups(rstd)
-        if tiny.size:  # subnormal rows: the same from x 2^-e, rstd kept scaled
-            exponent = np.zeros((rows.shape[0], 1), np.int64)
-            exponent[tiny] = group_exponents(rows[tiny], eps, power)
-            yt, rt, qt = _forward_rows(scale_groups(rows[tiny], exponent[tiny]), weight,
-                                       scaled_eps(eps, exponent[tiny], power), outside)
-            y[tiny], rstd[tiny] = yt, rt
+        y, ms, rstd, q = _forward_rows(rows, weight, eps, outside)
+    wide = None
+    extreme = extreme_groups(ms, rstd)
+    wider = wider_dtype(x.dtype)
+    if extreme.size and wider is not None and rows.shape[1]:  # subnormal or huge rows:
+        # again in a wider dtype
+        yw, sub = rms_norm_forward(rows[extreme].astype(wider), rows.shape[1],
+                                   widen(weight, wider, flat=True), eps,
+                                   eps_placement=eps_placement)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+            y[extreme], rstd[extreme] = yw, sub.rstd
             if q is not None:
-                q[tiny] = qt
-            exponent = exponent.reshape(keep)
+                q[extreme] = sub.q
+        wide = (extreme, sub)
     cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
-                         axes, exponent)
+                         axes, wide)
     return y.reshape(x.shape), cache
 
 
 def _forward_rows(rows, weight, eps, outside):
-    """``(y, rstd, q)`` of rows (rows, N); ``eps`` a float or a column (rows, 1)."""
+    """``(y, ms, rstd, q)`` of rows (rows, N): output, mean square, r, and q (None inside)."""
     if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
         col = np.zeros((rows.shape[0], 1), np.promote_types(rows.dtype, np.float32))
-        return np.empty(rows.shape, rows.dtype), col, col.copy() if outside else None
+        return np.empty(rows.shape, rows.dtype), col, col.copy(), \
+            col.copy() if outside else None
     # the mean square, a BLAS dot product per row; no cancellation: a sum of squares. It and
     # rstd stay in the accumulation dtype (float32 for float16): a zero float16 row has
     # rstd = 1/eps = 1e5 beyond float16's range, while y = x rstd = 0
@@ -196,19 +197,17 @@ def _forward_rows(rows, weight, eps, outside):
         with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
             if outside:
                 rms64 = np.sqrt(ms64)
-                e64 = eps if np.ndim(eps) == 0 else np.ravel(eps)[flagged]
-                rstd[flagged, 0] = 1.0 / (rms64 + e64)
-                q[flagged, 0] = rms64 / (rms64 + e64)
+                rstd[flagged, 0] = 1.0 / (rms64 + eps)
+                q[flagged, 0] = rms64 / (rms64 + eps)
             else:
-                _, rstd[flagged, 0] = rescaled_rstd(
-                    rows[None, flagged, :], np.zeros(flagged.size),
-                    eps if np.ndim(eps) == 0 else np.ravel(eps)[flagged], axes=(0, 2))
+                _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
+                                                    np.zeros(flagged.size), eps, axes=(0, 2))
     y = np.empty(rows.shape, dtype=rows.dtype)
     with row_broadcasting(rows.shape[1]):
         np.multiply(rows, rstd, out=y, casting="same_kind")
         if weight is not None:
             y *= weight.reshape(-1)
-    return y, rstd, q
+    return y, ms, rstd, q
 
 
 def rms_norm_backward(dy, cache):
@@ -222,26 +221,42 @@ def rms_norm_backward(dy, cache):
     """
     x, rstd, q, weight, axes = cache[:5]
     rows = _rows(x, axes)
-    e = None if cache.exponent is None else cache.exponent.reshape(-1, 1)
     dy2 = dy.reshape(rows.shape)
     r = rstd.reshape(-1, 1)
     q = q.reshape(-1, 1) if q is not None else None
     w = weight.reshape(-1) if weight is not None else None
-    dx = np.empty(rows.shape, dtype=x.dtype)
-    dweight = np.zeros(rows.shape[1], np.promote_types(x.dtype, np.float32)) \
-        if weight is not None else None
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
-        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-            xb = rows[blk] if e is None else scale_groups(rows[blk], e[blk])
-            part = _backward_rows(dy2[blk], xb, r[blk], None if q is None else q[blk], w,
-                                  dx[blk])
-            if e is not None:  # dx of x = 2^-e dx of x 2^-e
-                dx[blk] = unscale(dx[blk], -e[blk])
+    if cache.wide is None:
+        dx, dweight = _backward(dy2, rows, r, q, w)
+    else:  # the rows done in a wider dtype by the forward: their backward too
+        extreme, sub = cache.wide
+        rest = np.setdiff1d(np.arange(rows.shape[0]), extreme)
+        dx = np.empty(rows.shape, dtype=x.dtype)
+        dx[rest], dweight = _backward(dy2[rest], rows[rest], r[rest],
+                                      None if q is None else q[rest], w)
+        grads = rms_norm_backward(dy2[extreme].astype(sub.x.dtype), sub)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+            dx[extreme] = grads.dx
             if weight is not None:
-                dweight += part
+                dweight += grads.dweight
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     return RMSNormGrads(dx.reshape(dy.shape), dweight)
+
+
+def _backward(dy2, rows, r, q, w):
+    """``(dx, dweight)`` of rows (rows, N), ``dweight`` in the accumulation dtype. float16 is
+    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    acc = np.promote_types(rows.dtype, np.float32)
+    dx = np.empty(rows.shape, dtype=acc if rows.dtype == np.float16 else rows.dtype)
+    dweight = np.zeros(rows.shape[1], acc) if w is not None else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+            part = _backward_rows(dy2[blk].astype(dx.dtype, copy=False),
+                                  rows[blk].astype(dx.dtype, copy=False), r[blk],
+                                  None if q is None else q[blk], w, dx[blk])
+            if w is not None:
+                dweight += part
+    return dx.astype(rows.dtype, copy=False), dweight
 
 
 def _backward_rows(dy, x, r, q, w, dx):

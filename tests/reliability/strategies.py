@@ -7,8 +7,9 @@ and piece of state is one the variant accepts) and redraws its first array:
   spatial axes, ...) gets a size in 1..5, now and then 0; the record's own samples supply the
   size-1 normalized axes (``(5,1)-one-element-rows``, ``(3,4,1)-one-element-groups``, ...);
 * **dtype**: float64, float32 or float16 (every floating array of the call is cast);
-* **values**: a regime (below) times a scale :math:`10^k`, :math:`k \\in [-30, 30]` (float16:
-  :math:`[-2, 4]`, the range where its values and their squares exist at all);
+* **values**: a regime (below) times a scale :math:`10^k`, :math:`k` over the whole range of the
+  dtype, subnormals included (float64 :math:`[-323, 307]`, float32 :math:`[-45, 38]`, float16
+  :math:`[-7, 4]`);
 * ``eps``: now and then 0 where the call has a float ``eps``.
 
 The regimes: ``normal`` (standard normal), ``offset`` (mean :math:`10^j` times the spread,
@@ -29,7 +30,9 @@ from reliability.calls import (free_axes, get_slot, group_axes, make_dy, replace
 
 SEED = 1234
 DTYPES = (np.float64, np.float32, np.float16)
-SCALE_EXPONENTS = {np.float64: (-30, 30), np.float32: (-30, 30), np.float16: (-2, 4)}
+# The whole range of each dtype: from its smallest subnormal (float64 4.9e-324, float32 1.4e-45,
+# float16 6.0e-8) to near its largest finite value (``values`` clips to max/64).
+SCALE_EXPONENTS = {np.float64: (-323, 307), np.float32: (-45, 38), np.float16: (-7, 4)}
 REGIMES = ("normal", "offset", "constant-groups", "constant-all", "zeros", "mixed", "integers",
            "one-hot")
 MAX_ELEMENTS = 240
