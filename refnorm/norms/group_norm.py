@@ -63,8 +63,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  correction_first, group_view, row_blocks, row_broadcasting,
-                                  row_dots, row_sums, saved_mean, shifted_moments)
+                                  correction_first, extreme_groups, group_view, row_blocks,
+                                  row_broadcasting, row_dots, row_sums, saved_mean,
+                                  shifted_moments, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -77,6 +78,8 @@ class GroupNormCache(NamedTuple):
     weight: np.ndarray | None       # \gamma, shape (C,), or None
     has_bias: bool
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
+    wide: tuple | None = None       # (samples, cache) of the samples the forward did in a wider
+    #                                 dtype (a subnormal or huge group: _stats.extreme_groups)
 
     mean = property(saved_mean)   # m0 + c, rounded to one float, shape (N, G, 1)
 
@@ -84,8 +87,9 @@ class GroupNormCache(NamedTuple):
     def xhat(self):
         """xhat = (x - m0 - c) r, same shape as x: recomputed on access, not stored."""
         groups = group_view(self.x, self.rstd.shape[1])
-        return ((groups - self.shift - self.correction) * self.rstd).reshape(self.x.shape) \
-            .astype(self.x.dtype, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):
+            xhat = (groups - self.shift - self.correction) * self.rstd
+        return xhat.reshape(self.x.shape).astype(self.x.dtype, copy=False)
 
 
 class GroupNormGrads(NamedTuple):
@@ -119,13 +123,37 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     bias = check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
     n, groups = x.shape[0], num_groups
+    if not x.size:  # a size-0 axis: PyTorch's empty output (and zero gradients)
+        stats = np.zeros((n, groups, 1), x.dtype)
+        return np.empty(x.shape, x.dtype), GroupNormCache(
+            x, stats, stats.copy(), stats.astype(np.promote_types(x.dtype, np.float32)), weight,
+            bias is not None, None if bias is None else bias.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
+        y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
+    wide = None
+    extreme = np.unique(extreme_groups(var, rstd) // groups)  # their samples
+    wider = wider_dtype(x.dtype)
+    if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype
+        yw, sub = group_norm_forward(x[extreme].astype(wider), groups, widen(weight, wider),
+                                     widen(bias, wider), eps)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+            y[extreme], shift[extreme], c[extreme], rstd[extreme] = \
+                yw, sub.shift, sub.correction, sub.rstd
+        wide = (extreme, sub)
+    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
+                             None if bias is None else bias.dtype, wide)
+
+
+def _forward(x, groups, weight, bias, eps):
+    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1)."""
+    n, channels = x.shape[:2]
     per_channel = channels // groups
     y = np.empty(x.shape, dtype=x.dtype)
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
     rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
     stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows), eps=eps)
-    shift, c, _, rstd = (v.reshape(n, groups, 1) for v in stats)
+    shift, c, var, rstd = (v.reshape(n, groups, 1) for v in stats)
     # y = (d - c) r gamma + beta = d * scale + offset with, per (sample, channel), scale = r gamma
     # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row).
     # The fold is taken where |c scale| <= 1 everywhere (its rounding is then below an ULP of
@@ -150,8 +178,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
             y3 -= c_spread
         y3 *= scale
         y3 += offset
-    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
-                             None if bias is None else bias.dtype)
+    return y, (shift, c, var, rstd)
 
 
 def group_norm_backward(dy, cache):
@@ -174,17 +201,43 @@ def group_norm_backward(dy, cache):
     not an array of the size of ``x``.
     """
     x, shift, c, r, weight, has_bias = cache[:6]
-    n, channels = x.shape[:2]
-    dx = np.empty(x.shape, dtype=x.dtype)
-    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
-    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
-    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-        a, b = _backward_samples(dy[blk], x[blk], shift[blk], c[blk], r[blk], weight, dx[blk])
-        sum_dyx += a
-        sum_dy += b
+    if cache.wide is None:
+        dx, sum_dyx, sum_dy = _backward(dy, x, shift, c, r, weight)
+    else:  # the samples done in a wider dtype by the forward: their backward too
+        extreme, sub = cache.wide
+        rest = np.setdiff1d(np.arange(x.shape[0]), extreme)
+        dx = np.empty(x.shape, dtype=x.dtype)
+        dx[rest], sum_dyx, sum_dy = _backward(dy[rest], x[rest], shift[rest], c[rest], r[rest],
+                                              weight)
+        grads = group_norm_backward(dy[extreme].astype(sub.x.dtype), sub)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+            dx[extreme] = grads.dx
+            if weight is not None:
+                sum_dyx += grads.dweight
+            if has_bias:
+                sum_dy += grads.dbias
     dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
     return GroupNormGrads(dx, dweight, dbias)
+
+
+def _backward(dy, x, shift, c, r, weight):
+    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype. float16 is
+    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    n, channels = x.shape[:2]
+    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
+    dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
+    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
+    if not x.size:
+        return dx.astype(x.dtype), sum_dyx, sum_dy
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+            a, b = _backward_samples(dy[blk].astype(dx.dtype, copy=False),
+                                     x[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
+                                     r[blk], weight, dx[blk])
+            sum_dyx += a
+            sum_dy += b
+    return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
 
 def _backward_samples(dy, x, shift, c, r, weight, dx):
