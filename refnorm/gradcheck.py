@@ -43,6 +43,7 @@ _KINK_RTOL = 1e-6    # ... and by this fraction of their size, to call a point a
 _RESOLVE = 1e-4      # a pass must resolve a relative error this large (or rtol, if larger)
 _STEP_SEARCH = (16.0, 256.0, 1.0 / 64)  # steps tried, relative to `step`, on an unresolved one
 _MAX_STEP = 0.05     # ... but no relative step above this
+_FLOOR = 4.0         # an error within this many float64 rounding floors is resolved anyway
 
 
 class Worst(NamedTuple):
@@ -225,6 +226,7 @@ class _Estimate(NamedTuple):
     kink_error: np.ndarray
     kink: np.ndarray
     still: object = False   # f did not change at all at any step (bool, per output element)
+    floor: object = 0.0     # the rounding noise a float64-exact f would have: the best possible
 
 
 def _scale(x: np.ndarray) -> np.ndarray:
@@ -273,6 +275,8 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
     for o, y in enumerate(f0):
         # Rounding in f blurs every quotient by about ulp(f) / t, whatever the table says.
         noise = _NOISE * fn.eps * np.abs(y) * moved[o] / steps[-1]
+        floor = _NOISE * _EPS * np.abs(y) * moved[o] / steps[-1]
+        floor = floor if weights is None else np.sum(np.abs(weights[o]) * floor)
         quantized = moved[o] & stuck[o]
         if quantized.any():  # the differences are multiples of the quantum: noise of its size
             noise = np.maximum(noise, np.where(quantized, jump[o], 0.0) / steps[-1])
@@ -286,7 +290,8 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
         kink = (jump > _KINK_FACTOR * kink_error + atol) & \
                (jump > _KINK_RTOL * np.maximum(np.abs(left), np.abs(right)))
         still = ~moved[o] if weights is None else not moved[o].any()
-        estimates.append(_Estimate(value, error + noise, left, right, kink_error, kink, still))
+        estimates.append(_Estimate(value, error + noise, left, right, kink_error, kink, still,
+                                   floor))
     return estimates
 
 
@@ -402,6 +407,7 @@ class _Comparison(NamedTuple):
     step: float = 0.0   # the relative step that gave `numerical`
     direction: object = None  # (moved, cotangents, analytic, input, index): to estimate again
     still: bool = False       # f did not change at all at the step (below its resolution?)
+    floor: float = 0.0        # the float64 rounding noise of the estimate: its best possible e
 
     @property
     def bad(self) -> bool:  # written so that NaN fails
@@ -420,12 +426,17 @@ class _Comparison(NamedTuple):
         ``resolution``: :math:`4 e \le atol + resolution \cdot S`, with :math:`S` the largest
         of :math:`|a|`, :math:`|n|`, the projection's terms and ``scale`` (the largest analytic
         value of the comparison's group: an element near zero is judged at the scale of the
-        gradient, as the normwise error is). A failure is resolved (it is outside even its
-        error); a kink of a random projection is not (no slope was compared)."""
+        gradient, as the normwise error is). Also resolved: an error within a few times the
+        rounding noise that an exact float64 ``f`` gives at that step (the best finite
+        differences can do: a gradient that is zero, or tiny next to the outputs, is then
+        judged by ``atol`` and that error, as before). A failure is resolved (it is outside
+        even its error); a kink of a random projection is not (no slope was compared)."""
         if self.bad:
             return True
         if self.kink:
             return self.index is not None
+        if self.error <= _FLOOR * self.floor:  # as precise as float64 finite differences get
+            return True
         s = max(abs(self.analytic), abs(self.numerical), self.scale, scale)
         return _SAFETY * self.error <= atol + resolution * s
 
@@ -447,7 +458,8 @@ def _compare(est: _Estimate, analytic, input, output, index, rtol, atol, scale=0
         error = float(est.kink_error)
     tolerance = atol + rtol * abs(n) + _SAFETY * error
     return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right, error,
-                       float(scale), float(step), None, bool(np.all(est.still)))
+                       float(scale), float(step), None, bool(np.all(est.still)),
+                       float(est.floor))
 
 
 def _group_scales(comparisons) -> dict:

@@ -257,6 +257,62 @@ def widen(a, dtype, flat=False):
     return (a.reshape(-1) if flat else a).astype(dtype)
 
 
+class WideCache:
+    """The cache of a call that the forward did entirely in :func:`wider_dtype` (because
+    :func:`out_of_range`): ``inner`` is that call's cache, ``dtypes`` the dtype of each
+    gradient the backward returns (its input's). Attributes not its own are the inner cache's
+    (its statistics, in the wider dtype). The backward starts with::
+
+        if isinstance(cache, WideCache):
+            return cache.narrow(my_backward(dy.astype(cache.wide_dtype), cache.inner))
+    """
+
+    __slots__ = ("inner", "dtypes", "wide_dtype")
+
+    def __init__(self, inner, dtypes, wide_dtype):
+        self.inner, self.dtypes, self.wide_dtype = inner, tuple(dtypes), np.dtype(wide_dtype)
+
+    def __getattr__(self, name):
+        if name in WideCache.__slots__:  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def narrow(self, grads):
+        """``grads`` (a NamedTuple of arrays or None) in ``dtypes``, rounded as exact values."""
+        return type(grads)(*(None if g is None else narrow(g, dt)
+                             for g, dt in zip(grads, self.dtypes)))
+
+
+def narrow(a, dtype):
+    """``a`` cast to ``dtype`` (None stays None), without a warning: a value beyond the dtype
+    rounds to inf and a tiny one to a subnormal or 0, as the exact value would."""
+    if a is None:
+        return None
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        return np.asarray(a).astype(dtype, copy=False)
+
+
+def out_of_range(*arrays):
+    r"""Whether the largest finite magnitude of any of ``arrays`` (None skipped) lies outside
+    :math:`[2^{e_{min}/4}, 2^{e_{max}/4}]` of its dtype (float64: about :math:`[10^{-77},
+    10^{77}]`; float32: :math:`[3\cdot 10^{-10}, 4\cdot 10^{9}]`; float16: :math:`[0.09, 16]`),
+    where squares, sums of squares and powers may leave the range or become subnormal. All-zero
+    (or non-finite) arrays are not out of range. One pass over each array: for the variants
+    that are not per-group (weight reparametrizations, LocalResponseNorm) or whose groups span
+    the batch (BatchNorm, InstanceNorm); those then do the whole call in :func:`wider_dtype`
+    and return a :class:`WideCache`."""
+    for a in arrays:
+        if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
+            continue
+        a = np.asarray(a)
+        with np.errstate(invalid="ignore"):
+            m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
+        info = np.finfo(a.dtype)
+        if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
+            return True
+    return False
+
+
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
     """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks of about
     ``block_bytes`` (1 MiB; at least one row each), for work on independent rows.
