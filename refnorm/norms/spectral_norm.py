@@ -161,6 +161,9 @@ def spectral_norm_forward(weight, u, v, n_power_iterations=1, eps=1e-12, dim=0, 
     eps = check_eps(eps, _OP)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"{_OP}: `training` must be a bool, got {type(training).__name__}")
+    if not weight.size:  # an empty matrix has no largest singular value
+        raise ValueError(f"{_OP}: `weight` must not be empty (sigma = u^T W v of a matrix "
+                         f"without elements is undefined), got shape {weight.shape}")
     h = weight.shape[dim]
     w_mat = _matrix(weight, dim)
     u = _check_vector(u, "u", h, weight.dtype)
