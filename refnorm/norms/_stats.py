@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -237,11 +238,30 @@ def extreme_groups(var, rstd):
                               | (r < 1.0 / hi))
 
 
+_NATIVE = threading.local()
+
+
+@contextlib.contextmanager
+def native_precision():
+    """Within this context :func:`wider_dtype` is None: every variant computes in its inputs'
+    own (accumulation) dtype, as a kernel in that format would, even where the result is then
+    inaccurate. For the oracle's emulation of a correct low-precision kernel
+    (``refnorm.oracle.reference.emulate``), not for users. Per thread."""
+    old = getattr(_NATIVE, "on", False)
+    _NATIVE.on = True
+    try:
+        yield
+    finally:
+        _NATIVE.on = old
+
+
 def wider_dtype(dtype):
     r"""The dtype that :func:`extreme_groups` are recomputed in: float64 for float16 and float32,
     ``np.longdouble`` for float64 where it has a wider exponent range (x86: 80-bit, up to
     :math:`10^{\pm 4932}`), else None (then those groups keep the dtype's own result)."""
     dtype = np.dtype(dtype)
+    if getattr(_NATIVE, "on", False):
+        return None
     if dtype.itemsize < 8:
         return np.dtype(np.float64)
     if dtype == np.float64 and np.finfo(np.longdouble).maxexp > np.finfo(np.float64).maxexp:
