@@ -523,3 +523,28 @@ def test_inconclusive_raises_its_own_error_and_names_what_to_do(rng):
         check_vjp(f, vjp, (x,), mode="slow", raise_on_failure=True)
     assert isinstance(info.value, GradcheckError) and info.value.report.inconclusive
     assert "what to do" in str(info.value) and "slow mode" in str(info.value)
+
+
+def test_refnorm_verify_shows_inconclusive_as_its_own_status(monkeypatch, capsys):
+    """A variant whose finite differences cannot decide is neither "pass" nor "FAIL"."""
+    import refnorm.verify as verify
+    from refnorm.cli import main
+
+    def noisy_verifier(spec):
+        x = np.random.default_rng(0).standard_normal((3, 5))
+        f = NOISY["noise-0.001"]
+        report = check_vjp(lambda x: f(x, np.ones(5), np.zeros(5)),
+                           lambda c, x: _layer_norm_vjp(c, x, np.ones(5), np.zeros(5))[:1],
+                           [x], mode="slow")
+        assert report.inconclusive, str(report)
+        return verify.Result("norm", "noisy_norm", 1, float("nan"), report.normwise_error,
+                             bool(report), "noisy forward", inconclusive=report.inconclusive)
+
+    monkeypatch.setattr(verify, "registered",
+                        lambda: [("norm", "noisy_norm", None, noisy_verifier)])
+    assert main(["verify"]) == 1  # not a pass: the exit code says so
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "noisy_norm" in line)
+    assert "INCONCLUSIVE" in row.split()
+    assert "pass" not in row.split() and "FAIL" not in row.split()
+    assert "0 passed, 0 failed, 1 inconclusive" in out
