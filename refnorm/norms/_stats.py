@@ -40,6 +40,29 @@ The BLAS sums are not pairwise: the error of the sum of squares grows like
 about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pairwise sum; the
 4-ULP accuracy of the outputs on rows with mean :math:`10^4` and standard deviation 1 holds
 (``docs/notes/performance.rst``).
+
+**The reliability helpers** (``docs/notes/reliability.rst``; every variant uses the same ones):
+
+* *The whole floating range* (subnormal inputs with ``eps = 0``, values near the largest
+  finite number). Per group, for variants that standardize groups (rows, groups, instances):
+  compute as usual, then ``extreme_groups(var, rstd)`` gives the groups the dtype cannot do
+  right; recompute them with the same public forward on ``rows[idx].astype(wider_dtype(dtype))``
+  (parameters through ``widen``), assign the results back (rounded once, under
+  ``np.errstate(over="ignore", under="ignore")``), keep ``(idx, sub_cache)`` in a ``wide`` field
+  of the cache, and in the backward do the other groups as usual and those with the sub-cache.
+  Per call, for the others: after validation, ``if wider_dtype(x.dtype) is not None and
+  out_of_range(x, ...)``, run the whole forward on the widened inputs and return
+  ``narrow(y, x.dtype)`` (and the state narrowed) with ``WideCache(cache, grad_dtypes, wider)``;
+  the backward starts with ``if isinstance(cache, WideCache): return
+  cache.narrow(backward(dy.astype(cache.wide_dtype), cache.inner))``. ``native_precision()``
+  switches both off (the oracle's emulation of a low-precision kernel).
+* *Size-0 axes*: return PyTorch's result, an empty output (``np.empty(x.shape, x.dtype)``) and
+  zero parameter gradients, before any reduction (a mean over zero elements warns and is NaN),
+  or raise the documented ``ValueError`` naming the argument. Reshape with explicit leading
+  sizes (``x.reshape(rows, n)``), never ``x.size // n``, which is 0 for ``n = 0``.
+* *No warning escapes*: an input with NaN or inf gives NaN or inf by design; wrap the
+  arithmetic that meets them in ``np.errstate(invalid="ignore", over="ignore")`` (as the
+  variants do around their statistics and backwards), never a global filter.
 """
 from __future__ import annotations
 
