@@ -806,8 +806,8 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
                      "finite differences are no more precise than f")
     if checker.rescued:
         notes.append(f"{checker.rescued} of {checker.searched} comparisons that could not "
-                     f"resolve a relative error of {checker.resolution:g} at step {checker.step:g} "
-                     "were resolved by a step search")
+                     f"resolve a relative error of {checker.resolution:g} at step "
+                     f"{checker.step:g} were resolved by a step search")
     if open_ and not failed:
         notes += _advice(open_, comparisons, mode, checker)
     elif open_:
