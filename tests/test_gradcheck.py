@@ -178,7 +178,7 @@ def test_large_input_fails_by_projection_and_names_the_factor(rng):
     report = check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: 2 * g), (x,))
     assert not report.passed and report.worst.index is None
     assert report.pattern == "off by a constant factor 2.0"
-    assert report.n_evals == 1 + 3 * 8
+    assert report.n_evals == 1 + 3 * 8 + 1  # + 1: f again at x, to be sure it is deterministic
 
 
 # --------------------------------------------------------------------------- evaluation counts
@@ -548,3 +548,16 @@ def test_refnorm_verify_shows_inconclusive_as_its_own_status(monkeypatch, capsys
     assert "INCONCLUSIVE" in row.split()
     assert "pass" not in row.split() and "FAIL" not in row.split()
     assert "0 passed, 0 failed, 1 inconclusive" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nondeterministic_f_is_never_failed_nor_passed(mode, rng):
+    """Two calls of f at the same point differ: a disagreement proves nothing either way."""
+    x, w, b = rng.standard_normal((6, 9)), rng.standard_normal(9) + 1, rng.standard_normal(9)
+    report = check_vjp(_layer_norm_with_noise(1e-3), _layer_norm_vjp, [x, w, b], mode=mode)
+    assert report.verdict == "INCONCLUSIVE", str(report)
+    assert any("not deterministic" in note for note in report.notes)
+    # deterministic and wrong still FAILS (the re-evaluation costs one call of f)
+    wrong = check_vjp(lambda x: np.tanh(x), corrupted_tanh_vjp(lambda g: 1.01 * g), (x,),
+                      mode=mode)
+    assert wrong.verdict == "FAILED", str(wrong)
