@@ -214,11 +214,23 @@ def group_norm_backward(dy, cache):
             dx[extreme] = grads.dx
             if weight is not None:
                 sum_dyx += grads.dweight
-            if has_bias:
-                sum_dy += grads.dbias
+        if has_bias:  # summed as without the wider samples: it does not depend on x
+            sum_dy = _sum_dy(dy, x)
     dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
     return GroupNormGrads(dx, dweight, dbias)
+
+
+def _sum_dy(dy, x):
+    """Per channel, the sum of ``dy`` over all samples, in the blocks and order of
+    :func:`_backward` (bit-identical to its ``sum_dy``)."""
+    n, channels = x.shape[:2]
+    acc = np.promote_types(x.dtype, np.float32)
+    total = np.zeros(channels, acc)
+    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+        total += row_sums(_ncl(dy[blk].astype(acc if x.dtype == np.float16 else x.dtype,
+                                               copy=False))).sum(axis=0)
+    return total
 
 
 def _backward(dy, x, shift, c, r, weight):

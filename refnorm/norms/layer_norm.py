@@ -174,8 +174,10 @@ def layer_norm_backward(dy, cache):
             dx[extreme] = grads.dx
             if weight is not None:
                 dweight += grads.dweight
-            if has_bias:
-                dbias += grads.dbias
+        if has_bias:  # summed as without the wider rows: it does not depend on x
+            dbias = np.zeros_like(dbias)
+            for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+                dbias += row_sums(dy2[blk].T)  # as in _backward
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
