@@ -78,8 +78,8 @@ class GroupNormCache(NamedTuple):
     weight: np.ndarray | None       # \gamma, shape (C,), or None
     has_bias: bool
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
-    wide: tuple | None = None       # (samples, cache) of the samples the forward did in a wider
-    #                                 dtype (a subnormal or huge group: _stats.extreme_groups)
+    wide: tuple | None = None       # ((group, samples, cache), ...): the groups the forward did
+    #                                 in a wider dtype (subnormal or huge: _stats.extreme_groups)
 
     mean = property(saved_mean)   # m0 + c, rounded to one float, shape (N, G, 1)
 
@@ -131,15 +131,24 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
         y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
     wide = None
-    extreme = np.unique(extreme_groups(var, rstd) // groups)  # their samples
+    extreme = extreme_groups(var, rstd)
     wider = wider_dtype(x.dtype)
-    if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype
-        yw, sub = group_norm_forward(x[extreme].astype(wider), groups, widen(weight, wider),
-                                     widen(bias, wider), eps)
-        with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
-            y[extreme], shift[extreme], c[extreme], rstd[extreme] = \
-                yw, sub.shift, sub.correction, sub.rstd
-        wide = (extreme, sub)
+    if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype,
+        # one group at a time (as a GroupNorm of one group over its channels), so that a group's
+        # result never depends on another's
+        samples, which = np.divmod(extreme, groups)
+        wide = []
+        for g in np.unique(which):
+            sel, ch = samples[which == g], _channels(g, channels // groups)
+            yw, sub = group_norm_forward(x[sel][:, ch].astype(wider), 1,
+                                         widen(None if weight is None else weight[ch], wider),
+                                         widen(None if bias is None else bias[ch], wider), eps)
+            with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+                y[sel, ch] = yw
+                shift[sel, g], c[sel, g], rstd[sel, g] = \
+                    sub.shift[:, 0], sub.correction[:, 0], sub.rstd[:, 0]
+            wide.append((g, sel, sub))
+        wide = tuple(wide)
     return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
                              None if bias is None else bias.dtype, wide)
 
@@ -203,22 +212,32 @@ def group_norm_backward(dy, cache):
     x, shift, c, r, weight, has_bias = cache[:6]
     if cache.wide is None:
         dx, sum_dyx, sum_dy = _backward(dy, x, shift, c, r, weight)
-    else:  # the samples done in a wider dtype by the forward: their backward too
-        extreme, sub = cache.wide
-        rest = np.setdiff1d(np.arange(x.shape[0]), extreme)
-        dx = np.empty(x.shape, dtype=x.dtype)
-        dx[rest], sum_dyx, sum_dy = _backward(dy[rest], x[rest], shift[rest], c[rest], r[rest],
-                                              weight)
-        grads = group_norm_backward(dy[extreme].astype(sub.x.dtype), sub)
-        with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
-            dx[extreme] = grads.dx
-            if weight is not None:
-                sum_dyx += grads.dweight
-        if has_bias:  # summed as without the wider samples: it does not depend on x
+    else:  # the groups done in a wider dtype by the forward: their backward too. The others as
+        # usual, with those groups' dy and rstd set to 0 (their terms of the sums are exactly 0)
+        per_channel = x.shape[1] // r.shape[1]
+        dy0, r0 = dy.copy(), r.copy()
+        shift0, c0 = shift.copy(), c.copy()
+        for g, sel, _ in cache.wide:
+            dy0[sel, _channels(g, per_channel)] = 0
+            r0[sel, g], shift0[sel, g], c0[sel, g] = 0, 0, 0
+        dx, sum_dyx, sum_dy = _backward(dy0, x, shift0, c0, r0, weight)
+        for g, sel, sub in cache.wide:
+            ch = _channels(g, per_channel)
+            grads = group_norm_backward(dy[sel][:, ch].astype(sub.x.dtype), sub)
+            with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+                dx[sel, ch] = grads.dx
+                if weight is not None:
+                    sum_dyx[ch] += grads.dweight
+        if has_bias:  # summed as without the wider groups: it does not depend on x
             sum_dy = _sum_dy(dy, x)
     dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
     return GroupNormGrads(dx, dweight, dbias)
+
+
+def _channels(g, per_channel):
+    """The channels of group ``g``, as a slice."""
+    return slice(g * per_channel, (g + 1) * per_channel)
 
 
 def _sum_dy(dy, x):
