@@ -705,7 +705,9 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     n_projections : int
         Number of random projections in fast mode.
     raise_on_failure : bool
-        Raise :class:`GradcheckError` (message: the report) instead of returning a failed report.
+        Raise :class:`GradcheckError` (message: the report) instead of returning a failed report,
+        and :class:`GradcheckInconclusive` (a subclass, with its own message) instead of an
+        inconclusive one.
     diff_argnums : sequence of int, optional
         The inputs to differentiate; default: every floating-point input.
     step : float
@@ -717,7 +719,16 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     -------
     GradcheckReport
         True when passed; ``print`` it for the worst element, its analytic and numerical values,
-        the relative error, the error pattern and the non-differentiable points.
+        the relative error, the error pattern and the non-differentiable points. Its
+        ``verdict`` is ``"passed"``, ``"FAILED"`` or ``"INCONCLUSIVE"``: a comparison whose
+        finite-difference error could hide a relative error of ``max(rtol, 1e-4)`` (at the
+        gradient's scale) is *unresolved*. Before giving up on one, the checker estimates it
+        again at 16 and 256 times the step and at 1/64 of it, and in fast mode checks the
+        inputs of an unresolved projection element by element (up to ``max_fallback_size``);
+        only what is still unresolved makes the verdict INCONCLUSIVE (never a pass), with the
+        reason and what to do in the notes. Before a FAILED verdict ``f`` is called once more
+        at the point: a non-deterministic ``f`` gives INCONCLUSIVE. A function that is exact in
+        float64 costs nothing more than before.
     """
     if mode not in ("fast", "slow"):
         raise ValueError(f"mode must be 'fast' or 'slow'; got {mode!r}")
