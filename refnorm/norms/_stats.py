@@ -338,12 +338,18 @@ def narrow(a, dtype):
 def out_of_range(*arrays):
     r"""Whether the largest finite magnitude of any of ``arrays`` (None skipped) lies outside
     :math:`[2^{e_{min}/4}, 2^{e_{max}/4}]` of its dtype (float64: about :math:`[10^{-77},
-    10^{77}]`; float32: :math:`[3\cdot 10^{-10}, 4\cdot 10^{9}]`; float16: :math:`[0.09, 16]`),
-    where squares, sums of squares and powers may leave the range or become subnormal. All-zero
-    (or non-finite) arrays are not out of range. One pass over each array: for the variants
-    that are not per-group (weight reparametrizations, LocalResponseNorm) or whose groups span
-    the batch (BatchNorm, InstanceNorm); those then do the whole call in :func:`wider_dtype`
-    and return a :class:`WideCache`."""
+    10^{77}]`; float32: :math:`[3\cdot 10^{-10}, 4\cdot 10^{9}]`), where squares, sums of
+    squares and powers may leave the range or become subnormal. All-zero (or non-finite) arrays
+    are not out of range. float16 arrays always are: their window would be :math:`[0.09, 16]`,
+    with ordinary values on both sides, and a NaN put in place of the one element that decides
+    would change the rounding of every other output (the locality of the non-finite contract);
+    float16 is computed in float32 or float64 anyway. One pass over each array: for the
+    variants that are not per-group (weight reparametrizations, LocalResponseNorm) or whose
+    groups span the batch (BatchNorm, InstanceNorm); those then do the whole call in
+    :func:`wider_dtype` and return a :class:`WideCache`. (A float32 or float64 call whose
+    largest element sits at the edge of the window can still flip when a NaN replaces it.)"""
+    if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
+        return True  # always: its range is too narrow for a decision by value (see above)
     for a in arrays:
         if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
             continue
