@@ -40,12 +40,12 @@ SPEC_IDS = [s.name for s in ALL_SPECS]
 # raises here.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
-# The example budget per variant (and dtype, for the finite-input test): at most 40 in the "ci"
-# profile, so that the suite stays within minutes as the registry grows (8 variants: 960 + 320
+# The example budget per variant (and dtype, for the finite-input test): at most 30 in the "ci"
+# profile, so that the suite stays within minutes as the registry grows (8 variants: 720 + 240
 # calls); the "long" profile's own count locally; REFNORM_RELIABILITY_EXAMPLES overrides both.
 EXAMPLES = int(os.environ.get("REFNORM_RELIABILITY_EXAMPLES", 0)) or (
     settings.default.max_examples if settings.default.max_examples > 100
-    else min(settings.default.max_examples, 40))
+    else min(settings.default.max_examples, 30))
 
 
 def _dtype_id(dtype):
