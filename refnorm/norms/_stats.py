@@ -235,12 +235,14 @@ def saved_xhat(cache):
 # ------------------------------------------------------------------------------------------
 # The whole floating range: groups done again in a wider dtype
 # ------------------------------------------------------------------------------------------
-def extreme_groups(var, rstd):
+def extreme_groups(var, rstd, dtype=None):
     r"""Flat indices of the groups that the dtype's own arithmetic cannot do right, from the
     statistics already computed (one comparison per group: free for ordinary inputs):
 
-    * ``var`` below the smallest normal number of its (accumulation) dtype: the spread of the
-      group is below about :math:`10^{-154}` (float64; float32: :math:`10^{-19}`), so that its
+    * ``var`` below the smallest normal number of its (accumulation) dtype, or, with ``dtype``
+      (``x``'s), below :math:`(8 t)^2`, :math:`t` its smallest normal number (float16:
+      :math:`2.4\cdot 10^{-7}`): the spread of the group is below about :math:`10^{-154}`
+      (float64; float32: :math:`10^{-19}`; float16: :math:`5\cdot 10^{-4}`), so that its
       differences :math:`x - \mu` may be subnormal, with few significant bits, and their
       squares underflow (subnormal inputs, e.g. float64 :math:`10^{-310}\,z`, with any
       ``eps``). Constant groups (``var = 0``) are included: their result is the same;
@@ -256,9 +258,11 @@ def extreme_groups(var, rstd):
     v, r = np.ravel(var), np.ravel(rstd)
     info = np.finfo(r.dtype)
     hi = float(info.max) * 2.0 ** -(info.nmant + 2)
+    low = float(np.finfo(v.dtype).smallest_normal)
+    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
+        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
     with np.errstate(invalid="ignore"):
-        return np.flatnonzero((v < float(np.finfo(v.dtype).smallest_normal)) | (r > hi)
-                              | (r < 1.0 / hi))
+        return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
 
 
 _NATIVE = threading.local()

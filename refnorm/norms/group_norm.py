@@ -131,7 +131,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
         y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
     wide = None
-    extreme = extreme_groups(var, rstd)
+    extreme = extreme_groups(var, rstd, x.dtype)
     wider = wider_dtype(x.dtype)
     if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype,
         # one group at a time (as a GroupNorm of one group over its channels), so that a group's

@@ -184,9 +184,11 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
                 var.reshape(-1)[flat], rstd.reshape(-1)[flat] = v64, r64
         xhat *= rstd  # the centred buffer becomes \hat x in place (same_kind for float16)
         if tracking:
-            running_mean, running_var = update_running_stats(
-                running_mean, running_var, mean.reshape(x.shape[:2]).mean(axis=0),
-                var.reshape(x.shape[:2]).mean(axis=0), m, momentum)
+            with np.errstate(invalid="ignore"):  # no instance (N = 0): NaN, as PyTorch
+                n = x.shape[0]
+                running_mean, running_var = update_running_stats(
+                    running_mean, running_var, mean.reshape(x.shape[:2]).sum(axis=0) / n,
+                    var.reshape(x.shape[:2]).sum(axis=0) / n, m, momentum)
     else:
         if not tracking:
             raise ValueError(f"{_OP}: `running_mean` and `running_var` must be given when "

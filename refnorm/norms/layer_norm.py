@@ -103,7 +103,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a row with an inf: NaN
         y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps)
     wide = None
-    extreme = extreme_groups(var, rstd)
+    extreme = extreme_groups(var, rstd, x.dtype)
     wider = wider_dtype(x.dtype)
     if extreme.size and wider is not None and rows.shape[1]:  # subnormal or huge rows:
         # again in a wider dtype
@@ -163,12 +163,13 @@ def layer_norm_backward(dy, cache):
     w = weight.reshape(-1) if weight is not None else None
     if cache.wide is None:
         dx, dweight, dbias = _backward(dy2, rows, shift, c, r, w, has_bias)
-    else:  # the rows done in a wider dtype by the forward: their backward too
+    else:  # the rows done in a wider dtype by the forward: their backward too. The others as
+        # usual, in place (a row's sums must not depend on where it sits in the matrix), with
+        # those rows' dy and r set to 0 (their terms of the sums are exactly 0)
         extreme, sub = cache.wide
-        rest = np.setdiff1d(np.arange(rows.shape[0]), extreme)
-        dx = np.empty(rows.shape, dtype=x.dtype)
-        dx[rest], dweight, dbias = _backward(dy2[rest], rows[rest], shift[rest], c[rest],
-                                             r[rest], w, has_bias)
+        dy0, r0, shift0, c0 = dy2.copy(), r.copy(), shift.copy(), c.copy()
+        dy0[extreme], r0[extreme], shift0[extreme], c0[extreme] = 0, 0, 0, 0
+        dx, dweight, dbias = _backward(dy0, rows, shift0, c0, r0, w, has_bias)
         grads = layer_norm_backward(dy2[extreme].astype(sub.x.dtype), sub)
         with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
             dx[extreme] = grads.dx

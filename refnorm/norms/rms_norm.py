@@ -227,12 +227,16 @@ def rms_norm_backward(dy, cache):
     w = weight.reshape(-1) if weight is not None else None
     if cache.wide is None:
         dx, dweight = _backward(dy2, rows, r, q, w)
-    else:  # the rows done in a wider dtype by the forward: their backward too
+    else:  # the rows done in a wider dtype by the forward: their backward too. The others as
+        # usual, in place (a row's sums must not depend on where it sits in the matrix), with
+        # those rows' dy and r set to 0 (their terms of the sums are exactly 0)
         extreme, sub = cache.wide
-        rest = np.setdiff1d(np.arange(rows.shape[0]), extreme)
-        dx = np.empty(rows.shape, dtype=x.dtype)
-        dx[rest], dweight = _backward(dy2[rest], rows[rest], r[rest],
-                                      None if q is None else q[rest], w)
+        dy0, r0 = dy2.copy(), r.copy()
+        dy0[extreme], r0[extreme] = 0, 0
+        q0 = None if q is None else q.copy()
+        if q0 is not None:
+            q0[extreme] = 1
+        dx, dweight = _backward(dy0, rows, r0, q0, w)
         grads = rms_norm_backward(dy2[extreme].astype(sub.x.dtype), sub)
         with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
             dx[extreme] = grads.dx
