@@ -58,14 +58,16 @@ def cmd_verify(args):
     print(f"{'kind':<10} {'name':<{width}} {'cases':>5}  {'hand-engine':>11}  {'hand-FD':>8}  "
           f"result")
     for r in results:
-        status = "pass" if r.passed else "FAIL"
+        status = r.status
         note = f"  {r.note}" if r.note else ""
         print(f"{r.kind:<10} {r.name:<{width}} {r.cases:>5}  {_fmt(r.hand_engine):>11}  "
               f"{_fmt(r.hand_fd):>8}  {status}{note}")
         for line in getattr(r, "details", ()):
             print(f"{'':<10}   {line}")
     failed = [r.name for r in results if not r.passed]
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    undecided = sum(r.status == "INCONCLUSIVE" for r in results)
+    print(f"{len(results) - len(failed)} passed, {len(failed) - undecided} failed"
+          + (f", {undecided} inconclusive" if undecided else ""))
     return 1 if failed else 0
 
 

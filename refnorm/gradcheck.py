@@ -25,13 +25,14 @@ cotangent the check of a normalization layer is vacuous.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 __all__ = ["check_vjp", "numerical_jacobian", "directional_derivative", "GradcheckReport",
-           "GradcheckError", "Worst", "Kink"]
+           "GradcheckError", "GradcheckInconclusive", "Worst", "Kink"]
 
 _EPS = np.finfo(np.float64).eps
 _LEVELS = 4          # steps t, t/2, t/4, t/8: 2 * _LEVELS evaluations of f per derivative
@@ -39,7 +40,10 @@ _SAFETY = 4.0        # slack, in units of the estimated finite-difference error
 _NOISE = 16.0        # f is trusted to about this many ulps of its magnitude
 _KINK_FACTOR = 10.0  # one-sided slopes must differ by this many of their error estimates ...
 _KINK_RTOL = 1e-6    # ... and by this fraction of their size, to call a point a kink
-_RESOLVE = 1e-4      # a comparison that cannot see a relative error this large is noted
+_RESOLVE = 1e-4      # a pass must resolve a relative error this large (or rtol, if larger)
+_STEP_SEARCH = (16.0, 256.0, 1.0 / 64)  # steps tried, relative to `step`, on an unresolved one
+_MAX_STEP = 0.05     # ... but no relative step above this
+_FLOOR = 4.0         # an error within this many float64 rounding floors is resolved anyway
 
 
 class Worst(NamedTuple):
@@ -69,6 +73,14 @@ class GradcheckReport:
     Attributes
     ----------
     passed : bool
+        True only for the verdict ``"passed"``: every comparison agreed **and** was resolved.
+    verdict : {"passed", "FAILED", "INCONCLUSIVE"}
+        ``"FAILED"``: some analytic value is outside its tolerance, finite-difference error
+        included. ``"INCONCLUSIVE"``: none is, but some comparison could not resolve the
+        tolerance (its finite-difference error estimate exceeds ``max(rtol, 1e-4)`` of the
+        gradient's scale) even after a step search and, in fast mode, element by element: the
+        check cannot tell a right gradient from a wrong one there. The notes say why and what
+        to do. ``bool(report)`` is false for both.
     mode : {"fast", "slow"}
     n_evals, n_vjp_calls : int
         How many times ``f`` and ``vjp`` were called.
@@ -99,12 +111,26 @@ class GradcheckReport:
     notes: list = field(default_factory=list)
     rtol: float = 1e-7
     atol: float = 1e-9
+    verdict: str = ""
+    n_unresolved: int = 0   # comparisons left unresolved (INCONCLUSIVE when > 0 and no failure)
+
+    def __post_init__(self):
+        if not self.verdict:
+            self.verdict = "passed" if self.passed else "FAILED"
+        if self.verdict not in ("passed", "FAILED", "INCONCLUSIVE"):
+            raise ValueError(f"verdict must be 'passed', 'FAILED' or 'INCONCLUSIVE'; got "
+                             f"{self.verdict!r}")
+        self.passed = self.verdict == "passed"
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.verdict == "INCONCLUSIVE"
 
     def __bool__(self) -> bool:
         return bool(self.passed)
 
     def __str__(self) -> str:
-        lines = [f"gradcheck {'passed' if self.passed else 'FAILED'} ({self.mode} mode, "
+        lines = [f"gradcheck {self.verdict} ({self.mode} mode, "
                  f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp)",
                  f"  max relative error: {self.max_rel_error:.3e} (rtol={self.rtol:g}, "
                  f"atol={self.atol:g}, plus {_SAFETY:g}x the finite-difference error estimate)",
@@ -133,6 +159,19 @@ class GradcheckError(AssertionError):
 
     def __init__(self, report: GradcheckReport):
         super().__init__(str(report))
+        self.report = report
+
+
+class GradcheckInconclusive(GradcheckError):
+    """Raised by ``check_vjp(..., raise_on_failure=True)`` when the verdict is INCONCLUSIVE:
+    nothing was found wrong, but the check could not resolve its tolerance, so it cannot pass.
+    A subclass of :class:`GradcheckError`; the message says so before the report."""
+
+    def __init__(self, report: GradcheckReport):
+        AssertionError.__init__(
+            self, "gradcheck INCONCLUSIVE: the finite differences of f could not resolve the "
+                  "tolerance, so the gradient is neither confirmed nor refuted (not a pass; "
+                  "see 'what to do' below)\n" + str(report))
         self.report = report
 
 
@@ -186,6 +225,8 @@ class _Estimate(NamedTuple):
     right: np.ndarray
     kink_error: np.ndarray
     kink: np.ndarray
+    still: object = False   # f did not change at all at any step (bool, per output element)
+    floor: object = 0.0     # the rounding noise a float64-exact f would have: the best possible
 
 
 def _scale(x: np.ndarray) -> np.ndarray:
@@ -215,11 +256,18 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
     steps = (step / reach) * 0.5 ** np.arange(_LEVELS)
     central, forward, backward = [], [], []
     moved = [np.zeros(y.shape, bool) for y in f0]
+    # An output element that changes at one step but is bit-identical at another has a
+    # quantum (f rounds to a coarser grid inside, e.g. float16): its largest change.
+    stuck = [np.zeros(y.shape, bool) for y in f0]
+    jump = [np.zeros(y.shape) for y in f0]
     for t in steps:
         up = fn([x if v is None else x + t * v for x, v in zip(xs, directions)])
         down = fn([x if v is None else x - t * v for x, v in zip(xs, directions)])
         for changed, p, b, m in zip(moved, up, f0, down):
             changed |= (p != b) | (m != b)
+        for s_, j_, p, b, m in zip(stuck, jump, up, f0, down):
+            s_ |= (p == b) & (m == b)
+            np.maximum(j_, np.maximum(np.abs(p - b), np.abs(m - b)), out=j_)
         central.append([(p - m) / (2 * t) for p, m in zip(up, down)])
         forward.append([(p - b) / t for p, b in zip(up, f0)])
         backward.append([(b - m) / t for b, m in zip(f0, down)])
@@ -227,6 +275,11 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
     for o, y in enumerate(f0):
         # Rounding in f blurs every quotient by about ulp(f) / t, whatever the table says.
         noise = _NOISE * fn.eps * np.abs(y) * moved[o] / steps[-1]
+        floor = _NOISE * _EPS * np.abs(y) * moved[o] / steps[-1]
+        floor = floor if weights is None else np.sum(np.abs(weights[o]) * floor)
+        quantized = moved[o] & stuck[o]
+        if quantized.any():  # the differences are multiples of the quantum: noise of its size
+            noise = np.maximum(noise, np.where(quantized, jump[o], 0.0) / steps[-1])
         noise = noise if weights is None else np.sum(np.abs(weights[o]) * noise)
         value, error = _richardson(np.array([project(o, q[o]) for q in central]), 2, noise)
         right, e_right = _richardson(np.array([project(o, q[o]) for q in forward]), 1, 2 * noise)
@@ -236,7 +289,9 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
         jump = np.abs(right - left)
         kink = (jump > _KINK_FACTOR * kink_error + atol) & \
                (jump > _KINK_RTOL * np.maximum(np.abs(left), np.abs(right)))
-        estimates.append(_Estimate(value, error + noise, left, right, kink_error, kink))
+        still = ~moved[o] if weights is None else not moved[o].any()
+        estimates.append(_Estimate(value, error + noise, left, right, kink_error, kink, still,
+                                   floor))
     return estimates
 
 
@@ -347,6 +402,12 @@ class _Comparison(NamedTuple):
     kink: bool
     left: float
     right: float
+    error: float = 0.0  # the finite-difference error estimate e (tolerance = atol + rtol|n| + 4e)
+    scale: float = 0.0  # the scale of the terms of a projection, sum_j |(J^T u)_j v_j|
+    step: float = 0.0   # the relative step that gave `numerical`
+    direction: object = None  # (moved, cotangents, analytic, input, index): to estimate again
+    still: bool = False       # f did not change at all at the step (below its resolution?)
+    floor: float = 0.0        # the float64 rounding noise of the estimate: its best possible e
 
     @property
     def bad(self) -> bool:  # written so that NaN fails
@@ -360,14 +421,35 @@ class _Comparison(NamedTuple):
         gap = abs(self.analytic - self.numerical)
         return gap / max(abs(self.analytic), abs(self.numerical), atol) if gap else 0.0
 
+    def resolved(self, resolution: float, atol: float, scale: float = 0.0) -> bool:
+        r"""Whether the finite-difference error could have shown a relative error of
+        ``resolution``: :math:`4 e \le atol + resolution \cdot S`, with :math:`S` the largest
+        of :math:`|a|`, :math:`|n|`, the projection's terms and ``scale`` (the largest analytic
+        value of the comparison's group: an element near zero is judged at the scale of the
+        gradient, as the normwise error is). Also resolved: an error within a few times the
+        rounding noise that an exact float64 ``f`` gives at that step (the best finite
+        differences can do: a gradient that is zero, or tiny next to the outputs, is then
+        judged by ``atol`` and that error, as before). A failure is resolved (it is outside
+        even its error); a kink of a random projection is not (no slope was compared)."""
+        if self.bad:
+            return True
+        if self.kink:
+            return self.index is not None
+        if self.error <= _FLOOR * self.floor:  # as precise as float64 finite differences get
+            return True
+        s = max(abs(self.analytic), abs(self.numerical), self.scale, scale)
+        return _SAFETY * self.error <= atol + resolution * s
 
-def _compare(est: _Estimate, analytic, input, output, index, rtol, atol) -> _Comparison:
+
+def _compare(est: _Estimate, analytic, input, output, index, rtol, atol, scale=0.0,
+             step=0.0) -> _Comparison:
     r"""Compare one analytic number :math:`a` with its finite-difference estimate :math:`n`.
 
     A smooth point passes when :math:`|a - n| \le atol + rtol\,|n| + 4 e`, with :math:`e` the
     extrapolation's error estimate. At a kink any subgradient is right, so :math:`a` is compared
     with the nearest point between the left and right slopes. That holds for one element; a
-    random projection may cross several kinks at once, so there a kink is never a failure.
+    random projection may cross several kinks at once, so there a kink is never a failure (and
+    never a pass: it is unresolved).
     """
     a, left, right = float(analytic), float(est.left), float(est.right)
     n, error = float(est.value), float(est.error)
@@ -375,7 +457,25 @@ def _compare(est: _Estimate, analytic, input, output, index, rtol, atol) -> _Com
         n = a if index is None else min(max(a, min(left, right)), max(left, right))
         error = float(est.kink_error)
     tolerance = atol + rtol * abs(n) + _SAFETY * error
-    return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right)
+    return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right, error,
+                       float(scale), float(step), None, bool(np.all(est.still)),
+                       float(est.floor))
+
+
+def _group_scales(comparisons) -> dict:
+    """The largest analytic value of each group (input, output, projection or element)."""
+    scales: dict = {}
+    for c in comparisons:
+        key = (c.input, c.output, c.index is None)
+        if math.isfinite(c.analytic):
+            scales[key] = max(scales.get(key, 0.0), abs(c.analytic))
+    return scales
+
+
+def _unresolved(comparisons, resolution, atol) -> list[bool]:
+    scales = _group_scales(comparisons)
+    return [not c.resolved(resolution, atol, scales.get((c.input, c.output, c.index is None),
+                                                        0.0)) for c in comparisons]
 
 
 def _factor(a: np.ndarray, n: np.ndarray, tolerance: np.ndarray) -> str:
@@ -428,10 +528,14 @@ class _Checker:
     def __init__(self, f, vjp, xs, diff, step, rtol, atol):
         self.fn, self.vjp, self.xs, self.diff = _Function(f), vjp, xs, diff
         self.step, self.rtol, self.atol = step, rtol, atol
+        self.resolution = max(rtol, _RESOLVE)
         self.scales = [_scale(x) if x.dtype.kind == "f" else None for x in xs]
         self.movable = [k for k in diff if xs[k].size]
         self.f0 = self.fn(xs)
         self.n_vjp_calls, self.notes = 0, []
+        self.searched = self.rescued = 0  # comparisons given a step search; resolved by it
+        self.jitter = 0.0  # how far two calls of f at the same point differ (0: deterministic)
+        self.steps_tried = {step}
 
     def draw(self, rng):
         """Random cotangents, and the analytic J_o^T u_o of each output o (one vjp call each)."""
@@ -444,25 +548,78 @@ class _Checker:
             self.n_vjp_calls += 1
         return cotangents, grads
 
+    def search_steps(self) -> list[float]:
+        """The steps of a step search, in the order tried (``_STEP_SEARCH``, capped)."""
+        steps = []
+        for factor in _STEP_SEARCH:
+            step = min(self.step * factor, max(_MAX_STEP, self.step))
+            if step != self.step and step not in steps:
+                steps.append(step)
+        return steps
+
+    def _estimate(self, moved, cotangents, analytic, input, index, scales, step):
+        estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, step, cotangents,
+                           self.atol)
+        return [_compare(est, a, input, o, index, self.rtol, self.atol, s, step)
+                for o, (est, a, s) in enumerate(zip(estimates, analytic, scales))]
+
+    def search(self, comparisons, group_scale=None) -> list[_Comparison]:
+        """Give every unresolved comparison a step search: the same derivative at wider steps
+        (less rounding noise per unit of step) and at a narrower one (less truncation), keeping
+        the estimate with the smallest error. Costs nothing when all are resolved."""
+        scales = _group_scales(comparisons) if group_scale is None else group_scale
+        out = list(comparisons)
+
+        def open_(c):  # unresolved, or failed only because f did not move at this step
+            return (c.still and c.analytic != 0) or not c.resolved(
+                self.resolution, self.atol, scales.get((c.input, c.output, c.index is None), 0.0))
+
+        # comparisons that share a direction (one per output) are searched together
+        by_direction: dict = {}
+        for n, c in enumerate(out):
+            if open_(c) and c.direction is not None and not c.kink:  # a kink stays one
+                by_direction.setdefault(id(c.direction), []).append(n)
+        for members in by_direction.values():
+            first = out[members[0]]
+            self.searched += len(members)
+            for step in self.search_steps():
+                self.steps_tried.add(step)
+                moved, cotangents, analytic, input, index = first.direction
+                new = self._estimate(moved, cotangents, analytic, input, index,
+                                     [out[members[0]].scale] * len(analytic), step)
+                for n in members:
+                    c, d = out[n], new[out[n].output]
+                    if (d.still, d.error) < (c.still, c.error):  # moved, then more precise
+                        out[n] = d._replace(direction=c.direction)
+                members = [n for n in members if open_(out[n])]
+                if not members:
+                    break
+            self.rescued += sum(1 for n in by_direction[id(first.direction)]
+                                if not open_(out[n]))
+        return out
+
     def projection(self, cotangents, grads, directions: dict, input=None) -> list[_Comparison]:
         r"""Compare :math:`u^T (J v)`, by finite differences, with :math:`(J^T u)^T v`."""
         moved = [directions.get(k) for k in range(len(self.xs))]
-        estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, self.step, cotangents,
-                           self.atol)
-        return [_compare(est, sum(float(np.sum(g[k] * v)) for k, v in directions.items()),
-                         input, o, None, self.rtol, self.atol)
-                for o, (est, g) in enumerate(zip(estimates, grads))]
+        analytic = [sum(float(np.sum(g[k] * v)) for k, v in directions.items()) for g in grads]
+        terms = [sum(float(np.sum(np.abs(g[k] * v))) for k, v in directions.items())
+                 for g in grads]
+        found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step)
+        where = (moved, cotangents, analytic, input, None)
+        return self.search([c._replace(direction=where) for c in found], {})
 
     def elements(self, k, cotangents, grads) -> list[_Comparison]:
-        """Compare (J^T u)[j] with its finite difference, one element j of input k at a time."""
+        """Compare (J^T u)[j] with its finite difference, one element j of input k at a time;
+        then a step search for those that could not resolve the tolerance."""
         comparisons = []
         for j in np.ndindex(self.xs[k].shape):
             moved = [_one_hot(self.xs[k], j) if i == k else None for i in range(len(self.xs))]
-            estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, self.step,
-                               cotangents, self.atol)
-            comparisons += [_compare(est, g[k][j], k, o, j, self.rtol, self.atol)
-                            for o, (est, g) in enumerate(zip(estimates, grads))]
-        return comparisons
+            analytic = [g[k][j] for g in grads]
+            found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
+                                   self.step)
+            where = (moved, cotangents, analytic, k, j)
+            comparisons += [c._replace(direction=where) for c in found]
+        return self.search(comparisons)
 
     def slow(self, rng) -> list[_Comparison]:
         cotangents, grads = self.draw(rng)
@@ -474,7 +631,8 @@ class _Checker:
             cotangents, grads = self.draw(rng)
             directions = {k: rng.standard_normal(self.xs[k].shape) for k in self.movable}
             joint = self.projection(cotangents, grads, directions)
-            if not any(c.troubled for c in joint):
+            unresolved = any(_unresolved(joint, self.resolution, self.atol))
+            if not any(c.troubled for c in joint) and not unresolved:
                 comparisons += joint
                 continue
             # Find the culprit: one input at a time, then element by element if small enough.
@@ -482,11 +640,15 @@ class _Checker:
             for k in sorted(set(self.movable) - checked):
                 local = [c._replace(input=k) for c in joint] if len(self.movable) == 1 else \
                     self.projection(cotangents, grads, {k: directions[k]}, input=k)
-                explained |= any(c.troubled for c in local)
-                if any(c.troubled for c in local) and self.xs[k].size <= max_fallback_size:
+                open_ = any(_unresolved(local, self.resolution, self.atol))
+                troubled = any(c.troubled for c in local) or open_
+                explained |= troubled
+                if troubled and self.xs[k].size <= max_fallback_size:
                     comparisons += self.elements(k, cotangents, grads)
                     checked.add(k)
-                    why = "failed" if any(c.bad for c in local) else "met a kink"
+                    why = "failed" if any(c.bad for c in local) else \
+                        "met a kink" if any(c.kink for c in local) else \
+                        "could not resolve the tolerance"
                     self.notes.append(f"the fast check of input {k} {why}, so its "
                                       f"{self.xs[k].size} elements were checked one by one")
                     continue
@@ -495,8 +657,10 @@ class _Checker:
                     self.notes.append(f"a random direction met a kink of input {k}, too large "
                                       "to check element by element: inconclusive there")
             if not explained:  # no single input disagrees, but all of them together do
-                comparisons += [c for c in joint if c.bad]
-                self.notes.append("a projection over all inputs failed but no single input did")
+                comparisons += [c for c in joint if c.bad or not c.resolved(
+                    self.resolution, self.atol)]
+                self.notes.append("a projection over all inputs failed or could not resolve "
+                                  "the tolerance, but no single input did")
         return comparisons
 
 
@@ -541,7 +705,9 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     n_projections : int
         Number of random projections in fast mode.
     raise_on_failure : bool
-        Raise :class:`GradcheckError` (message: the report) instead of returning a failed report.
+        Raise :class:`GradcheckError` (message: the report) instead of returning a failed report,
+        and :class:`GradcheckInconclusive` (a subclass, with its own message) instead of an
+        inconclusive one.
     diff_argnums : sequence of int, optional
         The inputs to differentiate; default: every floating-point input.
     step : float
@@ -553,7 +719,16 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     -------
     GradcheckReport
         True when passed; ``print`` it for the worst element, its analytic and numerical values,
-        the relative error, the error pattern and the non-differentiable points.
+        the relative error, the error pattern and the non-differentiable points. Its
+        ``verdict`` is ``"passed"``, ``"FAILED"`` or ``"INCONCLUSIVE"``: a comparison whose
+        finite-difference error could hide a relative error of ``max(rtol, 1e-4)`` (at the
+        gradient's scale) is *unresolved*. Before giving up on one, the checker estimates it
+        again at 16 and 256 times the step and at 1/64 of it, and in fast mode checks the
+        inputs of an unresolved projection element by element (up to ``max_fallback_size``);
+        only what is still unresolved makes the verdict INCONCLUSIVE (never a pass), with the
+        reason and what to do in the notes. Before a FAILED verdict ``f`` is called once more
+        at the point: a non-deterministic ``f`` gives INCONCLUSIVE. A function that is exact in
+        float64 costs nothing more than before.
     """
     if mode not in ("fast", "slow"):
         raise ValueError(f"mode must be 'fast' or 'slow'; got {mode!r}")
@@ -571,7 +746,13 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         comparisons = checker.slow(rng)
     else:
         comparisons = checker.fast(rng, n_projections, max_fallback_size)
+    if any(c.bad for c in comparisons):  # before a FAILED verdict: is f a function at all?
+        again = checker.fn(xs)
+        checker.jitter = max((float(np.max(np.abs(a - b), initial=0.0))
+                              for a, b in zip(again, checker.f0)), default=0.0)
     report = _report(comparisons, mode, checker, notes + checker.notes, rtol, atol)
+    if raise_on_failure and report.inconclusive:
+        raise GradcheckInconclusive(report)
     if raise_on_failure and not report:
         raise GradcheckError(report)
     return report
@@ -586,8 +767,54 @@ def _normwise(comparisons) -> float:
     return gap / scale if scale > 0 else gap
 
 
+def _where(c) -> str:
+    if c.index is None:
+        return "a random projection" + ("" if c.input is None else f" of input {c.input}")
+    return f"input {c.input} element {c.index}"
+
+
+def _advice(open_, comparisons, mode, checker) -> list[str]:
+    """Why the check could not decide, and what to do: the INCONCLUSIVE verdict's notes."""
+    scales = _group_scales(comparisons)
+    best = min(_SAFETY * c.error / max(abs(c.analytic), abs(c.numerical), c.scale,
+                                       scales.get((c.input, c.output, c.index is None), 0.0),
+                                       1e-300) for c in open_)
+    steps = sorted(checker.steps_tried)
+    tried = f"steps {steps[0]:g} to {steps[-1]:g}" if len(steps) > 1 else f"step {steps[0]:g}"
+    noisy = checker.fn.eps > _EPS
+    notes = [f"INCONCLUSIVE: {len(open_)} of {len(comparisons)} comparisons could not resolve "
+             f"a relative error of {checker.resolution:g}, even after a step search ({tried})"
+             + (" and element by element" if any(c.index is not None for c in open_)
+                and mode == "fast" else "")
+             + f": their finite-difference error is at best {best:.1e} of the gradient's scale, "
+             "so an analytic gradient this far off would pass too",
+             "why: f is " + ("low-precision (its outputs are not float64)" if noisy else
+                             "noisy at the scale of the step (it computes in float16/float32 "
+                             "inside, or adds noise)") + ", or not smooth there"]
+    named = [c for c in open_ if c.index is not None][:5]
+    todo = "what to do: compute f in float64 (accumulate in float64 too); or try another step " \
+           f"(step= larger than {steps[-1]:g} if f is noisy, smaller than {steps[0]:g} if it " \
+           "curves sharply)"
+    if named:
+        todo += "; or check the named elements in slow mode with that step: " + \
+            ", ".join(_where(c) for c in named) + (", ..." if len(open_) > len(named) else "")
+    elif any(c.index is None for c in open_):
+        todo += "; or use mode='slow' (or a larger max_fallback_size) to check element by " \
+                "element and name the elements"
+    return notes + [todo]
+
+
 def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
-    passed = not any(c.bad for c in comparisons)
+    failed = any(c.bad for c in comparisons)
+    flags = _unresolved(comparisons, checker.resolution, atol)
+    if failed and checker.jitter > 0:  # f is not deterministic: no finite difference is sure
+        notes.append(f"f is not deterministic: two calls at the same point differ by up to "
+                     f"{checker.jitter:.3g}, so no disagreement with its finite differences "
+                     "proves the gradient wrong")
+        flags = [f or c.bad for f, c in zip(flags, comparisons)]
+        failed = False
+    open_ = [c for c, f in zip(comparisons, flags) if f]
+    verdict = "FAILED" if failed else "INCONCLUSIVE" if open_ else "passed"
 
     def governed_by_rtol(c):  # near zero atol judges, and a relative error says little
         return max(abs(c.analytic), abs(c.numerical)) * rtol >= atol
@@ -599,15 +826,19 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
     if checker.fn.eps > _EPS:
         notes.append(f"f returns outputs of machine epsilon {checker.fn.eps:.1e} (not float64): "
                      "finite differences are no more precise than f")
-    loose = [c for c in comparisons if not c.kink
-             and c.tolerance > atol + _RESOLVE * max(abs(c.analytic), abs(c.numerical))]
-    if loose:
-        notes.append(f"{len(loose)} of {len(comparisons)} comparisons could not resolve a "
-                     f"relative error of {_RESOLVE:g}: their finite-difference error estimate is "
-                     "large (f noisy, low-precision, or not smooth at the scale of the step)")
+    if checker.rescued:
+        notes.append(f"{checker.rescued} of {checker.searched} comparisons that could not "
+                     f"resolve a relative error of {checker.resolution:g} at step "
+                     f"{checker.step:g} were resolved by a step search")
+    if open_ and not failed:
+        notes += _advice(open_, comparisons, mode, checker)
+    elif open_:
+        notes.append(f"besides the failure, {len(open_)} comparison(s) could not resolve a "
+                     f"relative error of {checker.resolution:g}")
     worst = max(comparisons, key=badness, default=None)
     return GradcheckReport(
-        passed=passed, mode=mode, n_evals=checker.fn.n_evals, n_vjp_calls=checker.n_vjp_calls,
+        passed=verdict == "passed", mode=mode, n_evals=checker.fn.n_evals,
+        n_vjp_calls=checker.n_vjp_calls,
         max_rel_error=max((c.rel_error(atol) for c in comparisons
                            if c.bad or governed_by_rtol(c)), default=0.0),
         normwise_error=_normwise(comparisons),
@@ -616,7 +847,8 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
                                                worst.rel_error(atol)),
         kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
                for c in comparisons if c.kink],
-        pattern="" if passed else _diagnose(comparisons, worst), notes=notes, rtol=rtol, atol=atol)
+        pattern=_diagnose(comparisons, worst) if failed else "", notes=notes, rtol=rtol,
+        atol=atol, verdict=verdict, n_unresolved=len(open_))
 
 
 # --------------------------------------------------------------------------- public helpers

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refnorm.gradcheck import (GradcheckError, GradcheckReport, check_vjp, directional_derivative,
-                               numerical_jacobian)
+from refnorm.gradcheck import (GradcheckError, GradcheckInconclusive, GradcheckReport, check_vjp,
+                               directional_derivative, numerical_jacobian)
+from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
 
 MODES = ("fast", "slow")
 
@@ -177,7 +178,7 @@ def test_large_input_fails_by_projection_and_names_the_factor(rng):
     report = check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: 2 * g), (x,))
     assert not report.passed and report.worst.index is None
     assert report.pattern == "off by a constant factor 2.0"
-    assert report.n_evals == 1 + 3 * 8
+    assert report.n_evals == 1 + 3 * 8 + 1  # + 1: f again at x, to be sure it is deterministic
 
 
 # --------------------------------------------------------------------------- evaluation counts
@@ -234,9 +235,12 @@ def test_kinks_are_reported_not_failed(name, mode):
 def test_kinks_of_a_large_input_are_inconclusive_not_failures(rng):
     x = relu(rng.standard_normal(3000))  # half the elements sit exactly on the kink
     report = check_vjp(relu, relu_vjp, (x,))
-    assert report.passed and report.kinks and report.kinks[0].index is None
+    # a random projection across kinks compares no slope: never a pass, never a failure
+    assert not report and report.verdict == "INCONCLUSIVE" and report.inconclusive
+    assert report.kinks and report.kinks[0].index is None
     assert any("inconclusive" in note for note in report.notes)
-    assert report.n_evals == 1 + 3 * 8
+    assert any("mode='slow'" in note for note in report.notes), str(report)
+    assert report.n_evals == 1 + 3 * 8  # no step search on a kink
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -421,3 +425,139 @@ def test_checks_a_torch_function_through_a_two_line_wrapper(torch, rng):
     assert check_vjp(f, vjp, (x,)) and check_vjp(f, vjp, (x,), mode="slow")
     wrong = lambda cts, x: (2 * vjp(cts, x)[0],)  # noqa: E731
     assert check_vjp(f, wrong, (x,)).pattern == "off by a constant factor 2.0"
+
+
+# --------------------------------------------------------------------------- noisy forwards
+# A forward that is not the exact function whose VJP is given: it accumulates in float16 or
+# float32, or adds relative noise. Whatever its noise, the checker either resolves the
+# comparison (and then judges it) or says INCONCLUSIVE; it never says "passed" beside an
+# error it could not see (issue 17: "passed" next to a 135% error).
+
+def _layer_norm_accumulating_in(dtype):
+    def f(x, w, b):
+        xs = x.astype(dtype)
+        d = xs - xs.mean(axis=-1, keepdims=True, dtype=dtype)
+        var = (d * d).mean(axis=-1, keepdims=True, dtype=dtype)
+        return (d / np.sqrt(var + dtype(1e-5))).astype(np.float64) * w + b
+    return f
+
+
+def _layer_norm_with_noise(relative):
+    rng = np.random.default_rng(99)  # fresh noise at every call: f is not even deterministic
+
+    def f(x, w, b):
+        y = layer_norm_forward(x, x.shape[-1:], w, b)[0]
+        return y * (1 + relative * rng.standard_normal(y.shape))
+    return f
+
+
+def _layer_norm_vjp(cts, x, w, b):
+    g = layer_norm_backward(cts[0], layer_norm_forward(x, x.shape[-1:], w, b)[1])
+    return g.dx, g.dweight, g.dbias
+
+
+NOISY = {"float16-accumulation": _layer_norm_accumulating_in(np.float16),
+         "float32-accumulation": _layer_norm_accumulating_in(np.float32),
+         **{f"noise-{r:g}": _layer_norm_with_noise(r) for r in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)}}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", NOISY)
+def test_a_noisy_forward_is_never_passed_beside_an_error_it_could_not_resolve(name, mode, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal((6, 9)), rng.standard_normal(9) + 1, rng.standard_normal(9)
+    report = check_vjp(NOISY[name], _layer_norm_vjp, [x, w, b], mode=mode, rng=seed)
+    assert report.verdict in ("passed", "FAILED", "INCONCLUSIVE")
+    assert bool(report) == (report.verdict == "passed")
+    if report.passed:  # then every error it shows is within what it could resolve
+        assert report.normwise_error <= 2e-4, str(report)
+        assert report.n_unresolved == 0
+    else:
+        assert "passed" not in str(report).splitlines()[0]
+    if report.inconclusive:
+        text = str(report)
+        assert "could not resolve" in text and "what to do" in text and "float64" in text
+
+
+def test_the_float16_layer_norm_of_issue_17_is_not_passed():
+    """The exact report of the issue: float16 accumulation, exact float64 backward, fast mode,
+    shape (6, 9) with weight and bias: torch.autograd.gradcheck fails it in both modes."""
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        x, w, b = rng.standard_normal((6, 9)), rng.standard_normal(9) + 1, rng.standard_normal(9)
+        for mode in MODES:
+            report = check_vjp(NOISY["float16-accumulation"], _layer_norm_vjp, [x, w, b],
+                               mode=mode, rng=seed)
+            assert not report, str(report)
+
+
+def test_the_exact_forward_still_passes_and_noise_below_the_resolution_passes_too(rng):
+    x, w, b = rng.standard_normal((6, 9)), rng.standard_normal(9) + 1, rng.standard_normal(9)
+
+    def exact(x, w, b):
+        return layer_norm_forward(x, x.shape[-1:], w, b)[0]
+
+    for mode in MODES:
+        report = check_vjp(exact, _layer_norm_vjp, [x, w, b], mode=mode)
+        assert report.verdict == "passed", str(report)
+    # noise of 1e-12 relative is far below the 1e-4 resolution once the step search widens
+    report = check_vjp(_layer_norm_with_noise(1e-12), _layer_norm_vjp, [x, w, b])
+    assert report.verdict == "passed", str(report)
+
+
+def test_inconclusive_raises_its_own_error_and_names_what_to_do(rng):
+    x = rng.standard_normal(10)
+    noisy = _layer_norm_with_noise(1e-3)
+
+    def f(x):
+        return noisy(x[None], np.ones(10), np.zeros(10))[0]
+
+    def vjp(c, x):
+        return (_layer_norm_vjp((c[0][None],), x[None], np.ones(10), np.zeros(10))[0][0],)
+
+    report = check_vjp(f, vjp, (x,), mode="slow")
+    assert report.verdict == "INCONCLUSIVE" and not report and report.inconclusive
+    assert report.n_unresolved > 0
+    with pytest.raises(GradcheckInconclusive, match="INCONCLUSIVE") as info:
+        check_vjp(f, vjp, (x,), mode="slow", raise_on_failure=True)
+    assert isinstance(info.value, GradcheckError) and info.value.report.inconclusive
+    assert "what to do" in str(info.value) and "slow mode" in str(info.value)
+
+
+def test_refnorm_verify_shows_inconclusive_as_its_own_status(monkeypatch, capsys):
+    """A variant whose finite differences cannot decide is neither "pass" nor "FAIL"."""
+    import refnorm.verify as verify
+    from refnorm.cli import main
+
+    def noisy_verifier(spec):
+        x = np.random.default_rng(0).standard_normal((3, 5))
+        f = NOISY["noise-0.001"]
+        report = check_vjp(lambda x: f(x, np.ones(5), np.zeros(5)),
+                           lambda c, x: _layer_norm_vjp(c, x, np.ones(5), np.zeros(5))[:1],
+                           [x], mode="slow")
+        assert report.inconclusive, str(report)
+        return verify.Result("norm", "noisy_norm", 1, float("nan"), report.normwise_error,
+                             bool(report), "noisy forward", inconclusive=report.inconclusive)
+
+    monkeypatch.setattr(verify, "registered",
+                        lambda: [("norm", "noisy_norm", None, noisy_verifier)])
+    assert main(["verify"]) == 1  # not a pass: the exit code says so
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "noisy_norm" in line)
+    assert "INCONCLUSIVE" in row.split()
+    assert "pass" not in row.split() and "FAIL" not in row.split()
+    assert "0 passed, 0 failed, 1 inconclusive" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nondeterministic_f_is_never_failed_nor_passed(mode, rng):
+    """Two calls of f at the same point differ: a disagreement proves nothing either way."""
+    x, w, b = rng.standard_normal((6, 9)), rng.standard_normal(9) + 1, rng.standard_normal(9)
+    report = check_vjp(_layer_norm_with_noise(1e-3), _layer_norm_vjp, [x, w, b], mode=mode)
+    assert report.verdict == "INCONCLUSIVE", str(report)
+    assert any("not deterministic" in note for note in report.notes)
+    # deterministic and wrong still FAILS (the re-evaluation costs one call of f)
+    wrong = check_vjp(lambda x: np.tanh(x), corrupted_tanh_vjp(lambda g: 1.01 * g), (x,),
+                      mode=mode)
+    assert wrong.verdict == "FAILED", str(wrong)

@@ -40,12 +40,36 @@ The BLAS sums are not pairwise: the error of the sum of squares grows like
 about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pairwise sum; the
 4-ULP accuracy of the outputs on rows with mean :math:`10^4` and standard deviation 1 holds
 (``docs/notes/performance.rst``).
+
+**The reliability helpers** (``docs/notes/reliability.rst``; every variant uses the same ones):
+
+* *The whole floating range* (subnormal inputs with ``eps = 0``, values near the largest
+  finite number). Per group, for variants that standardize groups (rows, groups, instances):
+  compute as usual, then ``extreme_groups(var, rstd)`` gives the groups the dtype cannot do
+  right; recompute them with the same public forward on ``rows[idx].astype(wider_dtype(dtype))``
+  (parameters through ``widen``), assign the results back (rounded once, under
+  ``np.errstate(over="ignore", under="ignore")``), keep ``(idx, sub_cache)`` in a ``wide`` field
+  of the cache, and in the backward do the other groups as usual and those with the sub-cache.
+  Per call, for the others: after validation, ``if wider_dtype(x.dtype) is not None and
+  out_of_range(x, ...)``, run the whole forward on the widened inputs and return
+  ``narrow(y, x.dtype)`` (and the state narrowed) with ``WideCache(cache, grad_dtypes, wider)``;
+  the backward starts with ``if isinstance(cache, WideCache): return
+  cache.narrow(backward(dy.astype(cache.wide_dtype), cache.inner))``. ``native_precision()``
+  switches both off (the oracle's emulation of a low-precision kernel).
+* *Size-0 axes*: return PyTorch's result, an empty output (``np.empty(x.shape, x.dtype)``) and
+  zero parameter gradients, before any reduction (a mean over zero elements warns and is NaN),
+  or raise the documented ``ValueError`` naming the argument. Reshape with explicit leading
+  sizes (``x.reshape(rows, n)``), never ``x.size // n``, which is 0 for ``n = 0``.
+* *No warning escapes*: an input with NaN or inf gives NaN or inf by design; wrap the
+  arithmetic that meets them in ``np.errstate(invalid="ignore", over="ignore")`` (as the
+  variants do around their statistics and backwards), never a global filter.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -119,7 +143,9 @@ def shifted_moments(x3, out, eps):
     if bad.any():
         rows = np.flatnonzero(bad)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0], eps, axes=(0, 2))
+            rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0],
+                                     eps if np.ndim(eps) == 0 else np.ravel(eps)[rows],
+                                     axes=(0, 2))
             var[rows, 0], rstd[rows, 0] = rvar, rr
     return shift, c.astype(x3.dtype, copy=False), var, rstd
 
@@ -201,8 +227,143 @@ def saved_mean(cache):
 def saved_xhat(cache):
     r""":math:`\hat x = (x - m_0 - c)\,r` of a cache holding ``x``, ``shift``, ``correction`` and
     ``rstd`` in shapes that broadcast against ``x``: recomputed on access, not stored."""
-    xhat = (cache.x - cache.shift - cache.correction) * cache.rstd
+    with np.errstate(invalid="ignore", over="ignore"):
+        xhat = (cache.x - cache.shift - cache.correction) * cache.rstd
     return xhat.astype(cache.x.dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The whole floating range: groups done again in a wider dtype
+# ------------------------------------------------------------------------------------------
+def extreme_groups(var, rstd, dtype=None):
+    r"""Flat indices of the groups that the dtype's own arithmetic cannot do right, from the
+    statistics already computed (one comparison per group: free for ordinary inputs):
+
+    * ``var`` below the smallest normal number of its (accumulation) dtype, or, with ``dtype``
+      (``x``'s), below :math:`(8 t)^2`, :math:`t` its smallest normal number (float16:
+      :math:`2.4\cdot 10^{-7}`): the spread of the group is below about :math:`10^{-154}`
+      (float64; float32: :math:`10^{-19}`; float16: :math:`5\cdot 10^{-4}`), so that its
+      differences :math:`x - \mu` may be subnormal, with few significant bits, and their
+      squares underflow (subnormal inputs, e.g. float64 :math:`10^{-310}\,z`, with any
+      ``eps``). Constant groups (``var = 0``) are included: their result is the same;
+    * ``rstd`` above :math:`2^{e_{max}-p-2}` (float64 about :math:`10^{292}`) or below its
+      inverse: :math:`1/\sigma` overflows or is about to (``eps = 0`` and a tiny spread), or
+      the values are so large that :math:`x - m_0` may overflow.
+
+    NaN statistics (a non-finite input) are not flagged. The remedy, the same for every
+    variant: recompute those groups with the same function in :func:`wider_dtype` (float16,
+    float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
+    results back (they round to the dtype as the exact values do: inf only where the exact
+    value exceeds it), keep that sub-cache, and do the groups' backward with it."""
+    v, r = np.ravel(var), np.ravel(rstd)
+    info = np.finfo(r.dtype)
+    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
+    low = float(np.finfo(v.dtype).smallest_normal)
+    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
+        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
+    with np.errstate(invalid="ignore"):
+        return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
+
+
+_NATIVE = threading.local()
+
+
+@contextlib.contextmanager
+def native_precision():
+    """Within this context :func:`wider_dtype` is None: every variant computes in its inputs'
+    own (accumulation) dtype, as a kernel in that format would, even where the result is then
+    inaccurate. For the oracle's emulation of a correct low-precision kernel
+    (``refnorm.oracle.reference.emulate``), not for users. Per thread."""
+    old = getattr(_NATIVE, "on", False)
+    _NATIVE.on = True
+    try:
+        yield
+    finally:
+        _NATIVE.on = old
+
+
+def wider_dtype(dtype):
+    r"""The dtype that :func:`extreme_groups` are recomputed in: float64 for float16 and float32,
+    ``np.longdouble`` for float64 where it has a wider exponent range (x86: 80-bit, up to
+    :math:`10^{\pm 4932}`), else None (then those groups keep the dtype's own result)."""
+    dtype = np.dtype(dtype)
+    if getattr(_NATIVE, "on", False):
+        return None
+    if dtype.itemsize < 8:
+        return np.dtype(np.float64)
+    if dtype == np.float64 and np.finfo(np.longdouble).maxexp > np.finfo(np.float64).maxexp:
+        return np.dtype(np.longdouble)
+    return None
+
+
+def widen(a, dtype, flat=False):
+    """``a`` cast to ``dtype`` (flattened with ``flat``), or None for None: a parameter of the
+    groups that :func:`extreme_groups` recomputes."""
+    if a is None:
+        return None
+    return (a.reshape(-1) if flat else a).astype(dtype)
+
+
+class WideCache:
+    """The cache of a call that the forward did entirely in :func:`wider_dtype` (because
+    :func:`out_of_range`): ``inner`` is that call's cache, ``dtypes`` the dtype of each
+    gradient the backward returns (its input's). Attributes not its own are the inner cache's
+    (its statistics, in the wider dtype). The backward starts with::
+
+        if isinstance(cache, WideCache):
+            return cache.narrow(my_backward(dy.astype(cache.wide_dtype), cache.inner))
+    """
+
+    __slots__ = ("inner", "dtypes", "wide_dtype")
+
+    def __init__(self, inner, dtypes, wide_dtype):
+        self.inner, self.dtypes, self.wide_dtype = inner, tuple(dtypes), np.dtype(wide_dtype)
+
+    def __getattr__(self, name):
+        if name in WideCache.__slots__:  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def narrow(self, grads):
+        """``grads`` (a NamedTuple of arrays or None) in ``dtypes``, rounded as exact values."""
+        return type(grads)(*(None if g is None else narrow(g, dt)
+                             for g, dt in zip(grads, self.dtypes)))
+
+
+def narrow(a, dtype):
+    """``a`` cast to ``dtype`` (None stays None), without a warning: a value beyond the dtype
+    rounds to inf and a tiny one to a subnormal or 0, as the exact value would."""
+    if a is None:
+        return None
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        return np.asarray(a).astype(dtype, copy=False)
+
+
+def out_of_range(*arrays):
+    r"""Whether the largest finite magnitude of any of ``arrays`` (None skipped) lies outside
+    :math:`[2^{e_{min}/4}, 2^{e_{max}/4}]` of its dtype (float64: about :math:`[10^{-77},
+    10^{77}]`; float32: :math:`[3\cdot 10^{-10}, 4\cdot 10^{9}]`), where squares, sums of
+    squares and powers may leave the range or become subnormal. All-zero (or non-finite) arrays
+    are not out of range. float16 arrays always are: their window would be :math:`[0.09, 16]`,
+    with ordinary values on both sides, and a NaN put in place of the one element that decides
+    would change the rounding of every other output (the locality of the non-finite contract);
+    float16 is computed in float32 or float64 anyway. One pass over each array: for the
+    variants that are not per-group (weight reparametrizations, LocalResponseNorm) or whose
+    groups span the batch (BatchNorm, InstanceNorm); those then do the whole call in
+    :func:`wider_dtype` and return a :class:`WideCache`. (A float32 or float64 call whose
+    largest element sits at the edge of the window can still flip when a NaN replaces it.)"""
+    if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
+        return True  # always: its range is too narrow for a decision by value (see above)
+    for a in arrays:
+        if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
+            continue
+        a = np.asarray(a)
+        with np.errstate(invalid="ignore"):
+            m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
+        info = np.finfo(a.dtype)
+        if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
+            return True
+    return False
 
 
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):

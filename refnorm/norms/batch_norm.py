@@ -89,7 +89,8 @@ from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
                                   check_param, check_running_stats, correction_first,
                                   row_broadcasting, row_dots, row_sums, rsqrt, saved_mean,
-                                  saved_xhat, shifted_moments, update_running_stats)
+                                  saved_xhat, shifted_moments, update_running_stats, WideCache,
+                                  narrow, out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
@@ -183,6 +184,17 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     momentum = check_momentum(momentum, _OP, allow_none=True)
     eps = check_eps(eps, _OP)
     t = _check_num_batches_tracked(num_batches_tracked)
+    wider = wider_dtype(x.dtype)
+    if wider is not None and out_of_range(x):  # tiny or huge: the whole call, wider
+        y, state, cache = batch_norm_forward(
+            x.astype(wider), widen(running_mean, wider), widen(running_var, wider),
+            widen(weight, wider), widen(bias, wider), training, momentum, eps,
+            num_batches_tracked=num_batches_tracked)
+        if tracking:
+            state = state._replace(running_mean=narrow(state.running_mean, running_mean.dtype),
+                                   running_var=narrow(state.running_var, running_var.dtype))
+        return narrow(y, x.dtype), state, WideCache(
+            cache, [None if a is None else a.dtype for a in (x, weight, bias)], wider)
     axes = _channel_axes(x.ndim)
     shape = _channel_shape(x)
     batch_stats = training or not tracking
@@ -259,6 +271,8 @@ def batch_norm_backward(dy, cache):
     size of ``x`` that is allocated. The sums are BLAS dot products over each (sample,
     channel) row, so no array is formed for them either.
     """
+    if isinstance(cache, WideCache):
+        return cache.narrow(batch_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     x, shift, c, rstd, weight, has_bias, axes, batch_stats = cache[:8]
     x3, dy3 = _ncl(x), _ncl(dy)
     n, spatial = x3.shape[0], x3.shape[2]

@@ -66,8 +66,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  correction_first, group_view, row_blocks, row_broadcasting,
-                                  row_dots, row_sums, saved_mean, shifted_moments)
+                                  correction_first, extreme_groups, group_view, row_blocks,
+                                  row_broadcasting, row_dots, row_sums, saved_mean,
+                                  shifted_moments, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -80,6 +81,8 @@ class GroupNormCache(NamedTuple):
     weight: np.ndarray | None       # \gamma, shape (C,), or None
     has_bias: bool
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
+    wide: tuple | None = None       # ((group, samples, cache), ...): the groups the forward did
+    #                                 in a wider dtype (subnormal or huge: _stats.extreme_groups)
 
     mean = property(saved_mean)   # m0 + c, rounded to one float, shape (N, G, 1)
 
@@ -87,8 +90,9 @@ class GroupNormCache(NamedTuple):
     def xhat(self):
         """xhat = (x - m0 - c) r, same shape as x: recomputed on access, not stored."""
         groups = group_view(self.x, self.rstd.shape[1])
-        return ((groups - self.shift - self.correction) * self.rstd).reshape(self.x.shape) \
-            .astype(self.x.dtype, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):
+            xhat = (groups - self.shift - self.correction) * self.rstd
+        return xhat.reshape(self.x.shape).astype(self.x.dtype, copy=False)
 
 
 class GroupNormGrads(NamedTuple):
@@ -128,13 +132,46 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
                          f"got `x` of shape {x.shape} with num_groups={num_groups} (one value "
                          f"per group)")
     n, groups = x.shape[0], num_groups
+    if not x.size:  # a size-0 axis: PyTorch's empty output (and zero gradients)
+        stats = np.zeros((n, groups, 1), x.dtype)
+        return np.empty(x.shape, x.dtype), GroupNormCache(
+            x, stats, stats.copy(), stats.astype(np.promote_types(x.dtype, np.float32)), weight,
+            bias is not None, None if bias is None else bias.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
+        y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
+    wide = None
+    extreme = extreme_groups(var, rstd, x.dtype)
+    wider = wider_dtype(x.dtype)
+    if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype,
+        # one group at a time (as a GroupNorm of one group over its channels), so that a group's
+        # result never depends on another's
+        samples, which = np.divmod(extreme, groups)
+        wide = []
+        for g in np.unique(which):
+            sel, ch = samples[which == g], _channels(g, channels // groups)
+            yw, sub = group_norm_forward(x[sel][:, ch].astype(wider), 1,
+                                         widen(None if weight is None else weight[ch], wider),
+                                         widen(None if bias is None else bias[ch], wider), eps)
+            with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+                y[sel, ch] = yw
+                shift[sel, g], c[sel, g], rstd[sel, g] = \
+                    sub.shift[:, 0], sub.correction[:, 0], sub.rstd[:, 0]
+            wide.append((g, sel, sub))
+        wide = tuple(wide)
+    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
+                             None if bias is None else bias.dtype, wide)
+
+
+def _forward(x, groups, weight, bias, eps):
+    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1)."""
+    n, channels = x.shape[:2]
     per_channel = channels // groups
     y = np.empty(x.shape, dtype=x.dtype)
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
     rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
     stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows), eps=eps)
-    shift, c, _, rstd = (v.reshape(n, groups, 1) for v in stats)
+    shift, c, var, rstd = (v.reshape(n, groups, 1) for v in stats)
     # y = (d - c) r gamma + beta = d * scale + offset with, per (sample, channel), scale = r gamma
     # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row).
     # The fold is taken where |c scale| <= 1 everywhere (its rounding is then below an ULP of
@@ -159,8 +196,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
             y3 -= c_spread
         y3 *= scale
         y3 += offset
-    return y, GroupNormCache(x, shift, c, rstd, weight, bias is not None,
-                             None if bias is None else bias.dtype)
+    return y, (shift, c, var, rstd)
 
 
 def group_norm_backward(dy, cache):
@@ -183,17 +219,65 @@ def group_norm_backward(dy, cache):
     not an array of the size of ``x``.
     """
     x, shift, c, r, weight, has_bias = cache[:6]
-    n, channels = x.shape[:2]
-    dx = np.empty(x.shape, dtype=x.dtype)
-    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
-    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
-    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-        a, b = _backward_samples(dy[blk], x[blk], shift[blk], c[blk], r[blk], weight, dx[blk])
-        sum_dyx += a
-        sum_dy += b
+    if cache.wide is None:
+        dx, sum_dyx, sum_dy = _backward(dy, x, shift, c, r, weight)
+    else:  # the groups done in a wider dtype by the forward: their backward too. The others as
+        # usual, with those groups' dy and rstd set to 0 (their terms of the sums are exactly 0)
+        per_channel = x.shape[1] // r.shape[1]
+        dy0, r0 = dy.copy(), r.copy()
+        shift0, c0 = shift.copy(), c.copy()
+        for g, sel, _ in cache.wide:
+            dy0[sel, _channels(g, per_channel)] = 0
+            r0[sel, g], shift0[sel, g], c0[sel, g] = 0, 0, 0
+        dx, sum_dyx, sum_dy = _backward(dy0, x, shift0, c0, r0, weight)
+        for g, sel, sub in cache.wide:
+            ch = _channels(g, per_channel)
+            grads = group_norm_backward(dy[sel][:, ch].astype(sub.x.dtype), sub)
+            with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+                dx[sel, ch] = grads.dx
+                if weight is not None:
+                    sum_dyx[ch] += grads.dweight
+        if has_bias:  # summed as without the wider groups: it does not depend on x
+            sum_dy = _sum_dy(dy, x)
     dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
     return GroupNormGrads(dx, dweight, dbias)
+
+
+def _channels(g, per_channel):
+    """The channels of group ``g``, as a slice."""
+    return slice(g * per_channel, (g + 1) * per_channel)
+
+
+def _sum_dy(dy, x):
+    """Per channel, the sum of ``dy`` over all samples, in the blocks and order of
+    :func:`_backward` (bit-identical to its ``sum_dy``)."""
+    n, channels = x.shape[:2]
+    acc = np.promote_types(x.dtype, np.float32)
+    total = np.zeros(channels, acc)
+    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+        total += row_sums(_ncl(dy[blk].astype(acc if x.dtype == np.float16 else x.dtype,
+                                               copy=False))).sum(axis=0)
+    return total
+
+
+def _backward(dy, x, shift, c, r, weight):
+    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype. float16 is
+    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    n, channels = x.shape[:2]
+    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
+    dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
+    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
+    if not x.size:
+        return dx.astype(x.dtype), sum_dyx, sum_dy
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+            a, b = _backward_samples(dy[blk].astype(dx.dtype, copy=False),
+                                     x[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
+                                     r[blk], weight, dx[blk])
+            sum_dyx += a
+            sum_dy += b
+    return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
 
 def _backward_samples(dy, x, shift, c, r, weight, dx):

@@ -83,7 +83,8 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
                                   check_param, check_running_stats, moments, needs_rescaling,
-                                  rescaled_rstd, rsqrt, update_running_stats)
+                                  rescaled_rstd, rsqrt, update_running_stats, WideCache, narrow,
+                                  out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "instance_norm"
@@ -151,6 +152,16 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
     use_input_stats = check_flag(use_input_stats, "use_input_stats", _OP)
     momentum = check_momentum(momentum, _OP)
     eps = check_eps(eps, _OP)
+    wider = wider_dtype(x.dtype)
+    if wider is not None and out_of_range(x):  # tiny or huge: the whole call, wider
+        y, state, cache = instance_norm_forward(
+            x.astype(wider), widen(running_mean, wider), widen(running_var, wider),
+            widen(weight, wider), widen(bias, wider), use_input_stats, momentum, eps)
+        if tracking:
+            state = InstanceNormState(narrow(state.running_mean, running_mean.dtype),
+                                      narrow(state.running_var, running_var.dtype))
+        return narrow(y, x.dtype), state, WideCache(
+            cache, [None if a is None else a.dtype for a in (x, weight, bias)], wider)
     axes = tuple(range(2, x.ndim))
     shape = _channel_shape(x)
     if use_input_stats:
@@ -173,9 +184,11 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
                 var.reshape(-1)[flat], rstd.reshape(-1)[flat] = v64, r64
         xhat *= rstd  # the centred buffer becomes \hat x in place (same_kind for float16)
         if tracking:
-            running_mean, running_var = update_running_stats(
-                running_mean, running_var, mean.reshape(x.shape[:2]).mean(axis=0),
-                var.reshape(x.shape[:2]).mean(axis=0), m, momentum)
+            with np.errstate(invalid="ignore"):  # no instance (N = 0): NaN, as PyTorch
+                n = x.shape[0]
+                running_mean, running_var = update_running_stats(
+                    running_mean, running_var, mean.reshape(x.shape[:2]).sum(axis=0) / n,
+                    var.reshape(x.shape[:2]).sum(axis=0) / n, m, momentum)
     else:
         if not tracking:
             raise ValueError(f"{_OP}: `running_mean` and `running_var` must be given when "
@@ -195,6 +208,8 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
 
 def instance_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`instance_norm_forward`: ``(dy, cache) -> InstanceNormGrads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(instance_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     xhat, _, rstd, weight, has_bias, axes, input_stats = cache[:7]
     scale = rstd if weight is None else rstd * weight.reshape(_channel_shape(dy))
     # Sums over A (input statistics) or over every axis but 1 (running statistics).

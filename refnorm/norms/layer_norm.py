@@ -46,8 +46,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, correction_first, row_blocks, row_broadcasting,
-                                  row_sums, saved_mean, saved_xhat, shifted_moments, trailing_axes)
+                                  check_param, correction_first, extreme_groups, row_blocks,
+                                  row_broadcasting, row_sums, saved_mean, saved_xhat,
+                                  shifted_moments, trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -61,6 +62,8 @@ class LayerNormCache(NamedTuple):
     has_bias: bool
     axes: tuple[int, ...]           # the normalized axes A
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
+    wide: tuple | None = None       # (rows, cache) of the rows the forward did in a wider
+    #                                 dtype (subnormal or huge: _stats.extreme_groups), or None
 
     mean = property(saved_mean)   # m0 + c, rounded to one float
     xhat = property(saved_xhat)   # recomputed from x on access, not stored
@@ -95,10 +98,36 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     bias = check_param(bias, "bias", "layer_norm", shape)
     eps = check_eps(eps, "layer_norm")
     axes = trailing_axes(x.ndim, len(shape))
+    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
-    y = np.empty(rows.shape, dtype=x.dtype)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a row with an inf: NaN
+        y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps)
+    wide = None
+    extreme = extreme_groups(var, rstd, x.dtype)
+    wider = wider_dtype(x.dtype)
+    if extreme.size and wider is not None and rows.shape[1]:  # subnormal or huge rows:
+        # again in a wider dtype
+        yw, sub = layer_norm_forward(rows[extreme].astype(wider), rows.shape[1],
+                                     widen(weight, wider, flat=True),
+                                     widen(bias, wider, flat=True), eps)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+            y[extreme], shift[extreme], c[extreme] = yw, sub.shift, sub.correction
+            rstd[extreme] = sub.rstd
+        wide = (extreme, sub)
+    cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
+                           bias is not None, axes, None if bias is None else bias.dtype, wide)
+    return y.reshape(x.shape), cache
+
+
+def _forward_rows(rows, weight, bias, eps):
+    """``(y, shift, c, var, rstd)`` of rows (rows, N)."""
+    y = np.empty(rows.shape, dtype=rows.dtype)
+    if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
+        col = np.zeros((rows.shape[0], 1), rows.dtype)
+        acc = col.astype(np.promote_types(rows.dtype, np.float32))
+        return y, col, col.copy(), acc, acc.copy()
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
-    shift, c, _, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
+    shift, c, var, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
     with row_broadcasting(rows.shape[1]):  # y = (d - c) r gamma + beta, in y's own buffer
         y -= c
         y *= rstd
@@ -106,10 +135,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
             y *= weight.reshape(-1)  # same_kind casting: y keeps x's dtype
         if bias is not None:
             y += bias.reshape(-1)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
-    cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
-                           bias is not None, axes, None if bias is None else bias.dtype)
-    return y.reshape(x.shape), cache
+    return y, shift, c, var, rstd
 
 
 def layer_norm_backward(dy, cache):
@@ -135,22 +161,49 @@ def layer_norm_backward(dy, cache):
     dy2 = dy.reshape(rows.shape)
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
     w = weight.reshape(-1) if weight is not None else None
-    dx = np.empty(rows.shape, dtype=x.dtype)
-    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
-    dweight = np.zeros(rows.shape[1], acc) if weight is not None else None
-    dbias = np.zeros(rows.shape[1], acc) if has_bias else None
-    for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-        part = _backward_rows(dy2[blk], rows[blk], shift[blk], c[blk], r[blk], w, dx[blk])
-        if weight is not None:
-            dweight += part
-        if has_bias:
-            dbias += row_sums(dy2[blk].T)  # the sum over the block's rows
+    if cache.wide is None:
+        dx, dweight, dbias = _backward(dy2, rows, shift, c, r, w, has_bias)
+    else:  # the rows done in a wider dtype by the forward: their backward too. The others as
+        # usual, in place (a row's sums must not depend on where it sits in the matrix), with
+        # those rows' dy and r set to 0 (their terms of the sums are exactly 0)
+        extreme, sub = cache.wide
+        dy0, r0, shift0, c0 = dy2.copy(), r.copy(), shift.copy(), c.copy()
+        dy0[extreme], r0[extreme], shift0[extreme], c0[extreme] = 0, 0, 0, 0
+        dx, dweight, dbias = _backward(dy0, rows, shift0, c0, r0, w, has_bias)
+        grads = layer_norm_backward(dy2[extreme].astype(sub.x.dtype), sub)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+            dx[extreme] = grads.dx
+            if weight is not None:
+                dweight += grads.dweight
+        if has_bias:  # summed as without the wider rows: it does not depend on x
+            dbias = np.zeros_like(dbias)
+            for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+                dbias += row_sums(dy2[blk].T)  # as in _backward
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
         dbias = dbias.reshape(x.shape[x.ndim - len(axes):]).astype(_bias_dtype(cache, dy),
                                                                    copy=False)
     return LayerNormGrads(dx.reshape(dy.shape), dweight, dbias)
+
+
+def _backward(dy2, rows, shift, c, r, w, has_bias):
+    """``(dx, dweight, dbias)`` of rows (rows, N), the sums in the accumulation dtype. float16
+    is worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    acc = np.promote_types(rows.dtype, np.float32)  # float16 sums in float32, as in _stats
+    dx = np.empty(rows.shape, dtype=acc if rows.dtype == np.float16 else rows.dtype)
+    dweight = np.zeros(rows.shape[1], acc) if w is not None else None
+    dbias = np.zeros(rows.shape[1], acc) if has_bias else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+            part = _backward_rows(dy2[blk].astype(dx.dtype, copy=False),
+                                  rows[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
+                                  r[blk], w, dx[blk])
+            if w is not None:
+                dweight += part
+            if has_bias:
+                dbias += row_sums(dy2[blk].T)  # the sum over the block's rows
+        return dx.astype(rows.dtype, copy=False), dweight, dbias
 
 
 def _bias_dtype(cache, dy):
@@ -193,7 +246,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
 def _rows(x, axes):
     """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
     n = axis_count(x.shape, axes)
-    return x.reshape(x.size // n if n else 0, n)
+    return x.reshape(axis_count(x.shape, range(x.ndim - len(axes))), n)
 
 
 layer_norm = custom_vjp(layer_norm_forward, layer_norm_backward, ("x", "weight", "bias"))

@@ -58,7 +58,7 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array
+from refnorm.norms._stats import WideCache, check_array, narrow, out_of_range, wider_dtype
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "local_response_norm"
@@ -147,6 +147,10 @@ def local_response_norm_forward(x, size, alpha=1e-4, beta=0.75, k=1.0):
     size = _check_size(size)
     alpha, beta, k = (_check_number(alpha, "alpha"), _check_number(beta, "beta"),
                       _check_number(k, "k"))
+    wider = wider_dtype(x.dtype)
+    if wider is not None and out_of_range(x):  # tiny or huge: the whole call, wider
+        y, cache = local_response_norm_forward(x.astype(wider), size, alpha, beta, k)
+        return narrow(y, x.dtype), WideCache(cache, (x.dtype,), wider)
     xw = x.astype(_work_dtype(x.dtype), copy=False)
     denom = _window_sum(np.square(xw), size // 2, (size - 1) // 2)
     denom *= alpha / size
@@ -158,6 +162,9 @@ def local_response_norm_forward(x, size, alpha=1e-4, beta=0.75, k=1.0):
 
 def local_response_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`local_response_norm_forward`: ``(dy, cache) -> Grads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(local_response_norm_backward(dy.astype(cache.wide_dtype),
+                                                         cache.inner))
     x, denom, scale, size, alpha, beta = cache
     out_dtype = x.dtype
     work = _work_dtype(np.result_type(x, denom, scale))

@@ -76,8 +76,9 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, needs_rescaling, rescaled_rstd, row_blocks,
-                                  row_broadcasting, row_dots, row_sums, rsqrt, trailing_axes)
+                                  check_param, extreme_groups, needs_rescaling, rescaled_rstd,
+                                  row_blocks, row_broadcasting, row_dots, row_sums, rsqrt,
+                                  trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 EPS_PLACEMENTS = ("inside", "outside")
@@ -90,11 +91,14 @@ class RMSNormCache(NamedTuple):
     q: np.ndarray | None            # outside only: \rho r = \rho / (\rho + eps); None inside
     weight: np.ndarray | None       # \gamma, or None
     axes: tuple[int, ...]           # the normalized axes A
+    wide: tuple | None = None       # (rows, cache) of the rows the forward did in a wider
+    #                                 dtype (subnormal or huge: _stats.extreme_groups), or None
 
     @property
     def xhat(self):
         """xhat = x r: recomputed on access, not stored."""
-        return (self.x * self.rstd).astype(self.x.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (self.x * self.rstd).astype(self.x.dtype, copy=False)
 
 
 class RMSNormGrads(NamedTuple):
@@ -144,6 +148,33 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     outside = _check_placement(eps_placement) == "outside"
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
+    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, ms, rstd, q = _forward_rows(rows, weight, eps, outside)
+    wide = None
+    extreme = extreme_groups(ms, rstd)
+    wider = wider_dtype(x.dtype)
+    if extreme.size and wider is not None and rows.shape[1]:  # subnormal or huge rows:
+        # again in a wider dtype
+        yw, sub = rms_norm_forward(rows[extreme].astype(wider), rows.shape[1],
+                                   widen(weight, wider, flat=True), eps,
+                                   eps_placement=eps_placement)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
+            y[extreme], rstd[extreme] = yw, sub.rstd
+            if q is not None:
+                q[extreme] = sub.q
+        wide = (extreme, sub)
+    cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
+                         axes, wide)
+    return y.reshape(x.shape), cache
+
+
+def _forward_rows(rows, weight, eps, outside):
+    """``(y, ms, rstd, q)`` of rows (rows, N): output, mean square, r, and q (None inside)."""
+    if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
+        col = np.zeros((rows.shape[0], 1), np.promote_types(rows.dtype, np.float32))
+        return np.empty(rows.shape, rows.dtype), col, col.copy(), \
+            col.copy() if outside else None
     # the mean square, a BLAS dot product per row; no cancellation: a sum of squares. It and
     # rstd stay in the accumulation dtype (float32 for float16): a zero float16 row has
     # rstd = 1/eps = 1e5 beyond float16's range, while y = x rstd = 0
@@ -171,15 +202,12 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
             else:
                 _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
                                                     np.zeros(flagged.size), eps, axes=(0, 2))
-    y = np.empty(rows.shape, dtype=x.dtype)
+    y = np.empty(rows.shape, dtype=rows.dtype)
     with row_broadcasting(rows.shape[1]):
         np.multiply(rows, rstd, out=y, casting="same_kind")
         if weight is not None:
             y *= weight.reshape(-1)
-    keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
-    cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
-                         axes)
-    return y.reshape(x.shape), cache
+    return y, ms, rstd, q
 
 
 def rms_norm_backward(dy, cache):
@@ -191,23 +219,48 @@ def rms_norm_backward(dy, cache):
     block at a time (:func:`~refnorm.norms._stats.row_blocks`), so that the passes over a block
     find it in the CPU cache, and the one temporary is the size of a block.
     """
-    x, rstd, q, weight, axes = cache
+    x, rstd, q, weight, axes = cache[:5]
     rows = _rows(x, axes)
     dy2 = dy.reshape(rows.shape)
     r = rstd.reshape(-1, 1)
     q = q.reshape(-1, 1) if q is not None else None
     w = weight.reshape(-1) if weight is not None else None
-    dx = np.empty(rows.shape, dtype=x.dtype)
-    dweight = np.zeros(rows.shape[1], np.promote_types(x.dtype, np.float32)) \
-        if weight is not None else None
-    for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-        part = _backward_rows(dy2[blk], rows[blk], r[blk], None if q is None else q[blk], w,
-                              dx[blk])
-        if weight is not None:
-            dweight += part
+    if cache.wide is None:
+        dx, dweight = _backward(dy2, rows, r, q, w)
+    else:  # the rows done in a wider dtype by the forward: their backward too. The others as
+        # usual, in place (a row's sums must not depend on where it sits in the matrix), with
+        # those rows' dy and r set to 0 (their terms of the sums are exactly 0)
+        extreme, sub = cache.wide
+        dy0, r0 = dy2.copy(), r.copy()
+        dy0[extreme], r0[extreme] = 0, 0
+        q0 = None if q is None else q.copy()
+        if q0 is not None:
+            q0[extreme] = 1
+        dx, dweight = _backward(dy0, rows, r0, q0, w)
+        grads = rms_norm_backward(dy2[extreme].astype(sub.x.dtype), sub)
+        with np.errstate(over="ignore", under="ignore"):  # rounded to the dtypes, as exact
+            dx[extreme] = grads.dx
+            if weight is not None:
+                dweight += grads.dweight
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     return RMSNormGrads(dx.reshape(dy.shape), dweight)
+
+
+def _backward(dy2, rows, r, q, w):
+    """``(dx, dweight)`` of rows (rows, N), ``dweight`` in the accumulation dtype. float16 is
+    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    acc = np.promote_types(rows.dtype, np.float32)
+    dx = np.empty(rows.shape, dtype=acc if rows.dtype == np.float16 else rows.dtype)
+    dweight = np.zeros(rows.shape[1], acc) if w is not None else None
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
+            part = _backward_rows(dy2[blk].astype(dx.dtype, copy=False),
+                                  rows[blk].astype(dx.dtype, copy=False), r[blk],
+                                  None if q is None else q[blk], w, dx[blk])
+            if w is not None:
+                dweight += part
+    return dx.astype(rows.dtype, copy=False), dweight
 
 
 def _backward_rows(dy, x, r, q, w, dx):
@@ -235,7 +288,7 @@ def _backward_rows(dy, x, r, q, w, dx):
 def _rows(x, axes):
     """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
     n = axis_count(x.shape, axes)
-    return x.reshape(x.size // n if n else 0, n)
+    return x.reshape(axis_count(x.shape, range(x.ndim - len(axes))), n)
 
 
 rms_norm = custom_vjp(rms_norm_forward, rms_norm_backward, ("x", "weight"))

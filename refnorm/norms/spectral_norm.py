@@ -62,7 +62,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, check_eps
+from refnorm.norms._stats import (WideCache, check_array, check_eps, narrow, out_of_range,
+                                  wider_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "spectral_norm"
@@ -160,10 +161,21 @@ def spectral_norm_forward(weight, u, v, n_power_iterations=1, eps=1e-12, dim=0, 
     eps = check_eps(eps, _OP)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"{_OP}: `training` must be a bool, got {type(training).__name__}")
+    if not weight.size:  # an empty matrix has no largest singular value
+        raise ValueError(f"{_OP}: `weight` must not be empty (sigma = u^T W v of a matrix "
+                         f"without elements is undefined), got shape {weight.shape}")
     h = weight.shape[dim]
     w_mat = _matrix(weight, dim)
     u = _check_vector(u, "u", h, weight.dtype)
     v = _check_vector(v, "v", w_mat.shape[1], weight.dtype)
+    wider = wider_dtype(weight.dtype)
+    if wider is not None and out_of_range(weight):  # tiny or huge: the whole call, wider
+        y, state, cache = spectral_norm_forward(weight.astype(wider), u.astype(wider),
+                                                v.astype(wider), n_power_iterations, eps, dim,
+                                                training)
+        return narrow(y, weight.dtype), SpectralNormState(*(narrow(a, weight.dtype)
+                                                            for a in state)), \
+            WideCache(cache, (weight.dtype,), wider)
     if training:
         u, v = _power_iteration(w_mat, u, v, n_power_iterations, eps)
     sigma = np.asarray(np.dot(u, w_mat @ v))
@@ -176,6 +188,8 @@ def spectral_norm_forward(weight, u, v, n_power_iterations=1, eps=1e-12, dim=0, 
 
 def spectral_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`spectral_norm_forward` (u, v held constant)."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(spectral_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     weight, sigma, u, v, dim = cache
     out_dtype = weight.dtype
     # float16 is computed in float32 (<G, W> and the products would overflow its range) and

@@ -64,7 +64,7 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array
+from refnorm.norms._stats import WideCache, check_array, narrow, out_of_range, wider_dtype
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "weight_norm"
@@ -179,6 +179,10 @@ def weight_norm_forward(v, g, dim=0):
     if g.shape != shape:
         raise ValueError(f"{_OP}: `g` must have shape {shape} (that of the norm of `v` over "
                          f"all axes but dim={dim}), got {g.shape}")
+    wider = wider_dtype(np.result_type(v, g))
+    if wider is not None and out_of_range(v, g):  # tiny or huge: the whole call, wider
+        w, cache = weight_norm_forward(v.astype(wider), g.astype(wider), dim)
+        return narrow(w, np.result_type(v, g)), WideCache(cache, (v.dtype, g.dtype), wider)
     work = _work_dtype(v, g)
     vw, gw = v.astype(work, copy=False), g.astype(work, copy=False)
     norm = _slice_norm(vw, axes)
@@ -195,6 +199,8 @@ def weight_norm_forward(v, g, dim=0):
 
 def weight_norm_backward(dw, cache):
     """Hand-derived VJP of :func:`weight_norm_forward`: ``(dw, cache) -> WeightNormGrads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(weight_norm_backward(dw.astype(cache.wide_dtype), cache.inner))
     v, g, norm, axes = cache
     v_dtype, g_dtype = v.dtype, g.dtype
     work = _work_dtype(v, g)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refnorm.norms._stats import native_precision
 from refnorm.oracle.formats import get_format, round_to
 
 __all__ = ["Reference", "compute", "emulate", "state_dict", "STAT_NAMES"]
@@ -104,7 +105,9 @@ def emulate(spec, case, accumulate=None, *, rounded=True) -> dict | None:
     arrays = tuple(None if a is None else a.astype(acc) for a in case.arrays)
     kwargs = {k: cast(v) for k, v in case.kwargs.items()}
     try:
-        with np.errstate(all="ignore"):
+        # native_precision: in the accumulation format only, as the kernel computes (refnorm
+        # would otherwise redo out-of-range groups in a wider dtype)
+        with np.errstate(all="ignore"), native_precision():
             y, state, cache = spec.run(case.sample._replace(arrays=arrays, kwargs=kwargs))
             grads = spec.backward(case.dy.astype(acc), cache)
     except Exception:  # noqa: BLE001 - a variant whose code is float64-only has no emulation

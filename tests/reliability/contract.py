@@ -21,7 +21,8 @@ from reliability.calls import (Outcome, accepts, assert_unchanged, compare, comp
 @dataclass(frozen=True)
 class Failure:
     kind: str       # "crash", "undocumented-error", "value-error", "precision-error", "mutation",
-    #                 "structure", "inaccurate", "constant", "scale", "statistics", "nonfinite"
+    #                 "structure", "inaccurate", "constant", "scale", "statistics", "nonfinite",
+    #                 "warning" (a NumPy warning escaped a public function)
     detail: str
 
     def __str__(self):
@@ -113,6 +114,7 @@ def check_call(call) -> list[Failure]:
     spec, sample, dy, dtype = call.spec, call.sample, call.dy, call.dtype
     failures: list[Failure] = []
     out = _run_checked(spec, sample, dy, failures)
+    failures += [Failure("warning", f"{spec.name} emitted a warning: {w}") for w in out.warnings]
     ref = reference(spec, sample, dy, dtype)
     if not out.ok:
         return failures + check_exception(spec, sample, dtype, out.error, ref)

@@ -4,11 +4,14 @@ A call starts from one of the record's ``sample_inputs`` (so every keyword argum
 and piece of state is one the variant accepts) and redraws its first array:
 
 * **shape**: every axis that :func:`reliability.calls.free_axes` finds resizable (the batch axis,
-  spatial axes, ...) gets a size in 1..5, now and then 0; the record's own samples supply the
+  spatial axes, ...) gets a size in 1..5; the record's own samples supply the
   size-1 normalized axes (``(5,1)-one-element-rows``, ``(3,4,1)-one-element-groups``, ...);
+  one call in ten has a size-0 axis, in any position (:func:`emptied` resizes the parameters
+  that follow a normalized or channel axis);
 * **dtype**: float64, float32 or float16 (every floating array of the call is cast);
-* **values**: a regime (below) times a scale :math:`10^k`, :math:`k \\in [-30, 30]` (float16:
-  :math:`[-2, 4]`, the range where its values and their squares exist at all);
+* **values**: a regime (below) times a scale :math:`10^k`, :math:`k` over the whole range of the
+  dtype, subnormals included (float64 :math:`[-323, 307]`, float32 :math:`[-45, 38]`, float16
+  :math:`[-7, 4]`);
 * ``eps``: now and then 0 where the call has a float ``eps``.
 
 The regimes: ``normal`` (standard normal), ``offset`` (mean :math:`10^j` times the spread,
@@ -29,7 +32,9 @@ from reliability.calls import (free_axes, get_slot, group_axes, make_dy, replace
 
 SEED = 1234
 DTYPES = (np.float64, np.float32, np.float16)
-SCALE_EXPONENTS = {np.float64: (-30, 30), np.float32: (-30, 30), np.float16: (-2, 4)}
+# The whole range of each dtype: from its smallest subnormal (float64 4.9e-324, float32 1.4e-45,
+# float16 6.0e-8) to near its largest finite value (``values`` clips to max/64).
+SCALE_EXPONENTS = {np.float64: (-323, 307), np.float32: (-45, 38), np.float16: (-7, 4)}
 REGIMES = ("normal", "offset", "constant-groups", "constant-all", "zeros", "mixed", "integers",
            "one-hot")
 MAX_ELEMENTS = 240
@@ -110,6 +115,31 @@ def values(regime, shape, k, dtype, rng, const_axes):
     return x
 
 
+def emptied(spec, sample, axis):
+    """The sample with the parameters that follow ``x``'s (non-free) ``axis`` made size 0 as
+    well, where the record says how they follow it (``param_layout``): "channel" (axis 1: every
+    other array of shape (C,)) or "trailing" (an axis of ``normalized_shape``: the parameters of
+    that shape, and ``normalized_shape`` itself). Otherwise the other arrays are left as they
+    are, and the call must raise the documented error (or accept the shape)."""
+    x = sample.arrays[0]
+    size = x.shape[axis]
+    updates, kwargs = {}, dict(sample.kwargs)
+    slots = [s for s in float_slots(spec, sample) if s != ("arg", 0)]
+    if spec.param_layout == "channel" and axis == 1:
+        updates = {s: np.zeros((0,), get_slot(sample, s).dtype) for s in slots
+                   if get_slot(sample, s).shape == (size,)}
+    elif spec.param_layout == "trailing" and "normalized_shape" in kwargs:
+        old = kwargs["normalized_shape"]
+        old = (old,) if isinstance(old, int) else tuple(old)
+        first = x.ndim - len(old)
+        if axis >= first:
+            new = tuple(0 if i == axis - first else n for i, n in enumerate(old))
+            kwargs["normalized_shape"] = new
+            updates = {s: np.zeros(new, get_slot(sample, s).dtype) for s in slots
+                       if get_slot(sample, s).shape == old}
+    return replace_slots(sample, updates)._replace(kwargs=kwargs)
+
+
 @st.composite
 def calls(draw, spec, dtype, regimes=REGIMES):
     """One valid call of ``spec`` at ``dtype`` (see the module docstring)."""
@@ -119,12 +149,16 @@ def calls(draw, spec, dtype, regimes=REGIMES):
     shape = list(sample.arrays[0].shape)
     for axis in free:
         shape[axis] = draw(st.integers(1, 5), label=f"size of axis {axis}")
-    if free and draw(st.integers(0, 19), label="empty") == 0:
-        shape[draw(st.sampled_from(free), label="empty axis")] = 0
+    empty = None
+    if shape and draw(st.integers(0, 9), label="empty") == 0:  # a size-0 axis, anywhere
+        empty = draw(st.integers(0, len(shape) - 1), label="empty axis")
+        shape[empty] = 0
     while np.prod(shape) > MAX_ELEMENTS:
         axis = max(free, key=lambda a: shape[a])
         shape[axis] -= 1
     shape = tuple(shape)
+    if empty is not None and empty not in free:
+        sample = emptied(spec, sample, empty)
     regime = draw(st.sampled_from(regimes), label="regime")
     lo, hi = SCALE_EXPONENTS[dtype]
     k = draw(st.integers(lo, hi), label="scale exponent")
