@@ -13,6 +13,8 @@ from refnorm.norms import instance_norm as _instance_norm
 from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
+from refnorm.norms import dyt as _dyt
+from refnorm.norms import l2_norm as _l2_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -23,6 +25,8 @@ ALL_SPECS = (
     _local_response_norm.SPEC,
     _weight_norm.SPEC,
     _spectral_norm.SPEC,
+    _dyt.SPEC,
+    _l2_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

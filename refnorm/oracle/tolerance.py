@@ -253,12 +253,114 @@ class _WeightNorm:
         y, dv = np.abs(_finite(self.outputs["y"])), np.abs(_finite(self.outputs["dv"]))
         out = {"y": (y * (e_rho + 2 * uA), 2 * y)}
         out["dv"] = (s * avh * (gN * uA + e_rho) * P + dv * (e_rho + uA) + 2 * uA * T, 2 * T)
+        if "dg" not in self.outputs:   # _L2Norm: g = 1 is no input
+            return out
         first = np.zeros(G.count, dtype=np.int64)
         first[G.labels.ravel()[::-1]] = np.arange(G.labels.size)[::-1]
         pg, gNg = P.ravel()[first], gN.ravel()[first]
         shape = self.outputs["dg"].shape
         out["dg"] = (np.reshape((gNg * uA + e_rho.ravel()[first]) * pg, shape),
                      np.reshape(2 * pg, shape))
+        return out
+
+
+class _L2Norm(_WeightNorm):
+    """The weight-norm model with :math:`g = 1`, for ``y = x / max(||x||, eps)`` per vector
+    (``l2_norm``, and the L2 form of ``qk_norm``): the same two reductions (the norm, and
+    :math:`\langle y, \mathrm{d}y\rangle`), the same terms. With Matryoshka truncation the
+    model covers the first ``m`` coordinates; ``dx`` is exactly 0 beyond them."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        y = np.asarray(cache.y, np.float64)
+        self.rho = np.broadcast_to(np.asarray(cache.norm, np.float64), y.shape)
+        self.v = y * self.rho
+        self.g = np.ones_like(y)
+        labels, count = labels_from_axes(y.shape, tuple(cache.axes))
+        self.G = Groups(labels, count, np.bincount(labels.ravel(), minlength=count))
+        self.dw = np.asarray(case.dy, np.float64)
+        self.index = tuple(slice(0, n) for n in y.shape)
+        self.outputs = {"y": ref.outputs["y"], "dv": ref.outputs["dx"][self.index]}
+        self.dx_shape = ref.outputs["dx"].shape
+
+    @staticmethod
+    def applies(spec, case, ref):
+        cache = ref.cache
+        return all(hasattr(cache, k) for k in ("y", "norm", "clamped", "axes", "x_shape")) \
+            and set(ref.outputs) == {"y", "dx"}
+
+    def terms(self, uA):
+        t = super().terms(uA)
+        out = {"y": t["y"]}
+        pair = []
+        for part in t["dv"]:
+            full = np.zeros(self.dx_shape)
+            full[self.index] = part
+            pair.append(full)
+        out["dx"] = tuple(pair)
+        return out
+
+
+class _DyT:
+    r"""The itemized model of Dynamic Tanh, :math:`y = \gamma\tanh(\alpha x) + \beta`
+    (``docs/notes/tolerances.rst``): elementwise but for the sums of the parameter gradients.
+
+    With :math:`z = \alpha x`, :math:`t = \tanh z`, :math:`s = 1 - t^2`, the computed
+    :math:`t` errs by :math:`u\,\tau`, :math:`\tau = |t| + s|z|` (the rounding of :math:`z`,
+    amplified by tanh's derivative, and tanh's own); :math:`s` formed from it by
+    :math:`u\,\sigma`, :math:`\sigma = 2|t|\tau + t^2 + 4s`."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        arr = dict(zip(spec.diff_argnames, case.arrays))
+        x = np.asarray(arr["x"], np.float64)
+        self.axis = int(cache.channel_axis)
+        shape = [1] * x.ndim
+        shape[self.axis] = -1
+
+        def per_channel(p, default):
+            return np.broadcast_to(default if p is None else
+                                   np.asarray(p, np.float64).reshape(shape), x.shape)
+
+        alpha = float(np.asarray(arr["alpha"], np.float64).ravel()[0])
+        self.gamma = np.abs(per_channel(arr.get("weight"), 1.0))
+        self.beta = np.abs(per_channel(arr.get("bias"), 0.0))
+        z = alpha * x
+        t = np.tanh(z)
+        s = (1 - t) * (1 + t)
+        self.at, self.s = np.abs(t), s
+        self.tau = self.at + s * np.abs(z)
+        self.sig = 2 * self.at * self.tau + t * t + 4 * s
+        self.x, self.alpha = np.abs(x), abs(alpha)
+        self.dy = np.abs(np.asarray(case.dy, np.float64))
+        self.batch = tuple(a for a in range(x.ndim) if a != self.axis)
+        self.outputs = ref.outputs
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "dyt" and hasattr(ref.cache, "channel_axis")
+
+    def terms(self, uA):
+        gam, dy = self.gamma, self.dy
+        out = {}
+        ty = gam * self.tau + gam * self.at + self.beta
+        out["y"] = (uA * ty, ty)
+        gdy = gam * dy
+        tdx = self.alpha * gdy * self.sig
+        out["dx"] = (uA * tdx, tdx)
+        n = self.x.size
+        elem = np.sum(gdy * self.x * self.sig)             # the terms' own errors
+        total = np.sum(gdy * self.x * self.s)              # sum |terms|: the sum's error
+        out["dalpha"] = tuple(np.reshape(v, self.outputs["dalpha"].shape) for v in
+                              (uA * (elem + total), elem + (growth(n) + 1) * total))
+        m = max(1, n // max(1, self.x.shape[self.axis]) if self.x.ndim else 1)
+        gM = float(growth(m))
+        if "dweight" in self.outputs:
+            own, terms = (np.sum(a, axis=self.batch) for a in (dy * self.tau, dy * self.at))
+            out["dweight"] = (uA * (own + terms), own + (gM + 1) * terms)
+        if "dbias" in self.outputs:
+            sdy = np.sum(dy, axis=self.batch)
+            out["dbias"] = (uA * sdy, (gM + 1) * sdy)
         return out
 
 
@@ -287,6 +389,10 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _Standardization(spec, case, ref, groups)
     elif _WeightNorm.applies(spec, case, ref):
         model = _WeightNorm(spec, case, ref)
+    elif _L2Norm.applies(spec, case, ref):
+        model = _L2Norm(spec, case, ref)
+    elif _DyT.applies(spec, case, ref):
+        model = _DyT(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
