@@ -15,6 +15,7 @@ from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import dyt as _dyt
 from refnorm.norms import l2_norm as _l2_norm
+from refnorm.norms import qk_norm as _qk_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -27,6 +28,7 @@ ALL_SPECS = (
     _spectral_norm.SPEC,
     _dyt.SPEC,
     _l2_norm.SPEC,
+    _qk_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}
