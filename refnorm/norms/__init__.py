@@ -16,6 +16,7 @@ from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import dyt as _dyt
 from refnorm.norms import l2_norm as _l2_norm
 from refnorm.norms import qk_norm as _qk_norm
+from refnorm.norms import layer_norm_scaling as _layer_norm_scaling
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -29,6 +30,7 @@ ALL_SPECS = (
     _dyt.SPEC,
     _l2_norm.SPEC,
     _qk_norm.SPEC,
+    _layer_norm_scaling.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

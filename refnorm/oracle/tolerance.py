@@ -121,6 +121,11 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # a constant factor on the whole output, y = s (gamma xhat + beta) (LayerNorm Scaling:
+        # s = 1/sqrt(depth)): gamma and beta are s gamma and s beta for y and dx, and the
+        # parameter gradients are s times those of the plain norm
+        self.scale = float(getattr(cache, "output_scale", 1.0))
+        self.gamma, self.beta = self.gamma * self.scale, self.beta * self.scale
         self.dy = np.asarray(case.dy, np.float64)
         self.kwargs = case.kwargs
         self.outputs = ref.outputs
@@ -185,11 +190,12 @@ class _Standardization:
             def psum(a):
                 return unbroadcast_sum(a, view, p.shape)
 
+            s = self.scale
             if name == "weight":
-                out[key] = (psum(ady * dxh) + uA * psum(adyx), (gM + 1) * psum(adyx)
-                            + psum(ady * mid))
+                out[key] = (s * (psum(ady * dxh) + uA * psum(adyx)), s * ((gM + 1) * psum(adyx)
+                            + psum(ady * mid)))
             else:
-                out[key] = (uA * psum(ady), (gM + 1) * psum(ady))
+                out[key] = (s * uA * psum(ady), s * (gM + 1) * psum(ady))
         shape_g = (G.count,)
         if "mean" in self.outputs:
             out["mean"] = (gN * uA * self.mean_abs_x, np.abs(self.mu))
@@ -219,6 +225,30 @@ class _Standardization:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
         return out
+
+
+def _subnormal_centring(model, eta, tiny):
+    """Standardizing variants: the absolute error of a centred value :math:`x - \mu` held in
+    the candidate dtype where it is subnormal there (``eta``: half its smallest subnormal
+    spacing, per element; 0 elsewhere), carried to every output by :math:`r`. Relative terms
+    (``u_I``) cannot express it: below the normal range the rounding is absolute. It matters only
+    where :math:`|x-\mu|` is below the dtype's smallest normal number and r is large (a
+    subnormal input with ``eps`` 1e-5: bfloat16's 9e-41 spacing times r = 316)."""
+    G = model.g
+    R = G.spread(model.r)
+    d = np.abs(model.x - G.spread(model.mu))
+    e = np.where(d < tiny, eta, 0.0) * R                   # error of xhat, absolute
+    gam = np.abs(model.gamma)
+    out = {"y": gam * e}
+    ag = np.abs(model.gamma * model.dy)
+    hbar = G.spread(np.abs(G.mean(model.gamma * model.dy * model.xhat)))
+    ax = np.abs(model.xhat)
+    out["dx"] = R * (ax * G.spread(G.mean(ag * e)) + e * hbar)
+    if model.weight is not None:
+        view = param_view(model.weight, model.x.shape, model.variant).shape
+        out["dweight"] = model.scale * unbroadcast_sum(np.abs(model.dy) * e, view,
+                                                       model.weight.shape)
+    return out
 
 
 class _WeightNorm:
@@ -402,6 +432,11 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
     floor = (acc.tiny if ftz else fmt.smallest_subnormal) + safety * float(growth(n)) * (
         acc.tiny if ftz else acc.smallest_subnormal)
     t = model.terms(u.u_acc) if model else {}
+    if isinstance(model, _Standardization) and fmt.name != "float64":
+        # subnormal centred values held in the candidate dtype (absolute rounding)
+        sub = _subnormal_centring(model, 0.5 * fmt.smallest_subnormal, fmt.tiny)
+        t = {k: (a + sub[k], i) if k in sub and np.shape(sub[k]) == np.shape(a)
+             else (a, i) for k, (a, i) in t.items()}
     # the reference's own error: the same model at u = 2^-53 (linear in u but for e_mu^2,
     # negligible below float64; so computed again only for float64 candidates)
     t64 = (model.terms(_U64) if u.u_acc == _U64 else
