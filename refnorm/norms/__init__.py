@@ -17,6 +17,7 @@ from refnorm.norms import dyt as _dyt
 from refnorm.norms import l2_norm as _l2_norm
 from refnorm.norms import qk_norm as _qk_norm
 from refnorm.norms import layer_norm_scaling as _layer_norm_scaling
+from refnorm.norms import power_softmax as _power_softmax
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -31,6 +32,7 @@ ALL_SPECS = (
     _l2_norm.SPEC,
     _qk_norm.SPEC,
     _layer_norm_scaling.SPEC,
+    _power_softmax.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -394,6 +394,55 @@ class _DyT:
         return out
 
 
+class _PowerSoftmax:
+    r"""The itemized model of Power-Softmax, :math:`y_i = s_i^p / Z`, :math:`Z = \epsilon_L +
+    \sum_j s_j^p`, per row of :math:`n` scores (``docs/notes/tolerances.rst``).
+
+    A kernel forms :math:`s/c` (one rounding), its :math:`p`-th power (the rounding of
+    :math:`s/c` amplified :math:`p` times, plus up to :math:`p` roundings of the product),
+    the row sum (:math:`g(n)` roundings, in the accumulator) and one quotient: the relative
+    error of :math:`y_i` is at most :math:`(2p + 4)\,u + g(n)\,u_A`. The backward
+    :math:`\mathrm{d}x_i = K_i(\mathrm{d}y_i - D)`, :math:`K_i = p s_i^{p-1}/Z`, :math:`D =
+    \sum_j \mathrm{d}y_j y_j`, has the terms :math:`T_i = K_i(|\mathrm{d}y_i| + P)`,
+    :math:`P = \sum_j |\mathrm{d}y_j y_j|`: :math:`K_i` errs as :math:`y_i` does, :math:`D` by
+    :math:`g(n)u_A P` plus :math:`y`'s error times :math:`P`, and the difference by :math:`2u
+    T_i`; :math:`T_i` keeps the bound absolute where :math:`\mathrm{d}y_i - D` cancels."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        axes = tuple(cache.axes)
+        self.y = np.abs(np.asarray(ref.outputs["y"], np.float64))
+        ratio = np.asarray(cache.ratio, np.float64)
+        c = np.asarray(cache.c, np.float64)
+        denom = np.asarray(cache.denom, np.float64)
+        p = int(cache.p)
+        with np.errstate(all="ignore"):
+            self.k = np.abs(p * ratio ** (p - 1) / (c * denom))
+        self.p = p
+        n = ratio.shape[axes[0]] if ratio.ndim else 1
+        self.gn = float(growth(n))
+        dy = np.asarray(case.dy, np.float64)
+        self.ady = np.abs(dy)
+        self.P = np.sum(np.abs(dy) * self.y, axis=axes, keepdims=True)
+        self.dx = np.abs(_finite(ref.outputs["dx"]))
+
+    @staticmethod
+    def applies(spec, case, ref):
+        cache = ref.cache
+        return all(hasattr(cache, k) for k in ("ratio", "denom", "c", "p", "axes")) \
+            and set(ref.outputs) == {"y", "dx"}
+
+    def terms(self, uA):
+        e_i = 2 * self.p + 4                         # relative error of y in units of u (u_I)
+        e_a = e_i + self.gn                          # ... and of u_A (the row sum)
+        out = {"y": (uA * e_a * self.y, e_i * self.y)}
+        T = self.k * (self.ady + self.P)
+        a = uA * (e_a * self.dx + self.k * (self.gn + e_a) * self.P + 2 * T)
+        i = e_i * self.dx + self.k * e_i * self.P + 2 * T
+        out["dx"] = (a, i)
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -423,6 +472,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _L2Norm(spec, case, ref)
     elif _DyT.applies(spec, case, ref):
         model = _DyT(spec, case, ref)
+    elif _PowerSoftmax.applies(spec, case, ref):
+        model = _PowerSoftmax(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
