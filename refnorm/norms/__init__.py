@@ -18,6 +18,7 @@ from refnorm.norms import l2_norm as _l2_norm
 from refnorm.norms import qk_norm as _qk_norm
 from refnorm.norms import layer_norm_scaling as _layer_norm_scaling
 from refnorm.norms import power_softmax as _power_softmax
+from refnorm.norms import sigma_reparam as _sigma_reparam
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -33,6 +34,7 @@ ALL_SPECS = (
     _qk_norm.SPEC,
     _layer_norm_scaling.SPEC,
     _power_softmax.SPEC,
+    _sigma_reparam.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}
