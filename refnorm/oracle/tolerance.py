@@ -228,7 +228,7 @@ class _Standardization:
 
 
 def _subnormal_centring(model, eta, tiny):
-    """Standardizing variants: the absolute error of a centred value :math:`x - \mu` held in
+    r"""Standardizing variants: the absolute error of a centred value :math:`x - \mu` held in
     the candidate dtype where it is subnormal there (``eta``: half its smallest subnormal
     spacing, per element; 0 elsewhere), carried to every output by :math:`r`. Relative terms
     (``u_I``) cannot express it: below the normal range the rounding is absolute. It matters only
@@ -295,7 +295,7 @@ class _WeightNorm:
 
 
 class _L2Norm(_WeightNorm):
-    """The weight-norm model with :math:`g = 1`, for ``y = x / max(||x||, eps)`` per vector
+    r"""The weight-norm model with :math:`g = 1`, for ``y = x / max(||x||, eps)`` per vector
     (``l2_norm``, and the L2 form of ``qk_norm``): the same two reductions (the norm, and
     :math:`\langle y, \mathrm{d}y\rangle`), the same terms. With Matryoshka truncation the
     model covers the first ``m`` coordinates; ``dx`` is exactly 0 beyond them."""
