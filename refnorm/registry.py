@@ -170,6 +170,10 @@ class NormSpec:
     # after a training forward. ``features`` is checked by the layer (a positive int).
     # None: the variant is not a layer on activations (weight reparametrizations, ...)
     layer_init: Callable | None = None
+    # the shape of ``y`` when it is not that of ``x``: ``(sample) -> shape`` (l2_norm's
+    # Matryoshka truncation returns the first ``truncate_dim`` coordinates); None: x's shape.
+    # The upstream gradient ``dy`` has this shape; every gradient keeps its input's shape
+    output_shape: Callable[[SampleInput], tuple[int, ...]] | None = None
 
     # ----- calling conventions shared by the tests, the CLI and the oracle -----
     def arguments(self, sample: SampleInput, arrays=None) -> dict:
@@ -191,6 +195,12 @@ class NormSpec:
         if axes is None:
             return None
         return labels_from_axes(sample.arrays[0].shape, axes)
+
+    def y_shape(self, sample: SampleInput) -> tuple[int, ...]:
+        """The shape of ``y`` (and of ``dy``) for ``sample``: ``output_shape``, else x's."""
+        if self.output_shape is not None:
+            return tuple(self.output_shape(sample))
+        return tuple(np.shape(sample.arrays[0]))
 
     def output(self, sample: SampleInput, arrays=None) -> np.ndarray:
         """Just ``y``: the function that finite differences differentiate."""

@@ -17,6 +17,12 @@ from refnorm.norms import crms_norm as _crms_norm
 from refnorm.norms import power_norm as _power_norm
 from refnorm.norms import unified_norm as _unified_norm
 from refnorm.norms import rep_bn as _rep_bn
+from refnorm.norms import dyt as _dyt
+from refnorm.norms import l2_norm as _l2_norm
+from refnorm.norms import qk_norm as _qk_norm
+from refnorm.norms import layer_norm_scaling as _layer_norm_scaling
+from refnorm.norms import power_softmax as _power_softmax
+from refnorm.norms import sigma_reparam as _sigma_reparam
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -32,6 +38,12 @@ ALL_SPECS = (
     _unified_norm.SPEC,
     _rep_bn.REP_SPEC,
     _rep_bn.PREP_SPEC,
+    _dyt.SPEC,
+    _l2_norm.SPEC,
+    _qk_norm.SPEC,
+    _layer_norm_scaling.SPEC,
+    _power_softmax.SPEC,
+    _sigma_reparam.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

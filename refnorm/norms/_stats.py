@@ -555,3 +555,28 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
     new_var = (1.0 - factor) * running_var + factor * unbiased
     return (new_mean.astype(running_mean.dtype, copy=False),
             new_var.astype(running_var.dtype, copy=False))
+
+
+# ----- Euclidean norms (l2_norm, qk_norm's L2 form) -----
+def vector_norm(v, axes):
+    r""":math:`\lVert v\rVert_2` over ``axes`` (keepdims), in ``v``'s dtype, finite wherever the
+    exact norm is: the plain :math:`\sqrt{\sum v^2}`, and, only for the slices whose sum of
+    squares overflowed or lost accuracy to underflow (below :math:`\sqrt{\text{tiny}/u}`), the
+    same after dividing by the slice's largest magnitude, :math:`m\sqrt{\sum (v/m)^2}`. Empty
+    slices have norm 0. (The rule of ``weight_norm``'s slice norm, shared.)"""
+    keep = tuple(1 if a in axes else n for a, n in enumerate(v.shape))
+    if v.size == 0:
+        return np.zeros(keep, v.dtype)
+    with np.errstate(over="ignore", under="ignore"):  # detected below and redone scaled
+        norm = np.sqrt(np.sum(np.square(v), axis=axes, keepdims=True))
+    info = np.finfo(v.dtype)
+    safe = (norm >= np.sqrt(info.tiny / info.eps)) & np.isfinite(norm)
+    if not safe.all():
+        with np.errstate(invalid="ignore", under="ignore"):
+            big = np.max(np.abs(v), axis=axes, keepdims=True)
+            ok = (big > 0) & np.isfinite(big)
+            big = np.where(ok, big, 1).astype(v.dtype)
+            scaled = big * np.sqrt(np.sum(np.square(v / big), axis=axes, keepdims=True))
+        # an infinite or NaN element: the plain norm (inf or NaN) is the answer
+        norm = np.where(safe | ~ok, norm, scaled)
+    return norm

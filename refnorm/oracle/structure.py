@@ -67,9 +67,20 @@ def _trailing_groups(sample):
 
 
 #: Variants that do not standardize (so their record has no standardized groups) but share one
-#: rstd per group, which the tolerance model needs: RMSNorm, one per row.
+#: rstd per group, which the tolerance model needs: RMSNorm, one per row; qk_norm's RMS form,
+#: one per head vector; LayerNorm Scaling (its output's variance is divided by the depth).
 #: ``name -> (sample -> (labels, G))``.
-GROUPS = {"rms_norm": _trailing_groups}
+def _last_axis_groups(sample):
+    """qk_norm: one rstd per head-dimension vector (the last axis), in its LayerNorm and RMS
+    forms; None for the L2 form (which has a model of its own)."""
+    if sample.kwargs.get("norm", "layer") not in ("layer", "rms"):
+        return None
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, (x.ndim - 1,))
+
+
+GROUPS = {"rms_norm": _trailing_groups, "qk_norm": _last_axis_groups,
+          "layer_norm_scaling": _trailing_groups}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:

@@ -124,6 +124,11 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # a constant factor on the whole output, y = s (gamma xhat + beta) (LayerNorm Scaling:
+        # s = 1/sqrt(depth)): gamma and beta are s gamma and s beta for y and dx, and the
+        # parameter gradients are s times those of the plain norm
+        self.scale = float(getattr(cache, "output_scale", 1.0))
+        self.gamma, self.beta = self.gamma * self.scale, self.beta * self.scale
         self.dy = np.asarray(case.dy, np.float64)
         self.kwargs = case.kwargs
         self.outputs = ref.outputs
@@ -202,11 +207,12 @@ class _Standardization:
             def psum(a):
                 return unbroadcast_sum(a, view, p.shape)
 
+            s = self.scale
             if name == "weight":
-                out[key] = (psum(ady * dxh) + uA * psum(adyx), (gM + 1) * psum(adyx)
-                            + psum(ady * mid))
+                out[key] = (s * (psum(ady * dxh) + uA * psum(adyx)), s * ((gM + 1) * psum(adyx)
+                            + psum(ady * mid)))
             else:
-                out[key] = (uA * psum(ady), (gM + 1) * psum(ady))
+                out[key] = (s * uA * psum(ady), s * (gM + 1) * psum(ady))
         shape_g = (G.count,)
         if "mean" in self.outputs:
             out["mean"] = (gN * uA * self.mean_abs_x, np.abs(self.mu))
@@ -236,6 +242,30 @@ class _Standardization:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
         return out
+
+
+def _subnormal_centring(model, eta, tiny):
+    r"""Standardizing variants: the absolute error of a centred value :math:`x - \mu` held in
+    the candidate dtype where it is subnormal there (``eta``: half its smallest subnormal
+    spacing, per element; 0 elsewhere), carried to every output by :math:`r`. Relative terms
+    (``u_I``) cannot express it: below the normal range the rounding is absolute. It matters only
+    where :math:`|x-\mu|` is below the dtype's smallest normal number and r is large (a
+    subnormal input with ``eps`` 1e-5: bfloat16's 9e-41 spacing times r = 316)."""
+    G = model.g
+    R = G.spread(model.r)
+    d = np.abs(model.x - G.spread(model.mu))
+    e = np.where(d < tiny, eta, 0.0) * R                   # error of xhat, absolute
+    gam = np.abs(model.gamma)
+    out = {"y": gam * e}
+    ag = np.abs(model.gamma * model.dy)
+    hbar = G.spread(np.abs(G.mean(model.gamma * model.dy * model.xhat)))
+    ax = np.abs(model.xhat)
+    out["dx"] = R * (ax * G.spread(G.mean(ag * e)) + e * hbar)
+    if model.weight is not None:
+        view = param_view(model.weight, model.x.shape, model.variant).shape
+        out["dweight"] = model.scale * unbroadcast_sum(np.abs(model.dy) * e, view,
+                                                       model.weight.shape)
+    return out
 
 
 class _WeightNorm:
@@ -270,6 +300,8 @@ class _WeightNorm:
         y, dv = np.abs(_finite(self.outputs["y"])), np.abs(_finite(self.outputs["dv"]))
         out = {"y": (y * (e_rho + 2 * uA), 2 * y)}
         out["dv"] = (s * avh * (gN * uA + e_rho) * P + dv * (e_rho + uA) + 2 * uA * T, 2 * T)
+        if "dg" not in self.outputs:   # _L2Norm: g = 1 is no input
+            return out
         first = np.zeros(G.count, dtype=np.int64)
         first[G.labels.ravel()[::-1]] = np.arange(G.labels.size)[::-1]
         pg, gNg = P.ravel()[first], gN.ravel()[first]
@@ -351,6 +383,155 @@ class _Composed:
         return out
 
 
+class _L2Norm(_WeightNorm):
+    r"""The weight-norm model with :math:`g = 1`, for ``y = x / max(||x||, eps)`` per vector
+    (``l2_norm``, and the L2 form of ``qk_norm``): the same two reductions (the norm, and
+    :math:`\langle y, \mathrm{d}y\rangle`), the same terms. With Matryoshka truncation the
+    model covers the first ``m`` coordinates; ``dx`` is exactly 0 beyond them."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        y = np.asarray(cache.y, np.float64)
+        self.rho = np.broadcast_to(np.asarray(cache.norm, np.float64), y.shape)
+        self.v = y * self.rho
+        self.g = np.ones_like(y)
+        labels, count = labels_from_axes(y.shape, tuple(cache.axes))
+        self.G = Groups(labels, count, np.bincount(labels.ravel(), minlength=count))
+        self.dw = np.asarray(case.dy, np.float64)
+        self.index = tuple(slice(0, n) for n in y.shape)
+        self.outputs = {"y": ref.outputs["y"], "dv": ref.outputs["dx"][self.index]}
+        self.dx_shape = ref.outputs["dx"].shape
+
+    @staticmethod
+    def applies(spec, case, ref):
+        cache = ref.cache
+        return all(hasattr(cache, k) for k in ("y", "norm", "clamped", "axes", "x_shape")) \
+            and set(ref.outputs) == {"y", "dx"}
+
+    def terms(self, uA):
+        t = super().terms(uA)
+        out = {"y": t["y"]}
+        pair = []
+        for part in t["dv"]:
+            full = np.zeros(self.dx_shape)
+            full[self.index] = part
+            pair.append(full)
+        out["dx"] = tuple(pair)
+        return out
+
+
+class _DyT:
+    r"""The itemized model of Dynamic Tanh, :math:`y = \gamma\tanh(\alpha x) + \beta`
+    (``docs/notes/tolerances.rst``): elementwise but for the sums of the parameter gradients.
+
+    With :math:`z = \alpha x`, :math:`t = \tanh z`, :math:`s = 1 - t^2`, the computed
+    :math:`t` errs by :math:`u\,\tau`, :math:`\tau = |t| + s|z|` (the rounding of :math:`z`,
+    amplified by tanh's derivative, and tanh's own); :math:`s` formed from it by
+    :math:`u\,\sigma`, :math:`\sigma = 2|t|\tau + t^2 + 4s`."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        arr = dict(zip(spec.diff_argnames, case.arrays))
+        x = np.asarray(arr["x"], np.float64)
+        self.axis = int(cache.channel_axis)
+        shape = [1] * x.ndim
+        shape[self.axis] = -1
+
+        def per_channel(p, default):
+            return np.broadcast_to(default if p is None else
+                                   np.asarray(p, np.float64).reshape(shape), x.shape)
+
+        alpha = float(np.asarray(arr["alpha"], np.float64).ravel()[0])
+        self.gamma = np.abs(per_channel(arr.get("weight"), 1.0))
+        self.beta = np.abs(per_channel(arr.get("bias"), 0.0))
+        z = alpha * x
+        t = np.tanh(z)
+        s = (1 - t) * (1 + t)
+        self.at, self.s = np.abs(t), s
+        self.tau = self.at + s * np.abs(z)
+        self.sig = 2 * self.at * self.tau + t * t + 4 * s
+        self.x, self.alpha = np.abs(x), abs(alpha)
+        self.dy = np.abs(np.asarray(case.dy, np.float64))
+        self.batch = tuple(a for a in range(x.ndim) if a != self.axis)
+        self.outputs = ref.outputs
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "dyt" and hasattr(ref.cache, "channel_axis")
+
+    def terms(self, uA):
+        gam, dy = self.gamma, self.dy
+        out = {}
+        ty = gam * self.tau + gam * self.at + self.beta
+        out["y"] = (uA * ty, ty)
+        gdy = gam * dy
+        tdx = self.alpha * gdy * self.sig
+        out["dx"] = (uA * tdx, tdx)
+        n = self.x.size
+        elem = np.sum(gdy * self.x * self.sig)             # the terms' own errors
+        total = np.sum(gdy * self.x * self.s)              # sum |terms|: the sum's error
+        out["dalpha"] = tuple(np.reshape(v, self.outputs["dalpha"].shape) for v in
+                              (uA * (elem + total), elem + (growth(n) + 1) * total))
+        m = max(1, n // max(1, self.x.shape[self.axis]) if self.x.ndim else 1)
+        gM = float(growth(m))
+        if "dweight" in self.outputs:
+            own, terms = (np.sum(a, axis=self.batch) for a in (dy * self.tau, dy * self.at))
+            out["dweight"] = (uA * (own + terms), own + (gM + 1) * terms)
+        if "dbias" in self.outputs:
+            sdy = np.sum(dy, axis=self.batch)
+            out["dbias"] = (uA * sdy, (gM + 1) * sdy)
+        return out
+
+
+class _PowerSoftmax:
+    r"""The itemized model of Power-Softmax, :math:`y_i = s_i^p / Z`, :math:`Z = \epsilon_L +
+    \sum_j s_j^p`, per row of :math:`n` scores (``docs/notes/tolerances.rst``).
+
+    A kernel forms :math:`s/c` (one rounding), its :math:`p`-th power (the rounding of
+    :math:`s/c` amplified :math:`p` times, plus up to :math:`p` roundings of the product),
+    the row sum (:math:`g(n)` roundings, in the accumulator) and one quotient: the relative
+    error of :math:`y_i` is at most :math:`(2p + 4)\,u + g(n)\,u_A`. The backward
+    :math:`\mathrm{d}x_i = K_i(\mathrm{d}y_i - D)`, :math:`K_i = p s_i^{p-1}/Z`, :math:`D =
+    \sum_j \mathrm{d}y_j y_j`, has the terms :math:`T_i = K_i(|\mathrm{d}y_i| + P)`,
+    :math:`P = \sum_j |\mathrm{d}y_j y_j|`: :math:`K_i` errs as :math:`y_i` does, :math:`D` by
+    :math:`g(n)u_A P` plus :math:`y`'s error times :math:`P`, and the difference by :math:`2u
+    T_i`; :math:`T_i` keeps the bound absolute where :math:`\mathrm{d}y_i - D` cancels."""
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        axes = tuple(cache.axes)
+        self.y = np.abs(np.asarray(ref.outputs["y"], np.float64))
+        ratio = np.asarray(cache.ratio, np.float64)
+        c = np.asarray(cache.c, np.float64)
+        denom = np.asarray(cache.denom, np.float64)
+        p = int(cache.p)
+        with np.errstate(all="ignore"):
+            self.k = np.abs(p * ratio ** (p - 1) / (c * denom))
+        self.p = p
+        n = ratio.shape[axes[0]] if ratio.ndim else 1
+        self.gn = float(growth(n))
+        dy = np.asarray(case.dy, np.float64)
+        self.ady = np.abs(dy)
+        self.P = np.sum(np.abs(dy) * self.y, axis=axes, keepdims=True)
+        self.dx = np.abs(_finite(ref.outputs["dx"]))
+
+    @staticmethod
+    def applies(spec, case, ref):
+        cache = ref.cache
+        return all(hasattr(cache, k) for k in ("ratio", "denom", "c", "p", "axes")) \
+            and set(ref.outputs) == {"y", "dx"}
+
+    def terms(self, uA):
+        e_i = 2 * self.p + 4                         # relative error of y in units of u (u_I)
+        e_a = e_i + self.gn                          # ... and of u_A (the row sum)
+        out = {"y": (uA * e_a * self.y, e_i * self.y)}
+        T = self.k * (self.ady + self.P)
+        a = uA * (e_a * self.dx + self.k * (self.gn + e_a) * self.P + 2 * T)
+        i = e_i * self.dx + self.k * e_i * self.P + 2 * T
+        out["dx"] = (a, i)
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -378,6 +559,12 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _WeightNorm(spec, case, ref)
     elif case.variant in COMPOSED:
         model = _Composed.build(spec, case, ref)
+    elif _L2Norm.applies(spec, case, ref):
+        model = _L2Norm(spec, case, ref)
+    elif _DyT.applies(spec, case, ref):
+        model = _DyT(spec, case, ref)
+    elif _PowerSoftmax.applies(spec, case, ref):
+        model = _PowerSoftmax(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
@@ -387,6 +574,11 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
     floor = (acc.tiny if ftz else fmt.smallest_subnormal) + safety * float(growth(n)) * (
         acc.tiny if ftz else acc.smallest_subnormal)
     t = model.terms(u.u_acc) if model else {}
+    if isinstance(model, _Standardization) and fmt.name != "float64":
+        # subnormal centred values held in the candidate dtype (absolute rounding)
+        sub = _subnormal_centring(model, 0.5 * fmt.smallest_subnormal, fmt.tiny)
+        t = {k: (a + sub[k], i) if k in sub and np.shape(sub[k]) == np.shape(a)
+             else (a, i) for k, (a, i) in t.items()}
     # the reference's own error: the same model at u = 2^-53 (linear in u but for e_mu^2,
     # negligible below float64; so computed again only for float64 candidates)
     t64 = (model.terms(_U64) if u.u_acc == _U64 else

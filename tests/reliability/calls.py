@@ -26,6 +26,8 @@ VALUE_ERRORS = {
     "weight_norm": r"`v` has a slice with zero norm \(or NaN\)",
     # sigma = u^T W v = 0: documented in spectral_norm's docstring
     "spectral_norm": r"sigma = u\^T W v is",
+    # sigma = u^T W v = 0 (or NaN): documented in sigma_reparam's docstring
+    "sigma_reparam": r"sigma = u\^T W v is",
 }
 
 LONGDOUBLE_IS_WIDER = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps

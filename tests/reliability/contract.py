@@ -74,8 +74,9 @@ def check_structure(spec, sample, dy, out: Outcome) -> list[Failure]:
     bad = []
     x = sample.arrays[0]
     y = out.y
-    if y.shape != x.shape:
-        bad.append(Failure("structure", f"y has shape {y.shape}, x {x.shape}"))
+    if y.shape != spec.y_shape(sample):
+        bad.append(Failure("structure", f"y has shape {y.shape}, expected "
+                                        f"{spec.y_shape(sample)} (x {x.shape})"))
     if y.dtype != x.dtype:
         bad.append(Failure("structure", f"y has dtype {y.dtype}, x {x.dtype}"))
     inputs = [a for a in sample.arrays if isinstance(a, np.ndarray)] + \

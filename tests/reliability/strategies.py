@@ -173,7 +173,7 @@ def calls(draw, spec, dtype, regimes=REGIMES):
     eps = sample.kwargs.get("eps")
     if isinstance(eps, float) and eps > 0 and draw(st.integers(0, 7), label="eps=0") == 0:
         sample = sample._replace(kwargs={**sample.kwargs, "eps": 0.0})
-    dy = make_dy(shape, dtype, seed + 1)
+    dy = make_dy(spec.y_shape(sample), dtype, seed + 1)
     return Call(spec, sample, dy, dtype, regime, k, base)
 
 
