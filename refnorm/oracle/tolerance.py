@@ -262,6 +262,86 @@ class _WeightNorm:
         return out
 
 
+class _WeightStandardization:
+    r"""The itemized model of weight standardization, plain and scaled (NF-Net, FedWon):
+    :math:`\hat W = c\,d/D` per output channel, :math:`d = W - \mu`, and its backward
+    :math:`\mathrm{d}W = (c/D)(G - \langle G\rangle - t\,\hat w P)`,
+    :math:`\hat w = d/D`, :math:`P = \sum G\hat w` (``docs/notes/tolerances.rst``).
+
+    Its first-order term is the conditioning of the mean, as in :class:`_Standardization`: the
+    mean is off by :math:`e_\mu = g(N)\,u_A\,\langle|W|\rangle`, which shifts every
+    :math:`d` by as much, so :math:`\hat w` by :math:`e_\mu/D`; a slice whose mean is large
+    against its spread (:math:`\langle|W|\rangle/D \gg 1`) is ill-conditioned for any
+    kernel that computes :math:`W - \mu` in the accumulation format."""
+
+    NAMES = ("weight_standardization", "scaled_weight_standardization")
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        w = np.asarray(case.arrays[0], np.float64)
+        self.shape = w.shape
+        self.x = w.reshape(w.shape[0], -1)
+        self.d = np.asarray(cache.d, np.float64)
+        self.n = self.d.shape[1]
+        if spec.name == "weight_standardization":
+            self.D = np.asarray(cache.s, np.float64)
+            rho = np.asarray(cache.rho, np.float64)
+            with np.errstate(all="ignore"):
+                self.t = np.where(rho == 0, 0.0, self.D / (cache.k * rho))
+            self.c = np.ones_like(self.D)
+            self.gamma = 1.0
+        else:
+            self.D, self.c, self.t = (np.asarray(a, np.float64) for a in (cache.D, cache.c,
+                                                                            cache.t))
+            self.gamma = float(cache.gamma)
+        self.G = np.asarray(case.dy, np.float64).reshape(self.d.shape)
+        self.outputs = ref.outputs
+        # d = W - mu of subnormal weights carries an absolute rounding error of half a
+        # subnormal spacing, in the candidate's dtype and in its accumulator, which 1/D
+        # amplifies (D may be eps-sized while W is subnormal)
+        fmt = get_format(case.dtype)
+        self.sub = float(fmt.smallest_subnormal) + float(fmt.accumulator.smallest_subnormal)
+
+    @classmethod
+    def applies(cls, spec, case, ref):
+        return spec.name in cls.NAMES and hasattr(ref.cache, "d") \
+            and np.size(ref.cache.d) == np.size(case.arrays[0])
+
+    def terms(self, uA):
+        n, D, c, t, G = self.n, self.D, np.abs(self.c), self.t, self.G
+        gN = float(growth(n))
+        mean_abs = np.mean(np.abs(self.x), axis=1, keepdims=True)
+        mu = np.abs(np.mean(self.x, axis=1, keepdims=True))
+        e_mu = gN * uA * mean_abs                            # absolute error of the mean
+        q = np.sum(self.d ** 2, axis=1, keepdims=True)
+        e_D = 0.5 * (gN * uA + n * e_mu ** 2 / np.maximum(q, np.finfo(float).tiny)) + 2 * uA
+        what = np.abs(self.d / D)
+        shift = (np.abs(self.x) + mu) / D                    # the terms of d / D
+        dwh = e_mu / D + what * e_D + uA * (what + shift) + 2 * self.sub / D  # error of d / D
+        mid = what + shift                                   # d / D from a mean held in u_I
+        out = {"y": (c * dwh + uA * c * what, c * mid)}
+        aG = np.abs(G)
+        mG = np.mean(aG, axis=1, keepdims=True)
+        sGw = np.sum(aG * what, axis=1, keepdims=True)
+        P = np.abs(np.sum(G * self.d / D, axis=1, keepdims=True))
+        eP = gN * uA * sGw + np.sum(aG * dwh, axis=1, keepdims=True)
+        if "dweight" in self.outputs:
+            dw = np.abs(_finite(self.outputs["dweight"])).reshape(self.d.shape)
+            a = dw * e_D + (c / D) * (gN * uA * mG + t * (what * eP + dwh * P)
+                                      + 2 * uA * (aG + mG + t * what * P))
+            i = (c / D) * (aG + mG + t * (what * np.sum(aG * mid, axis=1, keepdims=True)
+                                          + mid * P))
+            out["dweight"] = (a.reshape(self.shape), i.reshape(self.shape))
+        if "dgain" in self.outputs:
+            shape = self.outputs["dgain"].shape
+            g = abs(self.gamma)
+            out["dgain"] = (np.reshape(g * (eP + uA * sGw), shape),
+                            np.reshape(g * ((gN + 1) * sGw + np.sum(aG * mid, axis=1,
+                                                                   keepdims=True)), shape))
+        out["y"] = tuple(a.reshape(self.shape) for a in out["y"])
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -287,6 +367,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _Standardization(spec, case, ref, groups)
     elif _WeightNorm.applies(spec, case, ref):
         model = _WeightNorm(spec, case, ref)
+    elif _WeightStandardization.applies(spec, case, ref):
+        model = _WeightStandardization(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
