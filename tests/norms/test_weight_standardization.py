@@ -35,7 +35,7 @@ def test_weight_gradient_is_orthogonal_to_the_standardized_weight_as_eps_vanishe
 
 def test_constant_slice_with_eps_outside_has_the_exact_finite_gradient():
     """sigma = 0: PyTorch's std backward gives NaN; the derivative exists, (G - <G>) / eps."""
-    w = np.repeat(np.array([[0.3], [-1.2]]), 5, axis=1)
+    w = np.repeat(np.array([[0.0], [-1.2]]), 5, axis=1)  # FD on the exact zero slice
     g = np.random.default_rng(1).standard_normal(w.shape)
     w_hat, cache = weight_standardization_forward(w, 1e-5)
     assert np.all(w_hat == 0)
