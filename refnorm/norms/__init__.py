@@ -14,6 +14,7 @@ from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import weight_standardization as _weight_standardization
+from refnorm.norms import filter_response_norm as _filter_response_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -26,6 +27,7 @@ ALL_SPECS = (
     _spectral_norm.SPEC,
     _weight_standardization.SPEC,
     _weight_standardization.SCALED_SPEC,
+    _filter_response_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -342,6 +342,119 @@ class _WeightStandardization:
         return out
 
 
+class _FilterResponse:
+    r"""The itemized model of FRN + TLU: :math:`\hat x = x\,r`, :math:`r = (\langle
+    x^2\rangle_S + \epsilon)^{-1/2}` per (sample, channel), :math:`z = \gamma\hat x + \beta`,
+    :math:`y = \max(z, \tau)`; backward :math:`\mathrm{d}x = r(h - \hat x\,m)`,
+    :math:`h = \gamma\,s\,\mathrm{d}y`, :math:`m = \langle h\hat x\rangle_S`, :math:`s`
+    the TLU's share (``docs/notes/tolerances.rst``).
+
+    Beyond the terms of :class:`_Standardization` (without a mean: no conditioning term) it has
+    one of zeroth order: **the kink**. Where :math:`|z - \tau|` is within the error bound of
+    :math:`z`, a correct kernel may land on either side, and that element's whole share of
+    :math:`\mathrm{d}y` may go to :math:`\tau` instead of to :math:`z`; its effect on every
+    gradient is added to their bounds (and nowhere else)."""
+
+    def __init__(self, spec, case, ref):
+        arr = dict(zip(spec.diff_argnames, case.arrays))
+        cache = ref.cache
+        self.x = np.asarray(case.arrays[0], np.float64)
+        self.r = np.asarray(cache.r, np.float64)
+        self.xhat = self.x * self.r
+        self.share = None if cache.share is None else np.asarray(cache.share, np.float64)
+        nd = self.x.ndim
+        view = (1, -1) + (1,) * (nd - 2)
+
+        def param(name, default):
+            p = arr.get(name)
+            return np.full((1,) * nd, default) if p is None else \
+                np.asarray(p, np.float64).reshape(view)
+
+        self.gamma, self.beta = param("weight", 1.0), param("bias", 0.0)
+        self.tau = None if arr.get("tau") is None else param("tau", 0.0)
+        self.dy = np.asarray(case.dy, np.float64)
+        self.axes = tuple(range(2, nd))
+        self.count = max(1, int(np.prod(self.x.shape[2:], dtype=np.int64)))
+        self.outputs = ref.outputs
+        fmt = get_format(case.dtype)
+        self.u_mid = max(fmt.u, fmt.accumulator.u)
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "frn" and hasattr(ref.cache, "share") \
+            and np.shape(ref.cache.xhat) == np.shape(case.arrays[0])
+
+    #: the roundings of xhat a kernel may make in its own dtype (x^2, their mean, r, x r):
+    #: xhat is off by up to MID u_I |xhat| from them
+    MID = 4.0
+
+    def _ambiguous(self, uA, dxh):
+        """Where a kernel may land on the other side of the kink (z within its error of tau)."""
+        if self.tau is None:
+            return np.zeros(self.x.shape)
+        z = self.gamma * self.xhat + self.beta
+        ag_, ab = np.abs(self.gamma), np.abs(self.beta)
+        axh = np.abs(self.xhat)
+        band = SAFETY * (ag_ * dxh + uA * (ag_ * axh + ab)
+                         + self.u_mid * (ag_ * (self.MID + 1) * axh + ab + np.abs(self.tau)))
+        with np.errstate(invalid="ignore"):
+            return (np.abs(z - self.tau) <= band).astype(np.float64)
+
+    def terms(self, uA):
+        axes, r, xh = self.axes, self.r, self.xhat
+        gS = float(growth(self.count))
+        axh = np.abs(xh)
+        e_r = 0.5 * gS * uA + 2 * uA                          # relative error of r
+        dxh = axh * (e_r + uA)                                # error of xhat
+        ag_ = np.abs(self.gamma)
+        xmid = self.MID * axh                                 # xhat's roundings in u_I
+        out = {"y": (ag_ * dxh + uA * (ag_ * axh + np.abs(self.beta)),
+                     ag_ * (xmid + axh) + np.abs(self.beta))}
+        share = np.ones_like(xh) if self.share is None else self.share
+        amb = self._ambiguous(uA, dxh)
+        dy = self.dy
+        gz = share * dy
+        h = self.gamma * gz
+        ah = np.abs(h)
+        dh = ag_ * np.abs(dy) * amb                          # a share that may flip
+        cnt = self.count
+
+        def mean(a):
+            return np.sum(a, axis=axes, keepdims=True) / cnt if axes else a
+
+        m = np.abs(mean(h * xh))
+        if "dx" in self.outputs:
+            dx = np.abs(_finite(self.outputs["dx"]))
+            dm = gS * uA * mean(ah * axh) + mean(ah * dxh)
+            a = dx * e_r + r * (dxh * m + axh * dm + 2 * uA * (ah + axh * m)) \
+                + r * (dh + axh * mean(dh * axh))
+            i = r * (ah + axh * mean(ah * axh) + (xmid + axh) * m + axh * mean(ah * xmid)) \
+                + 3 * dx                                      # r rounded in u_I
+            out["dx"] = (a, i)
+        chan = (0,) + axes
+        gM = float(growth(max(1, self.x.size // max(self.x.shape[1], 1))))
+
+        def csum(a):
+            return np.sum(a, axis=chan)
+
+        agz, ady = np.abs(gz), np.abs(dy)
+        if "dweight" in self.outputs:
+            out["dweight"] = (csum(agz * dxh) + uA * csum(agz * axh) + csum(ady * amb * axh),
+                              (gM + 1) * csum(agz * axh) + csum(agz * xmid))
+        if "dbias" in self.outputs:
+            out["dbias"] = (uA * csum(agz) + csum(ady * amb), (gM + 1) * csum(agz))
+        if "dtau" in self.outputs:
+            rest = np.abs((1 - share) * dy)
+            out["dtau"] = (uA * csum(rest) + csum(ady * amb), (gM + 1) * csum(rest))
+        if "deps_l" in self.outputs:
+            t = np.abs(h * self.x) * r ** 3
+            a = 0.5 * (np.sum(t) * (3 * e_r + float(growth(self.x.size)) * uA)
+                       + np.sum(dh * np.abs(self.x) * r ** 3))
+            n = float(growth(self.x.size))
+            out["deps_l"] = (np.reshape(a, (1,)), np.reshape(0.5 * (n + 1) * np.sum(t), (1,)))
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -369,6 +482,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _WeightNorm(spec, case, ref)
     elif _WeightStandardization.applies(spec, case, ref):
         model = _WeightStandardization(spec, case, ref)
+    elif _FilterResponse.applies(spec, case, ref):
+        model = _FilterResponse(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
