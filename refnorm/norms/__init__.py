@@ -15,6 +15,7 @@ from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import weight_standardization as _weight_standardization
 from refnorm.norms import filter_response_norm as _filter_response_norm
+from refnorm.norms import weight_compander as _weight_compander
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -28,6 +29,7 @@ ALL_SPECS = (
     _weight_standardization.SPEC,
     _weight_standardization.SCALED_SPEC,
     _filter_response_norm.SPEC,
+    _weight_compander.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -455,6 +455,43 @@ class _FilterResponse:
         return out
 
 
+class _WeightCompander:
+    r"""The itemized model of the weight compander, :math:`w = a\arctan(v/b)` elementwise, and
+    its sums :math:`\mathrm{d}a`, :math:`\mathrm{d}b` over every weight (which cancel: their
+    bound is relative to the sums of magnitudes, not to the result)."""
+
+    def __init__(self, spec, case, ref):
+        self.v = np.asarray(case.arrays[0], np.float64)
+        self.a = float(np.asarray(case.arrays[1], np.float64))
+        self.b = float(np.asarray(case.arrays[2], np.float64))
+        self.G = np.asarray(case.dy, np.float64)
+        self.outputs = ref.outputs
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "weight_compander"
+
+    def terms(self, uA):
+        t = self.v / self.b
+        at = np.abs(np.arctan(t))
+        slope = 1.0 / (1.0 + t * t)
+        k = abs(self.a / self.b)
+        aG = np.abs(self.G)
+        out = {}
+        # each value is a few roundings from its inputs: v / b, arctan (whose condition
+        # |t| / ((1 + t^2) arctan t) is at most 1), the products; as many in u_I
+        y, dv = np.abs(self.a) * at, k * aG * slope
+        out["y"] = (4 * uA * y, 3 * y)
+        out["dv"] = (5 * uA * dv, 4 * dv)
+        gM = float(growth(max(1, self.v.size)))
+        for key, terms in (("da", aG * at), ("db", k * aG * np.abs(t) * slope)):
+            if key in self.outputs:
+                total = float(np.sum(terms))
+                out[key] = (np.reshape((gM + 4) * uA * total, self.outputs[key].shape),
+                            np.reshape((gM + 3) * total, self.outputs[key].shape))
+        return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -484,6 +521,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _WeightStandardization(spec, case, ref)
     elif _FilterResponse.applies(spec, case, ref):
         model = _FilterResponse(spec, case, ref)
+    elif _WeightCompander.applies(spec, case, ref):
+        model = _WeightCompander(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)
