@@ -16,6 +16,7 @@ from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import weight_standardization as _weight_standardization
 from refnorm.norms import filter_response_norm as _filter_response_norm
 from refnorm.norms import weight_compander as _weight_compander
+from refnorm.norms import evo_norm as _evo_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -30,6 +31,8 @@ ALL_SPECS = (
     _weight_standardization.SCALED_SPEC,
     _filter_response_norm.SPEC,
     _weight_compander.SPEC,
+    _evo_norm.SPEC_B0,
+    _evo_norm.SPEC_S0,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}
