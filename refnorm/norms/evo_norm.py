@@ -133,12 +133,14 @@ class EvoNormB0Grads(NamedTuple):
     dv: np.ndarray | None
 
 
-def _share(R, L, convention):
-    """s: 1 where R > L, 0 where R < L; a tie gives 1/2 (timm) or 0 (TF: all to L); NaN where
-    either side is NaN (the side is unknown)."""
+def _share(diff, convention):
+    """s from the sign of ``diff`` = R - L: 1 where R > L, 0 where R < L; a tie gives 1/2
+    (timm) or 0 (TF: all to L); NaN where either side is NaN (the side is unknown). ``diff`` is
+    formed as :math:`v x + (S - L)`, not from the rounded R: with one sample S and L are the
+    same statistic, and :math:`v x` far below an ULP of S still decides the side."""
     tie = 0.5 if convention == "timm" else 0.0
-    s = np.where(R > L, 1.0, np.where(R == L, tie, 0.0))
-    return np.where(np.isnan(R) | np.isnan(L), np.nan, s)
+    s = np.where(diff > 0, 1.0, np.where(diff == 0, tie, 0.0))
+    return np.where(np.isnan(diff), np.nan, s)
 
 
 def evo_norm_b0_forward(x, running_var, weight=None, bias=None, v=None, training=False,
@@ -214,7 +216,7 @@ def evo_norm_b0_forward(x, running_var, weight=None, bias=None, v=None, training
         vv = _view(v, nd, work)
         R = vv * xw + S
         D = np.maximum(L, R)
-        share = _share(R, L, convention)
+        share = _share(vv * xw + (S - L), convention)
         y = gamma * (xw / D)
     if bias is not None:
         y = y + _view(bias, nd, work)
@@ -389,7 +391,7 @@ def evo_norm_s0_forward(x, weight=None, bias=None, v=None, groups=32, eps=1e-5, 
         return y.astype(x.dtype, copy=False), EvoNormS0Cache(xw, None, None, None, gamma,
                                                              None, groups, dtypes)
     n = x.shape[0]
-    flat = xw.reshape(n, groups, -1)
+    flat = xw.reshape(n, groups, c // groups * int(np.prod(x.shape[2:], dtype=np.int64)))
     with np.errstate(invalid="ignore", divide="ignore"):
         if flat.size:
             xc, _ = centered_exact(flat, (2,))
@@ -422,7 +424,8 @@ def evo_norm_s0_backward(dy, cache):
         u = x * sig
         dsig = sig * (1.0 - sig)
         du = sig + v * x * dsig
-        hu = np.sum((h * u).reshape(n, groups, -1), axis=2, keepdims=True)
+        hu = np.sum((h * u).reshape(n, groups, x.size // max(n * groups, 1)), axis=2,
+                    keepdims=True)
         m_g = max(1, x.size // max(n * groups, 1))
         dx = h * du / s - xc / (m_g * s ** 3) * _group_spread(hu, x.shape, groups)
         dv = np.sum(h * x * x * dsig / s, axis=chan).astype(v_dt)

@@ -35,7 +35,7 @@ Variants that standardize (their forward saves ``rstd``, and their groups are kn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -492,6 +492,69 @@ class _WeightCompander:
         return out
 
 
+#: Variants without an itemized model whose normwise bound also gets the numerical
+#: conditioning term of :func:`_conditioning` (variants that centre their input, whose
+#: outputs the normwise form would bound without the conditioning of the mean).
+CONDITIONED = ("evo_norm_b0", "evo_norm_s0", "batch_channel_norm")
+
+
+def _conditioning(spec, case, ref, u_acc, trials=2, seed=0):
+    r"""How far the float64 reference moves when every floating input of the case (and
+    ``dy``) is perturbed by a relative :math:`u_A\xi`, :math:`\xi` uniform in [-1, 1]:
+    :math:`c_k = \max_t |f_k(a(1 + u_A\xi_t)) - f_k(a)|`, per element of each output.
+
+    A backward-stable kernel in the accumulation format returns the exact result for inputs
+    perturbed by :math:`O(g(N)\,u_A)` relative, so its error is bounded to first order by
+    :math:`g(N)` times this (the error of the statistics, amplified by the conditioning of the
+    problem: :math:`\langle|x|\rangle/\sigma` for a group with a large mean, which the normwise
+    form does not know). ``u_acc`` is the unit of the intermediates (the candidate dtype's
+    where it is coarser than the accumulator). Near a non-differentiable point a perturbation
+    that crosses it counts the whole jump, as a kernel may cross it too; for EvoNorm-B0's
+    :math:`\max(L, R)` the elements within rounding distance of the tie are also taken to the
+    other side explicitly. Deterministic (``seed``)."""
+    from refnorm.oracle.reference import compute
+
+    rng = np.random.default_rng(seed)
+    out = {k: np.zeros(np.shape(v)) for k, v in ref.outputs.items()}
+
+    def jitter(a):
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            return a * (1 + u_acc * rng.uniform(-1, 1, a.shape))
+        return a
+
+    cache = ref.cache
+    if spec.name == "evo_norm_b0" and getattr(cache, "share", None) is not None:
+        # B0's max(L, R): where R - L is within a few roundings of R's terms, a kernel may
+        # take the other side; the gradients of that choice count whole (y is continuous)
+        x = np.asarray(cache.x, np.float64)
+        vx, S, L = cache.v * x, np.asarray(cache.S, np.float64), np.asarray(cache.L, np.float64)
+        near = np.abs(vx + (S - L)) <= 8 * u_acc * (np.abs(vx) + S + L)
+        if near.any():
+            flipped = cache._replace(share=np.where(near, 1.0 - cache.share, cache.share))
+            try:
+                with np.errstate(all="ignore"):
+                    other = spec.backward(case.dy, flipped)
+            except Exception:  # noqa: BLE001
+                other = ()
+            for name, g in zip(spec.diff_argnames, other):
+                k = "d" + name
+                if g is not None and k in out and np.shape(g) == out[k].shape:
+                    out[k] = np.maximum(out[k], np.abs(_finite(g) - _finite(ref.outputs[k])))
+    for _ in range(trials):
+        moved = replace(case, arrays=tuple(None if a is None else jitter(a) for a in case.arrays),
+                        kwargs={k: jitter(v) for k, v in case.kwargs.items()},
+                        dy=jitter(case.dy))
+        try:
+            res = compute(spec, moved)
+        except Exception:  # noqa: BLE001 - a perturbed case the variant rejects adds nothing
+            continue
+        for k, v in res.outputs.items():
+            if k in out and np.shape(v) == out[k].shape:
+                d = np.abs(_finite(v) - _finite(ref.outputs[k]))
+                out[k] = np.maximum(out[k], d)
+    return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -536,6 +599,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
     # negligible below float64; so computed again only for float64 candidates)
     t64 = (model.terms(_U64) if u.u_acc == _U64 else
            {k: (a * (_U64 / u.u_acc), i) for k, (a, i) in t.items()}) if model else {}
+    cond = _conditioning(spec, case, ref, u.u_mid) if model is None \
+        and spec.name in CONDITIONED else {}
     out, how = {}, {}
     for key, r in ref.outputs.items():
         ar = np.abs(_finite(r))
@@ -549,5 +614,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
             b = u.u_out * ar + _normwise(r, n, u, safety) \
                 + _U64 * ar + _normwise(r, n, Units(_U64, _U64, _U64), safety)
             how[key] = f"normwise (N={n})"
+            if key in cond:
+                b = b + safety * float(growth(n)) * cond[key]
+                how[key] += " + conditioning"
         out[key] = np.asarray(b + floor, np.float64)
     return (out, how) if explain else out
