@@ -91,7 +91,7 @@ _CONVENTIONS = ("tf", "timm")
 
 
 def _check_convention(convention, op):
-    if convention not in _CONVENTIONS:
+    if not isinstance(convention, str) or convention not in _CONVENTIONS:
         raise ValueError(f"{op}: `convention` must be 'tf' or 'timm', got {convention!r}")
     return convention
 

@@ -98,8 +98,11 @@ def test_the_oracle_catches_wrong_evo_norms(torch, dtype):
 
     assert check(torch_function(b0()), "evo_norm_b0", dtype=dtype, size="ci")
     assert not check(torch_function(b0(eps_shift=1e-2)), "evo_norm_b0", dtype=dtype, size="ci")
-    # y off by a factor sqrt(m / (m - 1)) ~ 1 + 1/(2m): what an unbiased std would give
-    assert not check(torch_function(b0(scale=1.02)), "evo_norm_b0", dtype=dtype, size="ci")
+    # y off by a constant factor (an unbiased std gives sqrt(m / (m - 1)) ~ 1 + 1/(2m)): the
+    # normwise bound resolves 0.1 % in float32, but only about 10 % in bfloat16 (its bound is
+    # several bfloat16 ULPs of max|y|, 2-5 %)
+    scale = 1.001 if dtype == "float32" else 1.1
+    assert not check(torch_function(b0(scale=scale)), "evo_norm_b0", dtype=dtype, size="ci")
     assert check(torch_function(s0()), "evo_norm_s0", dtype=dtype, size="ci")
     assert not check(torch_function(s0(no_sigmoid=True)), "evo_norm_s0", dtype=dtype,
                      size="ci")
