@@ -17,6 +17,7 @@ from refnorm.norms import weight_standardization as _weight_standardization
 from refnorm.norms import filter_response_norm as _filter_response_norm
 from refnorm.norms import weight_compander as _weight_compander
 from refnorm.norms import evo_norm as _evo_norm
+from refnorm.norms import batch_channel_norm as _batch_channel_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -33,6 +34,7 @@ ALL_SPECS = (
     _weight_compander.SPEC,
     _evo_norm.SPEC_B0,
     _evo_norm.SPEC_S0,
+    _batch_channel_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -208,6 +208,10 @@ def _jitter_cache(cache, jitter):
     for name, value in cache._asdict().items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             fields[name] = jitter(value)
+        elif hasattr(value, "_replace"):  # the cache of a stage (BCN holds BN's and GN's)
+            inner = _jitter_cache(value, jitter)
+            if inner is not None:
+                fields[name] = inner
     return cache._replace(**fields)
 
 
