@@ -507,8 +507,10 @@ def b0_oracle_inputs(rng):
     yield _b0_case(rng, "(3,5,7,9)-no-nonlinearity", (3, 5, 7, 9), act=False)
     yield _b0_case(rng, "(4,5,9,9)-mean1e4-std1e-3", (4, 5, 9, 9),
                    x=1e4 + 1e-3 * rng.standard_normal((4, 5, 9, 9)))
-    yield _b0_case(rng, "(6,7,33)-tiny-scale", (6, 7, 33), x=1e-20 * rng.standard_normal((6, 7, 33)))
-    yield _b0_case(rng, "(6,7,33)-huge-scale", (6, 7, 33), x=1e20 * rng.standard_normal((6, 7, 33)))
+    yield _b0_case(rng, "(6,7,33)-tiny-scale", (6, 7, 33),
+                   x=1e-20 * rng.standard_normal((6, 7, 33)))
+    yield _b0_case(rng, "(6,7,33)-huge-scale", (6, 7, 33),
+                   x=1e20 * rng.standard_normal((6, 7, 33)))
 
 
 def b0_error_inputs():

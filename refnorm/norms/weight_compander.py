@@ -171,7 +171,8 @@ def oracle_inputs(rng):
     yield _case(rng, "(64,3,7,7)-conv", (64, 3, 7, 7), 1.0, 0.6)
     yield _case(rng, "(33,17,3,3)-odd", (33, 17, 3, 3), 0.7, 0.8)
     yield _case(rng, "(3,65536)-long", (3, 65536), 0.5, 1.0)
-    yield _case(rng, "(129,65)-tiny", (129, 65), 0.7, 0.7, v=1e-20 * rng.standard_normal((129, 65)))
+    yield _case(rng, "(129,65)-tiny", (129, 65), 0.7, 0.7,
+                v=1e-20 * rng.standard_normal((129, 65)))
     yield _case(rng, "(6,33)-huge", (6, 33), 0.7, 0.7, v=1e20 * rng.standard_normal((6, 33)))
 
 

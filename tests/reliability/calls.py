@@ -419,8 +419,9 @@ def accepts(fn, name) -> bool:
 def dependency_cone(spec, sample, dy, slot, index) -> dict:
     """``{output: bool mask}`` of the output elements that change when the input element
     ``index`` of ``slot`` changes (finite perturbations: an increase and a halving, and two
-    extreme moves; a move the variant rejects, e.g. a negative running variance, is skipped). Computed in extended precision, so
-    that a dependency is not lost to the rounding of a low-precision dtype."""
+    extreme moves; a move the variant rejects, e.g. a negative running variance, is skipped).
+    Computed in extended precision, so that a dependency is not lost to the rounding of a
+    low-precision dtype."""
     sample = cast(spec, resolve_dtype_defaults(spec, sample, sample.arrays[0].dtype),
                   np.longdouble)
     dy = None if dy is None else dy.astype(np.longdouble)
