@@ -250,7 +250,7 @@ def scaled_weight_standardization_forward(weight, gain=None, gamma=1.0, eps=1e-4
                              f"{gain.shape}")
     gamma = check_eps(gamma, _SWS, name="gamma")
     eps = check_eps(eps, _SWS)
-    if eps_mode not in ("clamp", "add"):
+    if not isinstance(eps_mode, str) or eps_mode not in ("clamp", "add"):
         raise ValueError(f"{_SWS}: `eps_mode` must be 'clamp' or 'add', got {eps_mode!r}")
     work = work_dtype(weight, gain)
     rows = rows.astype(work, copy=False)
