@@ -92,6 +92,48 @@ CASES = [
 ]
 
 
+
+def _record(label, name, shape, arrays, kwargs, extra=()):
+    """A case timed against the record's ``torch_call`` (variants that torch has no op for:
+    the torch side is the record's implementation from torch ops). ``extra``: trailing
+    positional inputs that are absent (None) in this case."""
+    def torch_fn(F, *leaves):
+        import torch
+        out = BY_NAME[name].torch_call(torch, *leaves, *extra, **kwargs)
+        return out[0] if BY_NAME[name].stateful else out
+    return Case(label, name, shape, arrays, kwargs, torch_fn)
+
+
+def _channel_params(rng, shape, count, n):
+    return (rng.standard_normal(shape),) + tuple(1.0 + 0.3 * rng.standard_normal(n)
+                                                 for _ in range(count))
+
+
+_ACT = (16, 64, 28, 28)
+_CONV = (256, 128, 3, 3)
+CASES += [
+    _record("EvoB0 tr (16,64,28,28)", "evo_norm_b0", _ACT,
+            lambda rng, s: _channel_params(rng, s, 3, s[1]),
+            dict(running_var=np.ones(64), training=True)),
+    _record("EvoS0 G32 (16,64,28,28)", "evo_norm_s0", _ACT,
+            lambda rng, s: _channel_params(rng, s, 3, s[1]), dict(groups=32)),
+    _record("FRN+TLU (16,64,28,28)", "frn", _ACT,
+            lambda rng, s: _channel_params(rng, s, 3, s[1]), dict(eps=1e-6), extra=(None,)),
+    _record("BCN G32 (16,64,28,28)", "batch_channel_norm", _ACT,
+            lambda rng, s: _channel_params(rng, s, 2, s[1]) + tuple(
+                1.0 + 0.3 * rng.standard_normal(32) for _ in range(2)),
+            dict(running_mean=np.zeros(64), running_var=np.ones(64), training=True,
+                 num_groups=32)),
+    _record("WS (256,128,3,3)", "weight_standardization", _CONV,
+            lambda rng, s: (rng.standard_normal(s),), {}),
+    _record("SWS (256,128,3,3)", "scaled_weight_standardization", _CONV,
+            lambda rng, s: (rng.standard_normal(s), 1.0 + 0.3 * rng.standard_normal(
+                (s[0], 1, 1, 1))), dict(gamma=1.7139588594436646)),
+    _record("WC (256,128,3,3)", "weight_compander", _CONV,
+            lambda rng, s: (rng.standard_normal(s), np.asarray(0.7), np.asarray(0.8)), {}),
+]
+
+
 def refnorm_runner(case, arrays, dy):
     spec = BY_NAME[case.name]
     forward, backward = spec.forward, spec.backward

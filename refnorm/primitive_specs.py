@@ -177,6 +177,7 @@ PRIMITIVES = (
     PrimitiveSpec("log", ag.log, _unary(_positive), twice=True),
     PrimitiveSpec("sqrt", ag.sqrt, _unary(_positive), twice=True),
     PrimitiveSpec("tanh", ag.tanh, _unary(), twice=True),
+    PrimitiveSpec("arctan", ag.arctan, _unary(), twice=True),
     PrimitiveSpec("sigmoid", ag.sigmoid, _unary(), twice=True),
     PrimitiveSpec("abs", ag.abs, _unary(_away_from_zero), twice=True, kinks=True),
     PrimitiveSpec("maximum", ag.maximum, _maxmin_samples, twice=True, kinks=True),

@@ -17,10 +17,10 @@ array([ 0.855341, -1.181569])
 """
 from .custom_vjp import custom_vjp
 from .graph import backprop, enable_grad, is_grad_enabled, no_grad
-from .primitives import (abs, add, as_tensor, broadcast_to, clip, concatenate, conv2d, divide,
-                         exp, getitem, log, log_softmax, matmul, max, maximum, mean, minimum,
-                         multiply, negative, pad, power, relu, reshape, sigmoid, softmax, sqrt,
-                         stack, subtract, sum, swapaxes, tanh, transpose, var, where)
+from .primitives import (abs, add, arctan, as_tensor, broadcast_to, clip, concatenate, conv2d,
+                         divide, exp, getitem, log, log_softmax, matmul, max, maximum, mean,
+                         minimum, multiply, negative, pad, power, relu, reshape, sigmoid, softmax,
+                         sqrt, stack, subtract, sum, swapaxes, tanh, transpose, var, where)
 from .tensor import Tensor
 from .vjp_rules import VJP_RULES
 from .functional import grad, gradients, value_and_grad
@@ -29,7 +29,7 @@ __all__ = [
     "Tensor", "custom_vjp", "no_grad", "enable_grad", "is_grad_enabled", "backprop", "grad",
     "gradients", "value_and_grad", "VJP_RULES", "as_tensor",
     "add", "subtract", "multiply", "divide", "negative", "power", "exp", "log", "sqrt", "tanh",
-    "sigmoid", "abs", "maximum", "minimum", "clip", "relu", "where", "sum", "mean", "var", "max",
-    "softmax", "log_softmax", "reshape", "transpose", "swapaxes", "broadcast_to", "getitem",
-    "concatenate", "stack", "pad", "matmul", "conv2d",
+    "arctan", "sigmoid", "abs", "maximum", "minimum", "clip", "relu", "where", "sum", "mean",
+    "var", "max", "softmax", "log_softmax", "reshape", "transpose", "swapaxes", "broadcast_to",
+    "getitem", "concatenate", "stack", "pad", "matmul", "conv2d",
 ]

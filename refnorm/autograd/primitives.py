@@ -107,6 +107,11 @@ def tanh(a):
     return _make(np.tanh(a.data), "tanh", (a,))
 
 
+def arctan(a):
+    a = as_tensor(a)
+    return _make(np.arctan(a.data), "arctan", (a,))
+
+
 def sigmoid(a):
     a = as_tensor(a)
     # 1 / (1 + exp(-x)) overflows exp for x << 0; this form is exact in both tails.

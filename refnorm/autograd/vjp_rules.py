@@ -139,6 +139,12 @@ def tanh_vjp(g, out, inputs):
     return (g * (1 - out * out),)
 
 
+@rule("arctan")
+def arctan_vjp(g, out, inputs):
+    a = inputs[0]
+    return (g / (1 + a * a),)
+
+
 @rule("sigmoid")
 def sigmoid_vjp(g, out, inputs):
     return (g * out * (1 - out),)

@@ -23,6 +23,11 @@ from refnorm.norms import qk_norm as _qk_norm
 from refnorm.norms import layer_norm_scaling as _layer_norm_scaling
 from refnorm.norms import power_softmax as _power_softmax
 from refnorm.norms import sigma_reparam as _sigma_reparam
+from refnorm.norms import weight_standardization as _weight_standardization
+from refnorm.norms import filter_response_norm as _filter_response_norm
+from refnorm.norms import weight_compander as _weight_compander
+from refnorm.norms import evo_norm as _evo_norm
+from refnorm.norms import batch_channel_norm as _batch_channel_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -44,6 +49,13 @@ ALL_SPECS = (
     _layer_norm_scaling.SPEC,
     _power_softmax.SPEC,
     _sigma_reparam.SPEC,
+    _weight_standardization.SPEC,
+    _weight_standardization.SCALED_SPEC,
+    _filter_response_norm.SPEC,
+    _weight_compander.SPEC,
+    _evo_norm.SPEC_B0,
+    _evo_norm.SPEC_S0,
+    _batch_channel_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -580,3 +580,28 @@ def vector_norm(v, axes):
         # an infinite or NaN element: the plain norm (inf or NaN) is the answer
         norm = np.where(safe | ~ok, norm, scaled)
     return norm
+# ----- helpers of the small variants (EvoNorm, FRN, WS, BCN, Weight Compander) -----
+def work_dtype(*arrays):
+    r"""The dtype the small variants compute in: float64, or ``np.longdouble`` when an input
+    has it. float16 and float32 inputs are computed in float64 and each result is rounded once
+    to its own input's dtype: the most accurate result the output dtype can hold, and the range
+    of float64, in which no square of a float32 value overflows or underflows (so no rescaling
+    is needed, unlike :func:`shifted_moments`). ``None`` entries are ignored."""
+    return np.result_type(np.float64, *[a.dtype for a in arrays if a is not None])
+
+
+def centered_exact(x, axes):
+    r"""``(xc, mean)`` over ``axes`` (keepdims) as :func:`centered`, with one more guarantee: a
+    group whose elements are all equal gets :math:`x_c = 0` exactly and its own value as mean.
+    The rounded mean of equal values need not equal them (:math:`3 \cdot 0.1 / 3`), and the
+    residue, divided by a standard deviation of :math:`\sqrt\epsilon`, would otherwise show in
+    the output of a group that has no direction at all."""
+    xc, mean = centered(x, axes)
+    if x.size:
+        with np.errstate(invalid="ignore"):
+            first = np.max(x, axis=axes, keepdims=True)
+            const = first == np.min(x, axis=axes, keepdims=True)
+        if const.any():
+            xc = np.where(const, 0.0, xc)
+            mean = np.where(const, first, mean)
+    return xc, mean

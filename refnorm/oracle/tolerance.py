@@ -35,7 +35,7 @@ Variants that standardize (their forward saves ``rstd``, and their groups are kn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -532,6 +532,324 @@ class _PowerSoftmax:
         return out
 
 
+class _WeightStandardization:
+    r"""The itemized model of weight standardization, plain and scaled (NF-Net, FedWon):
+    :math:`\hat W = c\,d/D` per output channel, :math:`d = W - \mu`, and its backward
+    :math:`\mathrm{d}W = (c/D)(G - \langle G\rangle - t\,\hat w P)`,
+    :math:`\hat w = d/D`, :math:`P = \sum G\hat w` (``docs/notes/tolerances.rst``).
+
+    Its first-order term is the conditioning of the mean, as in :class:`_Standardization`: the
+    mean is off by :math:`e_\mu = g(N)\,u_A\,\langle|W|\rangle`, which shifts every
+    :math:`d` by as much, so :math:`\hat w` by :math:`e_\mu/D`; a slice whose mean is large
+    against its spread (:math:`\langle|W|\rangle/D \gg 1`) is ill-conditioned for any
+    kernel that computes :math:`W - \mu` in the accumulation format."""
+
+    NAMES = ("weight_standardization", "scaled_weight_standardization")
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        w = np.asarray(case.arrays[0], np.float64)
+        self.shape = w.shape
+        self.x = w.reshape(w.shape[0], -1)
+        self.d = np.asarray(cache.d, np.float64)
+        self.n = self.d.shape[1]
+        if spec.name == "weight_standardization":
+            self.D = np.asarray(cache.s, np.float64)
+            rho = np.asarray(cache.rho, np.float64)
+            with np.errstate(all="ignore"):
+                self.t = np.where(rho == 0, 0.0, self.D / (cache.k * rho))
+            self.c = np.ones_like(self.D)
+            self.gamma = 1.0
+        else:
+            self.D, self.c, self.t = (np.asarray(a, np.float64) for a in (cache.D, cache.c,
+                                                                            cache.t))
+            self.gamma = float(cache.gamma)
+        self.G = np.asarray(case.dy, np.float64).reshape(self.d.shape)
+        self.outputs = ref.outputs
+        # d = W - mu of subnormal weights carries an absolute rounding error of half a
+        # subnormal spacing, in the candidate's dtype and in its accumulator, which 1/D
+        # amplifies (D may be eps-sized while W is subnormal)
+        fmt = get_format(case.dtype)
+        self.sub = float(fmt.smallest_subnormal) + float(fmt.accumulator.smallest_subnormal)
+
+    @classmethod
+    def applies(cls, spec, case, ref):
+        return spec.name in cls.NAMES and hasattr(ref.cache, "d") \
+            and np.size(ref.cache.d) == np.size(case.arrays[0])
+
+    def terms(self, uA):
+        n, D, c, t, G = self.n, self.D, np.abs(self.c), self.t, self.G
+        gN = float(growth(n))
+        mean_abs = np.mean(np.abs(self.x), axis=1, keepdims=True)
+        mu = np.abs(np.mean(self.x, axis=1, keepdims=True))
+        e_mu = gN * uA * mean_abs                            # absolute error of the mean
+        q = np.sum(self.d ** 2, axis=1, keepdims=True)
+        e_D = 0.5 * (gN * uA + n * e_mu ** 2 / np.maximum(q, np.finfo(float).tiny)) + 2 * uA
+        what = np.abs(self.d / D)
+        shift = (np.abs(self.x) + mu) / D                    # the terms of d / D
+        dwh = e_mu / D + what * e_D + uA * (what + shift) + 2 * self.sub / D  # error of d / D
+        mid = what + shift                                   # d / D from a mean held in u_I
+        out = {"y": (c * dwh + uA * c * what, c * mid)}
+        aG = np.abs(G)
+        mG = np.mean(aG, axis=1, keepdims=True)
+        sGw = np.sum(aG * what, axis=1, keepdims=True)
+        P = np.abs(np.sum(G * self.d / D, axis=1, keepdims=True))
+        eP = gN * uA * sGw + np.sum(aG * dwh, axis=1, keepdims=True)
+        if "dweight" in self.outputs:
+            dw = np.abs(_finite(self.outputs["dweight"])).reshape(self.d.shape)
+            a = dw * e_D + (c / D) * (gN * uA * mG + t * (what * eP + dwh * P)
+                                      + 2 * uA * (aG + mG + t * what * P))
+            i = (c / D) * (aG + mG + t * (what * np.sum(aG * mid, axis=1, keepdims=True)
+                                          + mid * P))
+            out["dweight"] = (a.reshape(self.shape), i.reshape(self.shape))
+        if "dgain" in self.outputs:
+            shape = self.outputs["dgain"].shape
+            g = abs(self.gamma)
+            out["dgain"] = (np.reshape(g * (eP + uA * sGw), shape),
+                            np.reshape(g * ((gN + 1) * sGw + np.sum(aG * mid, axis=1,
+                                                                   keepdims=True)), shape))
+        out["y"] = tuple(a.reshape(self.shape) for a in out["y"])
+        return out
+
+
+class _FilterResponse:
+    r"""The itemized model of FRN + TLU: :math:`\hat x = x\,r`, :math:`r = (\langle
+    x^2\rangle_S + \epsilon)^{-1/2}` per (sample, channel), :math:`z = \gamma\hat x + \beta`,
+    :math:`y = \max(z, \tau)`; backward :math:`\mathrm{d}x = r(h - \hat x\,m)`,
+    :math:`h = \gamma\,s\,\mathrm{d}y`, :math:`m = \langle h\hat x\rangle_S`, :math:`s`
+    the TLU's share (``docs/notes/tolerances.rst``).
+
+    Beyond the terms of :class:`_Standardization` (without a mean: no conditioning term) it has
+    one of zeroth order: **the kink**. Where :math:`|z - \tau|` is within the error bound of
+    :math:`z`, a correct kernel may land on either side, and that element's whole share of
+    :math:`\mathrm{d}y` may go to :math:`\tau` instead of to :math:`z`; its effect on every
+    gradient is added to their bounds (and nowhere else)."""
+
+    def __init__(self, spec, case, ref):
+        arr = dict(zip(spec.diff_argnames, case.arrays))
+        cache = ref.cache
+        self.x = np.asarray(case.arrays[0], np.float64)
+        self.r = np.asarray(cache.r, np.float64)
+        self.xhat = self.x * self.r
+        self.share = None if cache.share is None else np.asarray(cache.share, np.float64)
+        nd = self.x.ndim
+        view = (1, -1) + (1,) * (nd - 2)
+
+        def param(name, default):
+            p = arr.get(name)
+            return np.full((1,) * nd, default) if p is None else \
+                np.asarray(p, np.float64).reshape(view)
+
+        self.gamma, self.beta = param("weight", 1.0), param("bias", 0.0)
+        self.tau = None if arr.get("tau") is None else param("tau", 0.0)
+        self.dy = np.asarray(case.dy, np.float64)
+        self.axes = tuple(range(2, nd))
+        self.count = max(1, int(np.prod(self.x.shape[2:], dtype=np.int64)))
+        self.outputs = ref.outputs
+        fmt = get_format(case.dtype)
+        self.u_mid = max(fmt.u, fmt.accumulator.u)
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "frn" and hasattr(ref.cache, "share") \
+            and np.shape(ref.cache.xhat) == np.shape(case.arrays[0])
+
+    #: the roundings of xhat a kernel may make in its own dtype (x^2, their mean, r, x r):
+    #: xhat is off by up to MID u_I |xhat| from them
+    MID = 4.0
+
+    def _ambiguous(self, uA, dxh):
+        """Where a kernel may land on the other side of the kink (z within its error of tau)."""
+        if self.tau is None:
+            return np.zeros(self.x.shape)
+        z = self.gamma * self.xhat + self.beta
+        ag_, ab = np.abs(self.gamma), np.abs(self.beta)
+        axh = np.abs(self.xhat)
+        band = SAFETY * (ag_ * dxh + uA * (ag_ * axh + ab)
+                         + self.u_mid * (ag_ * (self.MID + 1) * axh + ab + np.abs(self.tau)))
+        with np.errstate(invalid="ignore"):
+            return (np.abs(z - self.tau) <= band).astype(np.float64)
+
+    def terms(self, uA):
+        axes, r, xh = self.axes, self.r, self.xhat
+        gS = float(growth(self.count))
+        axh = np.abs(xh)
+        e_r = 0.5 * gS * uA + 2 * uA                          # relative error of r
+        dxh = axh * (e_r + uA)                                # error of xhat
+        ag_ = np.abs(self.gamma)
+        xmid = self.MID * axh                                 # xhat's roundings in u_I
+        out = {"y": (ag_ * dxh + uA * (ag_ * axh + np.abs(self.beta)),
+                     ag_ * (xmid + axh) + np.abs(self.beta))}
+        share = np.ones_like(xh) if self.share is None else self.share
+        amb = self._ambiguous(uA, dxh)
+        dy = self.dy
+        gz = share * dy
+        h = self.gamma * gz
+        ah = np.abs(h)
+        dh = ag_ * np.abs(dy) * amb                          # a share that may flip
+        cnt = self.count
+
+        def mean(a):
+            return np.sum(a, axis=axes, keepdims=True) / cnt if axes else a
+
+        m = np.abs(mean(h * xh))
+        if "dx" in self.outputs:
+            dx = np.abs(_finite(self.outputs["dx"]))
+            dm = gS * uA * mean(ah * axh) + mean(ah * dxh)
+            a = dx * e_r + r * (dxh * m + axh * dm + 2 * uA * (ah + axh * m)) \
+                + r * (dh + axh * mean(dh * axh))
+            i = r * (ah + axh * mean(ah * axh) + (xmid + axh) * m + axh * mean(ah * xmid)) \
+                + 3 * dx                                      # r rounded in u_I
+            out["dx"] = (a, i)
+        chan = (0,) + axes
+        gM = float(growth(max(1, self.x.size // max(self.x.shape[1], 1))))
+
+        def csum(a):
+            return np.sum(a, axis=chan)
+
+        agz, ady = np.abs(gz), np.abs(dy)
+        if "dweight" in self.outputs:
+            out["dweight"] = (csum(agz * dxh) + uA * csum(agz * axh) + csum(ady * amb * axh),
+                              (gM + 1) * csum(agz * axh) + csum(agz * xmid))
+        if "dbias" in self.outputs:
+            out["dbias"] = (uA * csum(agz) + csum(ady * amb), (gM + 1) * csum(agz))
+        if "dtau" in self.outputs:
+            rest = np.abs((1 - share) * dy)
+            out["dtau"] = (uA * csum(rest) + csum(ady * amb), (gM + 1) * csum(rest))
+        if "deps_l" in self.outputs:
+            t = np.abs(h * self.x) * r ** 3
+            a = 0.5 * (np.sum(t) * (3 * e_r + float(growth(self.x.size)) * uA)
+                       + np.sum(dh * np.abs(self.x) * r ** 3))
+            n = float(growth(self.x.size))
+            out["deps_l"] = (np.reshape(a, (1,)), np.reshape(0.5 * (n + 1) * np.sum(t), (1,)))
+        return out
+
+
+class _WeightCompander:
+    r"""The itemized model of the weight compander, :math:`w = a\arctan(v/b)` elementwise, and
+    its sums :math:`\mathrm{d}a`, :math:`\mathrm{d}b` over every weight (which cancel: their
+    bound is relative to the sums of magnitudes, not to the result)."""
+
+    def __init__(self, spec, case, ref):
+        self.v = np.asarray(case.arrays[0], np.float64)
+        self.a = float(np.asarray(case.arrays[1], np.float64))
+        self.b = float(np.asarray(case.arrays[2], np.float64))
+        self.G = np.asarray(case.dy, np.float64)
+        self.outputs = ref.outputs
+
+    @staticmethod
+    def applies(spec, case, ref):
+        return spec.name == "weight_compander"
+
+    def terms(self, uA):
+        t = self.v / self.b
+        at = np.abs(np.arctan(t))
+        slope = 1.0 / (1.0 + t * t)
+        k = abs(self.a / self.b)
+        aG = np.abs(self.G)
+        out = {}
+        # each value is a few roundings from its inputs: v / b, arctan (whose condition
+        # |t| / ((1 + t^2) arctan t) is at most 1), the products; as many in u_I
+        y, dv = np.abs(self.a) * at, k * aG * slope
+        out["y"] = (4 * uA * y, 3 * y)
+        out["dv"] = (5 * uA * dv, 4 * dv)
+        gM = float(growth(max(1, self.v.size)))
+        for key, terms in (("da", aG * at), ("db", k * aG * np.abs(t) * slope)):
+            if key in self.outputs:
+                total = float(np.sum(terms))
+                out[key] = (np.reshape((gM + 4) * uA * total, self.outputs[key].shape),
+                            np.reshape((gM + 3) * total, self.outputs[key].shape))
+        return out
+
+
+#: Variants without an itemized model whose normwise bound also gets the numerical
+#: conditioning term of :func:`_conditioning` (variants that centre their input, whose
+#: outputs the normwise form would bound without the conditioning of the mean).
+CONDITIONED = ("evo_norm_b0", "evo_norm_s0", "batch_channel_norm")
+
+
+def _conditioning(spec, case, ref, u_acc, trials=4, seed=0):
+    r"""How far the float64 reference moves when every floating input of the case (and
+    ``dy``) is perturbed by a relative :math:`u_A\xi`, :math:`\xi` uniform in [-1, 1]:
+    :math:`c_k = \max_t |f_k(a(1 + u_A\xi_t)) - f_k(a)|`, per element of each output.
+
+    A backward-stable kernel in the accumulation format returns the exact result for inputs
+    perturbed by :math:`O(g(N)\,u_A)` relative, so its error is bounded to first order by
+    :math:`g(N)` times this (the error of the statistics, amplified by the conditioning of the
+    problem: :math:`\langle|x|\rangle/\sigma` for a group with a large mean, which the normwise
+    form does not know). ``u_acc`` is the unit of the intermediates (the candidate dtype's
+    where it is coarser than the accumulator). Near a non-differentiable point a perturbation
+    that crosses it counts the whole jump, as a kernel may cross it too; for EvoNorm-B0's
+    :math:`\max(L, R)` the elements within rounding distance of the tie are also taken to the
+    other side explicitly. Deterministic (``seed``)."""
+    from refnorm.oracle.reference import compute
+
+    rng = np.random.default_rng(seed)
+    out = {k: np.zeros(np.shape(v)) for k, v in ref.outputs.items()}
+
+    def jitter(a):
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+            return a * (1 + u_acc * rng.uniform(-1, 1, a.shape))
+        return a
+
+    cache = ref.cache
+    if spec.name == "evo_norm_b0" and getattr(cache, "share", None) is not None:
+        # B0's max(L, R): where R - L is within a few roundings of R's terms, a kernel may
+        # take the other side; the gradients of that choice count whole (y is continuous)
+        x = np.asarray(cache.x, np.float64)
+        vx, S, L = cache.v * x, np.asarray(cache.S, np.float64), np.asarray(cache.L, np.float64)
+        near = np.abs(vx + (S - L)) <= 8 * u_acc * (np.abs(vx) + S + L)
+        if near.any():
+            flipped = cache._replace(share=np.where(near, 1.0 - cache.share, cache.share))
+            try:
+                with np.errstate(all="ignore"):
+                    other = spec.backward(case.dy, flipped)
+            except Exception:  # noqa: BLE001
+                other = ()
+            for name, g in zip(spec.diff_argnames, other):
+                k = "d" + name
+                if g is not None and k in out and np.shape(g) == out[k].shape:
+                    out[k] = np.maximum(out[k], np.abs(_finite(g) - _finite(ref.outputs[k])))
+    def jitter_cache(c):
+        if not hasattr(c, "_replace"):
+            return c
+        fields = {}
+        for name, value in c._asdict().items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                fields[name] = jitter(value)
+            elif hasattr(value, "_replace"):  # a stage's cache (BCN: BN's and GN's)
+                fields[name] = jitter_cache(value)
+        return c._replace(**fields)
+
+    for _ in range(trials):
+        # the backward of a forward that is right to one rounding of each intermediate (what a
+        # kernel that keeps its forward's results can reach: BCN's GN stage sees BN's output
+        # rounded, with its offset, as any kernel does)
+        if cache is not None and hasattr(cache, "_replace"):
+            try:
+                with np.errstate(all="ignore"):
+                    grads = spec.backward(jitter(np.asarray(case.dy, np.float64)),
+                                          jitter_cache(cache))
+            except Exception:  # noqa: BLE001 - a cache the backward cannot take adds nothing
+                grads = ()
+            for name, g in zip(spec.diff_argnames, grads):
+                k = "d" + name
+                if g is not None and k in out and np.shape(g) == out[k].shape:
+                    out[k] = np.maximum(out[k], np.abs(_finite(g) - _finite(ref.outputs[k])))
+        moved = replace(case, arrays=tuple(None if a is None else jitter(a) for a in case.arrays),
+                        kwargs={k: jitter(v) for k, v in case.kwargs.items()},
+                        dy=jitter(case.dy))
+        try:
+            res = compute(spec, moved)
+        except Exception:  # noqa: BLE001 - a perturbed case the variant rejects adds nothing
+            continue
+        for k, v in res.outputs.items():
+            if k in out and np.shape(v) == out[k].shape:
+                d = np.abs(_finite(v) - _finite(ref.outputs[k]))
+                out[k] = np.maximum(out[k], d)
+    return out
+
+
 def _normwise(ref, n, u: Units, F):
     scale = np.max(np.abs(_finite(ref))) if ref.size else 0.0
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
@@ -557,6 +875,12 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _Standardization(spec, case, ref, groups)
     elif _WeightNorm.applies(spec, case, ref):
         model = _WeightNorm(spec, case, ref)
+    elif _WeightStandardization.applies(spec, case, ref):
+        model = _WeightStandardization(spec, case, ref)
+    elif _FilterResponse.applies(spec, case, ref):
+        model = _FilterResponse(spec, case, ref)
+    elif _WeightCompander.applies(spec, case, ref):
+        model = _WeightCompander(spec, case, ref)
     elif case.variant in COMPOSED:
         model = _Composed.build(spec, case, ref)
     elif _L2Norm.applies(spec, case, ref):
@@ -583,6 +907,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
     # negligible below float64; so computed again only for float64 candidates)
     t64 = (model.terms(_U64) if u.u_acc == _U64 else
            {k: (a * (_U64 / u.u_acc), i) for k, (a, i) in t.items()}) if model else {}
+    cond = _conditioning(spec, case, ref, u.u_mid) if model is None \
+        and spec.name in CONDITIONED else {}
     out, how = {}, {}
     for key, r in ref.outputs.items():
         ar = np.abs(_finite(r))
@@ -596,5 +922,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
             b = u.u_out * ar + _normwise(r, n, u, safety) \
                 + _U64 * ar + _normwise(r, n, Units(_U64, _U64, _U64), safety)
             how[key] = f"normwise (N={n})"
+            if key in cond:
+                b = b + safety * float(growth(n)) * cond[key]
+                how[key] += " + conditioning"
         out[key] = np.asarray(b + floor, np.float64)
     return (out, how) if explain else out

@@ -210,6 +210,10 @@ def _jitter_cache(cache, jitter):
     for name, value in cache._asdict().items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             fields[name] = jitter(value)
+        elif hasattr(value, "_replace"):  # the cache of a stage (BCN holds BN's and GN's)
+            inner = _jitter_cache(value, jitter)
+            if inner is not None:
+                fields[name] = inner
     return cache._replace(**fields)
 
 
@@ -417,9 +421,10 @@ def accepts(fn, name) -> bool:
 # ------------------------------------------------------------------------------------------
 def dependency_cone(spec, sample, dy, slot, index) -> dict:
     """``{output: bool mask}`` of the output elements that change when the input element
-    ``index`` of ``slot`` changes (two finite perturbations, an increase and a halving, so that
-    validity, e.g. a positive running variance, is kept). Computed in extended precision, so
-    that a dependency is not lost to the rounding of a low-precision dtype."""
+    ``index`` of ``slot`` changes (finite perturbations: an increase and a halving, and two
+    extreme moves; a move the variant rejects, e.g. a negative running variance, is skipped).
+    Computed in extended precision, so that a dependency is not lost to the rounding of a
+    low-precision dtype."""
     sample = cast(spec, resolve_dtype_defaults(spec, sample, sample.arrays[0].dtype),
                   np.longdouble)
     dy = None if dy is None else dy.astype(np.longdouble)
@@ -427,7 +432,12 @@ def dependency_cone(spec, sample, dy, slot, index) -> dict:
     a = get_slot(sample, slot)
     scale = float(np.max(np.abs(a))) + 1.0
     masks = {k: np.zeros(v.shape, bool) for k, v in base.outputs.items()}
-    for new in (a[index] + 0.5 * (abs(a[index]) + scale), a[index] * 0.5 - 0.25 * scale):
+    # two moderate moves, and two extreme ones in either direction: an injected NaN or inf
+    # stands for a value beyond any finite one, and a selection (FRN's TLU, EvoNorm-B0's max)
+    # switches sides only for values far enough out
+    big = 1e6 * (abs(a[index]) + scale)
+    for new in (a[index] + 0.5 * (abs(a[index]) + scale), a[index] * 0.5 - 0.25 * scale,
+                a[index] + big, a[index] - big):
         b = a.copy()
         b[index] = new
         res = execute(spec, replace_slots(sample, {slot: b}), dy)
