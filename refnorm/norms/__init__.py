@@ -13,6 +13,7 @@ from refnorm.norms import instance_norm as _instance_norm
 from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
+from refnorm.norms import ibn_net as _ibn_net
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -23,6 +24,8 @@ ALL_SPECS = (
     _local_response_norm.SPEC,
     _weight_norm.SPEC,
     _spectral_norm.SPEC,
+    _ibn_net.SPEC_A,
+    _ibn_net.SPEC_B,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -208,6 +208,8 @@ def _jitter_cache(cache, jitter):
     for name, value in cache._asdict().items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             fields[name] = jitter(value)
+        elif hasattr(value, "_replace"):  # a variant built on others keeps their caches
+            fields[name] = _jitter_cache(value, jitter)
     return cache._replace(**fields)
 
 
