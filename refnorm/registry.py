@@ -116,6 +116,11 @@ class NormSpec:
     # "exact", or "surrogate" (with gradient_note) for documented approximate backwards
     gradient: str = "exact"
     gradient_note: str = ""
+    # for a "surrogate" gradient of the stop-gradient kind (Batch Renorm's r and d): (sample,
+    # cache) -> the same call with those quantities passed in, fixed at the values the forward
+    # computed. The exact derivative of that call's forward is the surrogate, which the finite
+    # differences then check; the distance to the derivative of the plain forward is reported
+    freeze: Callable[[SampleInput, Any], SampleInput] | None = None
     # stateful variants return (y, new_state, cache); train/eval may differ
     stateful: bool = False
     train_eval_differ: bool = False

@@ -14,6 +14,7 @@ from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import ibn_net as _ibn_net
+from refnorm.norms import batch_renorm as _batch_renorm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -26,6 +27,7 @@ ALL_SPECS = (
     _spectral_norm.SPEC,
     _ibn_net.SPEC_A,
     _ibn_net.SPEC_B,
+    _batch_renorm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

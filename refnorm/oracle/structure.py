@@ -67,9 +67,20 @@ def _trailing_groups(sample):
 
 
 #: Variants that do not standardize (so their record has no standardized groups) but share one
-#: rstd per group, which the tolerance model needs: RMSNorm, one per row.
+#: rstd per group, which the tolerance model needs: RMSNorm, one per row; Batch Renormalization,
+#: one per channel in training.
 #: ``name -> (sample -> (labels, G))``.
-GROUPS = {"rms_norm": _trailing_groups}
+def _channel_groups_in_training(sample):
+    """Per channel (every axis but 1) where batch statistics are used, else None."""
+    if not sample.kwargs.get("training", False):
+        return None
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
+
+
+#: Batch Renormalization, whose un-affine output r xhat + d is not standardized, keeps BatchNorm's
+#: per-channel rstd in training.
+GROUPS = {"rms_norm": _trailing_groups, "batch_renorm": _channel_groups_in_training}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:

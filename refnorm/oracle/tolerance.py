@@ -121,6 +121,17 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # Batch Renormalization, y = gamma (r xhat + d) + beta with r, d per-channel constants
+        # of the gradient (``cache.renorm``): BatchNorm with the weight gamma r and the bias
+        # beta + gamma d, except for dweight = sum dy (r xhat + d), itemized in terms()
+        self.renorm = None
+        renorm = getattr(cache, "renorm", None)
+        if renorm is not None:
+            r_c, d_c = (np.broadcast_to(param_view(np.asarray(v, np.float64), self.x.shape,
+                                                   spec.name), self.x.shape) for v in renorm)
+            self.renorm = (r_c, d_c)
+            self.beta = np.abs(self.beta) + np.abs(self.gamma * d_c)
+            self.gamma = self.gamma * r_c
         self.dy = np.asarray(case.dy, np.float64)
         self.kwargs = case.kwargs
         self.outputs = ref.outputs
@@ -185,7 +196,12 @@ class _Standardization:
             def psum(a):
                 return unbroadcast_sum(a, view, p.shape)
 
-            if name == "weight":
+            if name == "weight" and self.renorm is not None:
+                # sum dy (r xhat + d): r times the plain terms, plus |d| times those of dbias
+                ar, ad = (np.abs(v) for v in self.renorm)
+                out[key] = (psum(ar * ady * dxh) + uA * psum(ar * adyx + ad * ady),
+                            (gM + 1) * psum(ar * adyx + ad * ady) + psum(ar * ady * mid))
+            elif name == "weight":
                 out[key] = (psum(ady * dxh) + uA * psum(adyx), (gM + 1) * psum(adyx)
                             + psum(ady * mid))
             else:
