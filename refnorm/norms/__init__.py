@@ -15,6 +15,7 @@ from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import ibn_net as _ibn_net
 from refnorm.norms import batch_renorm as _batch_renorm
+from refnorm.norms import alpha_bn as _alpha_bn
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -28,6 +29,7 @@ ALL_SPECS = (
     _ibn_net.SPEC_A,
     _ibn_net.SPEC_B,
     _batch_renorm.SPEC,
+    _alpha_bn.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -68,7 +68,7 @@ def _trailing_groups(sample):
 
 #: Variants that do not standardize (so their record has no standardized groups) but share one
 #: rstd per group, which the tolerance model needs: RMSNorm, one per row; Batch Renormalization,
-#: one per channel in training.
+#: one per channel in training; alpha-BN, one per channel.
 #: ``name -> (sample -> (labels, G))``.
 def _channel_groups_in_training(sample):
     """Per channel (every axis but 1) where batch statistics are used, else None."""
@@ -80,7 +80,14 @@ def _channel_groups_in_training(sample):
 
 #: Batch Renormalization, whose un-affine output r xhat + d is not standardized, keeps BatchNorm's
 #: per-channel rstd in training.
-GROUPS = {"rms_norm": _trailing_groups, "batch_renorm": _channel_groups_in_training}
+def _channel_groups(sample):
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
+
+
+#: alpha-BN, whose mixed statistics do not standardize the batch, keeps one rstd per channel.
+GROUPS = {"rms_norm": _trailing_groups, "batch_renorm": _channel_groups_in_training,
+          "alpha_bn": _channel_groups}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:
