@@ -16,6 +16,7 @@ from refnorm.norms import spectral_norm as _spectral_norm
 from refnorm.norms import ibn_net as _ibn_net
 from refnorm.norms import batch_renorm as _batch_renorm
 from refnorm.norms import alpha_bn as _alpha_bn
+from refnorm.norms import switchable_norm as _switchable_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -30,6 +31,7 @@ ALL_SPECS = (
     _ibn_net.SPEC_B,
     _batch_renorm.SPEC,
     _alpha_bn.SPEC,
+    _switchable_norm.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

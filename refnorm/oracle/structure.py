@@ -68,7 +68,8 @@ def _trailing_groups(sample):
 
 #: Variants that do not standardize (so their record has no standardized groups) but share one
 #: rstd per group, which the tolerance model needs: RMSNorm, one per row; Batch Renormalization,
-#: one per channel in training; alpha-BN, one per channel.
+#: one per channel in training; alpha-BN, one per channel; Switchable Norm, one per instance
+#: (its mixed statistics).
 #: ``name -> (sample -> (labels, G))``.
 def _channel_groups_in_training(sample):
     """Per channel (every axis but 1) where batch statistics are used, else None."""
@@ -80,6 +81,11 @@ def _channel_groups_in_training(sample):
 
 #: Batch Renormalization, whose un-affine output r xhat + d is not standardized, keeps BatchNorm's
 #: per-channel rstd in training.
+def _instance_groups(sample):
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, tuple(range(2, x.ndim)))
+
+
 def _channel_groups(sample):
     x = sample.arrays[0]
     return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
@@ -87,7 +93,7 @@ def _channel_groups(sample):
 
 #: alpha-BN, whose mixed statistics do not standardize the batch, keeps one rstd per channel.
 GROUPS = {"rms_norm": _trailing_groups, "batch_renorm": _channel_groups_in_training,
-          "alpha_bn": _channel_groups}
+          "alpha_bn": _channel_groups, "switchable_norm": _instance_groups}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:

@@ -133,6 +133,7 @@ class _Standardization:
             self.beta = np.abs(self.beta) + np.abs(self.gamma * d_c)
             self.gamma = self.gamma * r_c
         self.dy = np.asarray(case.dy, np.float64)
+        self.cache = cache
         self.kwargs = case.kwargs
         self.outputs = ref.outputs
         # group magnitudes, independent of u
@@ -153,7 +154,9 @@ class _Standardization:
         for name in ("weight", "bias"):
             if arr.get(name) is not None and param_view(arr[name], x.shape, spec.name) is None:
                 return False
-        return set(arr) <= {"x", "weight", "bias"}
+        # Switchable Norm's mixing logits (its cache says how: ``mixture()``)
+        extra = {"mean_weight", "var_weight"} if hasattr(cache, "mixture") else set()
+        return set(arr) <= {"x", "weight", "bias"} | extra
 
     def terms(self, u_acc):
         """``{output: (A, I)}``: the accumulation error (absolute, at ``u_acc``) and the
@@ -206,6 +209,9 @@ class _Standardization:
                             + psum(ady * mid))
             else:
                 out[key] = (uA * psum(ady), (gM + 1) * psum(ady))
+        mixture = getattr(self.cache, "mixture", None)
+        if mixture is not None:
+            out.update(self._mixture_terms(mixture(), e_r, uA))
         shape_g = (G.count,)
         if "mean" in self.outputs:
             out["mean"] = (gN * uA * self.mean_abs_x, np.abs(self.mu))
@@ -234,6 +240,39 @@ class _Standardization:
             if key in out:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
+        return out
+
+
+    def _mixture_terms(self, mixture, e_r, uA):
+        r"""Terms of the gradients of mixing logits (Switchable Norm): with :math:`\bar\mu =
+        -r\sum h` and :math:`\bar v = -\frac12 r^2\sum h\hat x` per group,
+        :math:`\mathrm{d}\lambda_j = w_j\sum_{\rm groups}\bar s\,(s_j - s)` for the means
+        :math:`s = \mu` and the variances :math:`s = v`. First order: each statistic
+        :math:`s_j` and the mixture :math:`s` err by :math:`e_s` (a mean by
+        :math:`g(N)\,u_A\langle|x|\rangle`, a variance by
+        :math:`2\sigma e_\mu + g(N)u_A\sigma^2`), the adjoint :math:`\bar s` relatively by
+        :math:`2e_r + g(N)u_A`, and the sum over groups by :math:`g(G)u_A`."""
+        G = self.g
+        gN, gG = growth(G.sizes), float(growth(G.count))
+        h = self.gamma * self.dy
+        e_mu = gN * uA * self.mean_abs_x                     # absolute error of a mean
+        sigma = 1.0 / self.r                                 # ~ sqrt(v + eps)
+        e_v = 2 * sigma * e_mu + gN * uA * sigma ** 2        # absolute error of a variance
+        adj = {"mean_weight": (self.r * np.abs(G.sum(h)), e_mu, 1.0),
+               "var_weight": (0.5 * self.r ** 2 * np.abs(G.sum(h * self.xhat)), e_v, 2.0)}
+        out = {}
+        for key, (weights, devs) in mixture.items():
+            if "d" + key not in self.outputs:
+                continue
+            g_bar, e_s, k = adj[key]
+            a, i = [], []
+            for wj, dev in zip(weights, devs):
+                dev = np.abs(np.asarray(dev, np.float64)).ravel()   # per group, label order
+                a.append(abs(wj) * np.sum(g_bar * 2 * e_s
+                                          + g_bar * dev * (k * e_r + gN * uA + gG * uA)))
+                i.append(abs(wj) * (gG + 1) * np.sum(g_bar * dev))
+            shape = self.outputs["d" + key].shape
+            out["d" + key] = (np.reshape(a, shape), np.reshape(i, shape))
         return out
 
 
