@@ -17,6 +17,7 @@ from refnorm.norms import ibn_net as _ibn_net
 from refnorm.norms import batch_renorm as _batch_renorm
 from refnorm.norms import alpha_bn as _alpha_bn
 from refnorm.norms import switchable_norm as _switchable_norm
+from refnorm.norms import region_norm as _region_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -32,6 +33,8 @@ ALL_SPECS = (
     _batch_renorm.SPEC,
     _alpha_bn.SPEC,
     _switchable_norm.SPEC,
+    _region_norm.SPEC_B,
+    _region_norm.SPEC_L,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

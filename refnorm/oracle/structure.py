@@ -69,7 +69,7 @@ def _trailing_groups(sample):
 #: Variants that do not standardize (so their record has no standardized groups) but share one
 #: rstd per group, which the tolerance model needs: RMSNorm, one per row; Batch Renormalization,
 #: one per channel in training; alpha-BN, one per channel; Switchable Norm, one per instance
-#: (its mixed statistics).
+#: (its mixed statistics); RN-B and RN-L per (region, channel), with the effective epsilon.
 #: ``name -> (sample -> (labels, G))``.
 def _channel_groups_in_training(sample):
     """Per channel (every axis but 1) where batch statistics are used, else None."""
@@ -91,9 +91,20 @@ def _channel_groups(sample):
     return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
 
 
+def _module_groups(module, name):
+    """The groups a variant's own module computes (its ``oracle_groups_<name>``), imported on
+    use: RN-B's and RN-L's (region, channel) groups need its mask, SPADE's its mode."""
+    def groups(sample):
+        import importlib
+        return getattr(importlib.import_module(module), name)(sample)
+    return groups
+
+
 #: alpha-BN, whose mixed statistics do not standardize the batch, keeps one rstd per channel.
 GROUPS = {"rms_norm": _trailing_groups, "batch_renorm": _channel_groups_in_training,
-          "alpha_bn": _channel_groups, "switchable_norm": _instance_groups}
+          "alpha_bn": _channel_groups, "switchable_norm": _instance_groups,
+          "region_norm_b": _module_groups("refnorm.norms.region_norm", "oracle_groups_b"),
+          "region_norm_l": _module_groups("refnorm.norms.region_norm", "oracle_groups_l")}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:

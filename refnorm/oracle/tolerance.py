@@ -121,6 +121,15 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # Variants whose output is y = G xhat + B with per-element G, B that are not a weight and
+        # a bias of the PyTorch layout (RN-B's per-region scale, SPADE's and RN-L's maps) say so
+        # through their cache: ``oracle_affine() -> (G, B)``, and ``oracle_param_terms`` gives
+        # the terms of their parameters' gradients from those of xhat (see terms())
+        affine = getattr(cache, "oracle_affine", None)
+        if affine is not None:
+            g_elem, b_elem = affine()
+            self.gamma = np.broadcast_to(np.asarray(g_elem, np.float64), self.x.shape)
+            self.beta = np.broadcast_to(np.abs(np.asarray(b_elem, np.float64)), self.x.shape)
         # Batch Renormalization, y = gamma (r xhat + d) + beta with r, d per-channel constants
         # of the gradient (``cache.renorm``): BatchNorm with the weight gamma r and the bias
         # beta + gamma d, except for dweight = sum dy (r xhat + d), itemized in terms()
@@ -154,6 +163,9 @@ class _Standardization:
         for name in ("weight", "bias"):
             if arr.get(name) is not None and param_view(arr[name], x.shape, spec.name) is None:
                 return False
+        # a cache that describes its own affine part (``oracle_affine``: RN-B, RN-L, SPADE)
+        if hasattr(cache, "oracle_affine"):
+            return True
         # Switchable Norm's mixing logits (its cache says how: ``mixture()``)
         extra = {"mean_weight", "var_weight"} if hasattr(cache, "mixture") else set()
         return set(arr) <= {"x", "weight", "bias"} | extra
@@ -165,8 +177,11 @@ class _Standardization:
         G, uA = self.g, u_acc
         gN = growth(G.sizes)
         kappa = self.kappa
-        e_mu = gN * uA * kappa                               # error of mu, in units of 1/r
-        e_r = 0.5 * (gN * uA * (1 + kappa) + e_mu ** 2) + 2 * uA   # relative error of rstd
+        # an official algorithm that computes its statistics twice (RN's region mean, then
+        # BatchNorm's mean and variance of the filled input) errs twice as much
+        passes = float(getattr(self.cache, "oracle_statistics_passes", 1))
+        e_mu = passes * gN * uA * kappa                      # error of mu, in units of 1/r
+        e_r = 0.5 * (passes * gN * uA * (1 + kappa) + e_mu ** 2) + 2 * uA   # of rstd
         E_mu, E_r, R = G.spread(e_mu), G.spread(e_r), G.spread(self.r)
         ax = np.abs(self.xhat)
         # the terms of xhat = (x - mu) r, relative to its scale: |x| r + |mu| r
@@ -175,7 +190,10 @@ class _Standardization:
         mid = ax + shift                                     # xhat from mu, rstd held in D
         gam, bet = np.abs(self.gamma), np.abs(self.beta)
         out = {}
-        out["y"] = (gam * dxh + uA * (gam * ax + bet), gam * mid + bet)
+        # roundings of an official algorithm beyond the textbook one, per element of y and dx
+        # (RN's fill-and-BatchNorm: the rescale by a rounded sqrt(S/N) and its product)
+        extra = float(getattr(self.cache, "oracle_extra_roundings", 0))
+        out["y"] = (gam * dxh + uA * ((1 + extra) * gam * ax + bet), gam * mid + bet)
         g = self.gamma * self.dy
         ag = np.abs(g)
         mg, mgx = G.mean(ag), G.mean(np.abs(g * self.xhat))
@@ -187,8 +205,15 @@ class _Standardization:
                                         + ax * G.spread(G.mean(ag * dxh)) + dxh * hbar
                                         + 2 * uA * mag)
             i = R * (mag + ax * G.spread(G.mean(ag * mid)) + mid * hbar)
-            out["dx"] = (a, i)
+            out["dx"] = (a + extra * uA * np.abs(dx), i)
         ady, adyx = np.abs(self.dy), np.abs(self.dy * self.xhat)
+        param_terms = getattr(self.cache, "oracle_param_terms", None)
+        if param_terms is not None:
+            # the gradients of the parameters behind G and B, first order in the error dxh of
+            # xhat (absolute, per element) with mid the magnitude of its intermediates
+            for key, pair in param_terms(ady, dxh, mid, uA, growth).items():
+                if key in self.outputs:
+                    out[key] = tuple(np.reshape(t, self.outputs[key].shape) for t in pair)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
             key = "d" + name
             if p is None or key not in self.outputs:
