@@ -18,6 +18,7 @@ from refnorm.norms import batch_renorm as _batch_renorm
 from refnorm.norms import alpha_bn as _alpha_bn
 from refnorm.norms import switchable_norm as _switchable_norm
 from refnorm.norms import region_norm as _region_norm
+from refnorm.norms import spade as _spade
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -35,6 +36,7 @@ ALL_SPECS = (
     _switchable_norm.SPEC,
     _region_norm.SPEC_B,
     _region_norm.SPEC_L,
+    _spade.SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

@@ -54,7 +54,17 @@ def conv2d_backward(g, x, weight, padding=0, *, need_dx=True):
         return (np.zeros(x.shape, g.dtype) if need_dx else None, np.zeros(weight.shape, g.dtype),
                 np.zeros(weight.shape[0], g.dtype))
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    dweight = np.tensordot(g, _windows(xp, kh, kw), axes=([0, 2, 3], [0, 2, 3]))  # (O,C,KH,KW)
+    windows = _windows(xp, kh, kw)
+    finite = np.isfinite(xp)
+    if finite.all():
+        dweight = np.tensordot(g, windows, axes=([0, 2, 3], [0, 2, 3]))  # (O, C, KH, KW)
+    else:  # a non-finite input reaches a weight only through a non-zero upstream: an exact
+        #     zero of g (a ReLU that is off) does not turn it into a NaN (0 * NaN)
+        clean = _windows(np.where(finite, xp, 0), kh, kw)
+        dweight = np.tensordot(g, clean, axes=([0, 2, 3], [0, 2, 3]))
+        hit = np.tensordot((g != 0).astype(float), _windows((~finite).astype(float), kh, kw),
+                           axes=([0, 2, 3], [0, 2, 3]))
+        dweight = np.where(hit > 0, np.nan, dweight)
     dbias = g.sum(axis=(0, 2, 3))
     dx = None
     if need_dx:

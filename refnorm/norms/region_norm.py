@@ -468,8 +468,15 @@ class RegionNormLCache(NamedTuple):
     def oracle_affine(self):
         """``(G, B)`` of ``y = G xhat + B`` per element: the maps (for the oracle)."""
         shape = self.stats.xhat.shape
-        beta = conv2d(self.sa, *(w.astype(np.float64) for w in self.weights[3:]), self.padding)
-        return np.broadcast_to(1 + self.gamma, shape), np.broadcast_to(beta, shape)
+        pad = self.padding
+        beta = conv2d(self.sa, *(w.astype(np.float64) for w in self.weights[3:]), pad)
+        sw, gw, gb, bw, bb = (np.abs(w.astype(np.float64)) for w in self.weights)
+        # magnitudes of the sums behind the maps (the importance map's rounding carried through)
+        m_sa = self.sa * (1 - self.sa) * conv2d(np.abs(self.a), sw, None, pad)
+        mg = conv2d(self.sa + m_sa, gw, gb, pad)
+        mb = conv2d(self.sa + m_sa, bw, bb, pad)
+        return (np.broadcast_to(1 + self.gamma, shape), np.broadcast_to(beta, shape), mg, mb,
+                sw.size)
 
     def oracle_param_terms(self, ady, dxh, mid, u, growth):
         """First-order terms ``{dname: (A, I)}`` of the convolution parameters' gradients:
@@ -591,8 +598,15 @@ def region_norm_l_backward(dy, cache):
         dbeta_map = dy.sum(axis=1, keepdims=True)
         ds1, dgw, dgb = conv2d_backward(dgamma_map, sa, gw, pad)
         ds2, dbw, dbb = conv2d_backward(dbeta_map, sa, bw, pad)
-        dpre = (ds1 + ds2) * (0.25 / np.cosh(0.5 * pre) ** 2)   # s (1 - s), also saturated
-        da, dsw, _ = conv2d_backward(dpre, a, sw, pad)
+        # s (1 - s) = e / (1 + e)^2, e = exp(-|z|): accurate where s saturates; computed (with
+        # the convolution it feeds) in long double for float64, whose wider exponent keeps
+        # the products of tiny factors out of float64's subnormal range until the final sum
+        wide = np.promote_types(pre.dtype, np.longdouble) if pre.dtype == np.float64 \
+            else pre.dtype
+        e = np.exp(-np.abs(pre.astype(wide)))
+        dpre = (ds1 + ds2).astype(wide) * (e / (1 + e) ** 2)
+        da, dsw, _ = conv2d_backward(dpre, a.astype(wide), sw.astype(wide), pad)
+        da, dsw = da.astype(pre.dtype), dsw.astype(pre.dtype)
         dx += da[:, :1] / c
         np.put_along_axis(dx, argmax, np.take_along_axis(dx, argmax, axis=1) + da[:, 1:], axis=1)
     grads = (dsw, dgw, dgb, dbw, dbb)

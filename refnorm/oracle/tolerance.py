@@ -125,11 +125,20 @@ class _Standardization:
         # a bias of the PyTorch layout (RN-B's per-region scale, SPADE's and RN-L's maps) say so
         # through their cache: ``oracle_affine() -> (G, B)``, and ``oracle_param_terms`` gives
         # the terms of their parameters' gradients from those of xhat (see terms())
+        # When G and B are themselves computed (SPADE's and RN-L's convolutions), the hook also
+        # returns (MG, MB, n): the magnitudes of the sums of n terms behind them, whose rounding
+        # g(n) u_A (|xhat| MG + MB) adds to y (and g(n) u_A MG to the relative error of dx)
+        self.maps = None
         affine = getattr(cache, "oracle_affine", None)
         if affine is not None:
-            g_elem, b_elem = affine()
+            g_elem, b_elem, *maps = affine()
             self.gamma = np.broadcast_to(np.asarray(g_elem, np.float64), self.x.shape)
             self.beta = np.broadcast_to(np.abs(np.asarray(b_elem, np.float64)), self.x.shape)
+            if maps:
+                mg, mb, n_terms = maps
+                self.maps = (np.broadcast_to(np.asarray(mg, np.float64), self.x.shape),
+                             np.broadcast_to(np.asarray(mb, np.float64), self.x.shape),
+                             float(growth(n_terms)))
         # Batch Renormalization, y = gamma (r xhat + d) + beta with r, d per-channel constants
         # of the gradient (``cache.renorm``): BatchNorm with the weight gamma r and the bias
         # beta + gamma d, except for dweight = sum dy (r xhat + d), itemized in terms()
@@ -194,6 +203,9 @@ class _Standardization:
         # (RN's fill-and-BatchNorm: the rescale by a rounded sqrt(S/N) and its product)
         extra = float(getattr(self.cache, "oracle_extra_roundings", 0))
         out["y"] = (gam * dxh + uA * ((1 + extra) * gam * ax + bet), gam * mid + bet)
+        if self.maps is not None:
+            mg, mb, g_maps = self.maps
+            out["y"] = (out["y"][0] + g_maps * uA * (ax * mg + mb), out["y"][1])
         g = self.gamma * self.dy
         ag = np.abs(g)
         mg, mgx = G.mean(ag), G.mean(np.abs(g * self.xhat))
@@ -205,6 +217,9 @@ class _Standardization:
                                         + ax * G.spread(G.mean(ag * dxh)) + dxh * hbar
                                         + 2 * uA * mag)
             i = R * (mag + ax * G.spread(G.mean(ag * mid)) + mid * hbar)
+            if self.maps is not None:  # dx is linear in G: its error relative to |G|
+                mg, _, g_maps = self.maps
+                a = a + g_maps * uA * np.abs(dx) * mg / np.maximum(gam, np.finfo(float).tiny)
             out["dx"] = (a + extra * uA * np.abs(dx), i)
         ady, adyx = np.abs(self.dy), np.abs(self.dy * self.xhat)
         param_terms = getattr(self.cache, "oracle_param_terms", None)

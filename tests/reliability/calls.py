@@ -26,6 +26,9 @@ VALUE_ERRORS = {
     "weight_norm": r"`v` has a slice with zero norm \(or NaN\)",
     # sigma = u^T W v = 0: documented in spectral_norm's docstring
     "spectral_norm": r"sigma = u\^T W v is",
+    # a non-finite segmentation map or modulation-network parameter: documented in spade's
+    "spade": r"`(segmap|shared_weight|shared_bias|gamma_weight|gamma_bias|beta_weight|"
+             r"beta_bias)` must be finite",
 }
 
 LONGDOUBLE_IS_WIDER = np.finfo(np.longdouble).eps < np.finfo(np.float64).eps
