@@ -156,7 +156,8 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
     if bias is not None:
         y += bias.reshape(-1, 1)
     cache = AlphaBNCache(xhat.reshape(x.shape), mix_mean.reshape(shape), rstd.reshape(shape),
-                         np.broadcast_to(mix_var, rstd.shape).reshape(shape), weight, bias is not None, x.dtype,
+                         np.broadcast_to(mix_var, rstd.shape).reshape(shape), weight,
+                         bias is not None, x.dtype,
                          None if bias is None else bias.dtype)
     return y.reshape(x.shape).astype(x.dtype, copy=False), cache
 

@@ -67,7 +67,7 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (_finite_float, check_array, check_flag, check_param,
                                   errors_as, row_sums)
-from refnorm.norms.batch_norm import (BatchNormState, _torch_call as _bn_torch_call,
+from refnorm.norms.batch_norm import (_torch_call as _bn_torch_call,
                                       batch_norm_backward, batch_norm_composite,
                                       batch_norm_forward)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput

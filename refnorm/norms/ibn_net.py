@@ -48,7 +48,8 @@ variance in the forward and unbiased in the running variance (BatchNorm's conven
 
 Paper vs code. The paper's models (``resnet*_ibn_a_old.py``, ``ConvBNIN``) put **BatchNorm
 first** and IN on the second half of the channels; the current ``IBN`` module (the default
-here) puts IN first. ``in_first=False`` selects the paper's order. The official code splits with ``torch.split(x, half, 1)``, which makes chunks of ``half``
+here) puts IN first. ``in_first=False`` selects the paper's order.
+The official code splits with ``torch.split(x, half, 1)``, which makes chunks of ``half``
 channels: where :math:`C \ne 2h` (an odd :math:`C`, a ratio other than 0.5) there are more than
 two chunks, the second one does not hold :math:`C - h` channels, and the module fails. refnorm
 slices ``x[:, :h]`` and ``x[:, h:]``, which is what the module means.

@@ -51,7 +51,7 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._spatial import conv2d, conv2d_backward, nearest_resize
 from refnorm.norms._stats import check_array, check_param, errors_as
-from refnorm.norms.batch_norm import (BatchNormState, _torch_call as _bn_torch_call,
+from refnorm.norms.batch_norm import (_torch_call as _bn_torch_call,
                                       batch_norm_backward, batch_norm_composite,
                                       batch_norm_forward)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
@@ -282,7 +282,8 @@ def sample_inputs(rng):
     constant = rng.standard_normal((2, 2, 3, 4))
     constant[:, 1] = 0.5
     yield _case(rng, "(2,2,3,4)-constant-channel", (2, 2, 3, 4), x=constant)
-    yield _case(rng, "(2,2,3,4)-mean100", (2, 2, 3, 4), x=100.0 + rng.standard_normal((2, 2, 3, 4)))
+    yield _case(rng, "(2,2,3,4)-mean100", (2, 2, 3, 4),
+                x=100.0 + rng.standard_normal((2, 2, 3, 4)))
 
 
 def oracle_inputs(rng):

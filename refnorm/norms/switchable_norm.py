@@ -37,7 +37,8 @@ Backward (derivation: ``docs/derivations/switchable_norm.rst``). With :math:`h =
 .. math::
 
    \bar\mu_{nc} = -r\textstyle\sum_M h,\qquad \bar v_{nc} = -\tfrac12 r^2\sum_M h\,\hat x,\\
-   \bar\lambda_{\mu,j} = w_j\textstyle\sum_{n,c}\bar\mu\,(\mu_j - \mu)\quad\text{(and } \bar\lambda_v
+   \bar\lambda_{\mu,j} = w_j\textstyle\sum_{n,c}\bar\mu\,(\mu_j - \mu)
+   \quad\text{(and } \bar\lambda_v
    \text{ from } \bar v, v_k),\\
    \bar v_{ln} = \textstyle\sum_c w'_1\bar v,\quad \bar v_{bn} = \sum_n w'_2\bar v,\quad
    \bar v_{in} = w'_0\bar v + \bar v_{ln}/C + \bar v_{bn}/N,\\
