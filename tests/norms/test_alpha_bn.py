@@ -95,7 +95,7 @@ def test_source_statistics_are_not_modified(rng, t):
     np.testing.assert_array_equal(rv, rv0)
 
 
-@pytest.mark.filterwarnings("ignore:var\\(\\): degrees of freedom:UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_the_oracle_catches_the_weight_on_the_wrong_side(torch):
     """The per-channel tolerance term (oracle structure.GROUPS["alpha_bn"]) passes the correct
     torch-op implementation (test_oracle's no-false-alarm test) but not one that puts the
