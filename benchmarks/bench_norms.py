@@ -92,6 +92,30 @@ CASES = [
 ]
 
 
+def _registry_case(label, name):
+    """A case from the record's first oracle input whose differentiable inputs are all given,
+    timed against the record's ``torch_call`` (the variants torch has no op for)."""
+    spec = BY_NAME[name]
+    sample = next(s for s in spec.oracle_inputs(np.random.default_rng(0))
+                  if all(a is not None for a in s.arrays))
+
+    def torch_fn(F, *leaves):
+        import torch
+        out = spec.torch_call(torch, *leaves, **sample.kwargs)
+        return out[0] if spec.stateful else out
+
+    return Case(f"{label} {tuple(sample.arrays[0].shape)}".replace(" ", ""), name,
+                sample.arrays[0].shape, lambda rng, shape: sample.arrays, dict(sample.kwargs),
+                torch_fn)
+
+
+# the vision variants without a PyTorch op, against their torch_call written from torch ops
+CASES += [_registry_case(label, name) for label, name in (
+    ("IBN-a", "ibn_a"), ("IBN-b", "ibn_b"), ("BRN", "batch_renorm"), ("aBN", "alpha_bn"),
+    ("SN", "switchable_norm"), ("RN-B", "region_norm_b"), ("RN-L", "region_norm_l"),
+    ("SPADE", "spade"))]
+
+
 
 def _record(label, name, shape, arrays, kwargs, extra=()):
     """A case timed against the record's ``torch_call`` (variants that torch has no op for:

@@ -128,6 +128,11 @@ class NormSpec:
     # "exact", or "surrogate" (with gradient_note) for documented approximate backwards
     gradient: str = "exact"
     gradient_note: str = ""
+    # for a "surrogate" gradient of the stop-gradient kind (Batch Renorm's r and d): (sample,
+    # cache) -> the same call with those quantities passed in, fixed at the values the forward
+    # computed. The exact derivative of that call's forward is the surrogate, which the finite
+    # differences then check; the distance to the derivative of the plain forward is reported
+    freeze: Callable[[SampleInput, Any], SampleInput] | None = None
     # for gradient="surrogate": the surrogate backward written a second, independent way,
     # ``surrogate(dy, **arguments) -> Grads`` (the forward's arguments, not its cache; the same
     # fields as ``backward``'s). The hand ``backward`` is checked against it; the engine

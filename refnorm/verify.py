@@ -164,7 +164,8 @@ class SampleCheck(NamedTuple):
         return self.hand_second
 
 
-def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None) -> SampleCheck:
+def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None,
+                      unfrozen=False) -> SampleCheck:
     """The three-way check of one sample, with ``dy`` (default: random from ``rng``).
 
     * ``gradient="exact"``: ``hand_second`` is the normwise error between the hand-derived
@@ -175,12 +176,16 @@ def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None) -> SampleChec
       the engine gradient of ``composite`` (the exact gradient) against finite differences; and
       ``surrogate_distance`` is the normwise distance between the surrogate and that exact
       gradient: what the approximation costs on this sample.
+    * a stop-gradient surrogate (a record with ``freeze``: quantities such as Batch Renorm's r
+      and d held constant): ``hand_second`` and ``report`` as for an exact gradient, with the
+      finite differences taken of the call with those quantities fixed (``freeze``), unless
+      ``unfrozen`` (the report then measures the distance to the plain forward's derivative).
     """
     y, _, cache = spec.run(sample)
     dy = rng.standard_normal(y.shape) if dy is None else dy
     hand, engine = norm_gradients(spec, sample, dy, cache)
     n = len(spec.diff_argnames)
-    surrogate = spec.gradient == "surrogate"
+    surrogate = spec.gradient == "surrogate" and spec.freeze is None
     present = [i for i, a in enumerate(sample.arrays) if a is not None]
 
     def full(arrays):
@@ -189,8 +194,11 @@ def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None) -> SampleChec
             out[i] = a
         return out
 
+    # a stop-gradient surrogate: finite differences of the call with those quantities fixed
+    fd_sample = sample if spec.freeze is None or unfrozen else spec.freeze(sample, cache)
+
     def f(*arrays):
-        return spec.output(sample, full(arrays))
+        return spec.output(fd_sample, full(arrays))
 
     def vjp_hand(cotangents, *arrays):
         grads = spec.backward(cotangents[0], spec.run(sample, full(arrays))[2])
@@ -221,11 +229,15 @@ def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None) -> SampleChec
 def verify_norm(spec) -> Result:
     rng = _rng_for(spec.name)
     hand_engine, hand_fd, passed, cases, note = [], [], True, 0, ""
+    true_gap = []
     details = []
     failed = inconclusive = False  # a FAIL anywhere outranks an INCONCLUSIVE elsewhere
     for sample in spec.sample_inputs(rng):
         cases += 1
         he, report, distance = check_norm_sample(spec, sample, rng)
+        if spec.freeze is not None:  # how far the surrogate is from the true derivative
+            distance = check_norm_sample(spec, sample, rng, unfrozen=True)[1].normwise_error
+            true_gap.append(distance)
         hand_engine.append(he)
         hand_fd.append(report.normwise_error)
         if report.inconclusive:
@@ -235,13 +247,15 @@ def verify_norm(spec) -> Result:
             passed, failed = False, True
             note = f"{sample.name}: {report.pattern or 'FD mismatch'}"
         if not math.isnan(he) and he > HAND_ENGINE_RTOL:
-            what = "surrogate" if spec.gradient == "surrogate" else "engine"
+            what = "surrogate" if spec.surrogate is not None else "engine"
             passed, failed = False, True
             note = f"{sample.name}: hand and {what} differ by {he:.2e}"
         if spec.gradient == "surrogate":
             details.append(f"{sample.name}: surrogate vs true gradient {distance:.2e}")
     if spec.gradient != "exact":
         note = note or f"{spec.gradient} gradient: {spec.gradient_note}"
+        if spec.freeze is not None:
+            note += f"; max distance to the plain forward's derivative: {_max(true_gap):.2g}"
     return Result("norm", spec.name, cases, _max(hand_engine), _max(hand_fd), passed, note,
                   details, inconclusive=inconclusive and not failed)
 

@@ -13,6 +13,12 @@ from refnorm.norms import instance_norm as _instance_norm
 from refnorm.norms import local_response_norm as _local_response_norm
 from refnorm.norms import weight_norm as _weight_norm
 from refnorm.norms import spectral_norm as _spectral_norm
+from refnorm.norms import ibn_net as _ibn_net
+from refnorm.norms import batch_renorm as _batch_renorm
+from refnorm.norms import alpha_bn as _alpha_bn
+from refnorm.norms import switchable_norm as _switchable_norm
+from refnorm.norms import region_norm as _region_norm
+from refnorm.norms import spade as _spade
 from refnorm.norms import crms_norm as _crms_norm
 from refnorm.norms import power_norm as _power_norm
 from refnorm.norms import unified_norm as _unified_norm
@@ -38,6 +44,14 @@ ALL_SPECS = (
     _local_response_norm.SPEC,
     _weight_norm.SPEC,
     _spectral_norm.SPEC,
+    _ibn_net.SPEC_A,
+    _ibn_net.SPEC_B,
+    _batch_renorm.SPEC,
+    _alpha_bn.SPEC,
+    _switchable_norm.SPEC,
+    _region_norm.SPEC_B,
+    _region_norm.SPEC_L,
+    _spade.SPEC,
     _crms_norm.SPEC,
     _power_norm.SPEC,
     _unified_norm.SPEC,

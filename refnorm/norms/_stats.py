@@ -557,6 +557,32 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
             new_var.astype(running_var.dtype, copy=False))
 
 
+# ----- variants built from other variants (IBN-Net, SPADE, Batch Renorm) -----
+@contextlib.contextmanager
+def errors_as(op, *inner):
+    """Re-raise a ValueError/TypeError of the variants ``inner`` (their messages start with
+    ``"<inner>: "``) as one of ``op``: a variant that calls another one's forward (IBN-a calls
+    InstanceNorm's and BatchNorm's) reports bad input under its own name, as every refnorm
+    error does. The message is otherwise unchanged; anything else passes through."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        for name in inner:
+            if msg.startswith(f"{name}: "):
+                raise type(exc)(f"{op}: " + msg[len(name) + 2:]) from None
+        raise
+
+
+def check_fraction(value, name, op):
+    """``value`` as a float in [0, 1]; a ValueError naming ``name`` for anything else."""
+    number = _finite_float(value) if isinstance(value, (numbers.Real, np.floating)) \
+        and not isinstance(value, (bool, np.bool_)) else None
+    if number is None or not 0.0 <= number <= 1.0:
+        raise ValueError(f"{op}: `{name}` must be a number in [0, 1], got {value!r}")
+    return number
+
+
 # ----- Euclidean norms (l2_norm, qk_norm's L2 form) -----
 def vector_norm(v, axes):
     r""":math:`\lVert v\rVert_2` over ``axes`` (keepdims), in ``v``'s dtype, finite wherever the

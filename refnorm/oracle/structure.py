@@ -66,10 +66,6 @@ def _trailing_groups(sample):
     return labels_from_axes(x.shape, tuple(range(x.ndim - nd, x.ndim)))
 
 
-#: Variants that do not standardize (so their record has no standardized groups) but share one
-#: rstd per group, which the tolerance model needs: RMSNorm, one per row; qk_norm's RMS form,
-#: one per head vector; LayerNorm Scaling (its output's variance is divided by the depth).
-#: ``name -> (sample -> (labels, G))``.
 def _last_axis_groups(sample):
     """qk_norm: one rstd per head-dimension vector (the last axis), in its LayerNorm and RMS
     forms; None for the L2 form (which has a model of its own)."""
@@ -79,8 +75,46 @@ def _last_axis_groups(sample):
     return labels_from_axes(x.shape, (x.ndim - 1,))
 
 
+def _channel_groups_in_training(sample):
+    """Per channel (every axis but 1) where batch statistics are used, else None."""
+    if not sample.kwargs.get("training", False):
+        return None
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
+
+
+def _instance_groups(sample):
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, tuple(range(2, x.ndim)))
+
+
+def _channel_groups(sample):
+    x = sample.arrays[0]
+    return labels_from_axes(x.shape, (0,) + tuple(range(2, x.ndim)))
+
+
+def _module_groups(module, name):
+    """The groups a variant's own module computes (its ``oracle_groups_<name>``), imported on
+    use: RN-B's and RN-L's (region, channel) groups need its mask."""
+    def groups(sample):
+        import importlib
+        return getattr(importlib.import_module(module), name)(sample)
+    return groups
+
+
+#: Variants that do not standardize (so their record has no standardized groups) but share one
+#: rstd per group, which the tolerance model needs: RMSNorm, one per row; qk_norm's RMS form,
+#: one per head vector; LayerNorm Scaling (its output's variance is divided by the depth); Batch
+#: Renormalization (its un-affine output r xhat + d is not standardized), one per channel in
+#: training; alpha-BN (its mixed statistics do not standardize the batch), one per channel;
+#: Switchable Norm, one per instance (its mixed statistics); RN-B and RN-L per (region,
+#: channel), with the effective epsilon. ``name -> (sample -> (labels, G))``.
 GROUPS = {"rms_norm": _trailing_groups, "qk_norm": _last_axis_groups,
-          "layer_norm_scaling": _trailing_groups}
+          "layer_norm_scaling": _trailing_groups,
+          "batch_renorm": _channel_groups_in_training,
+          "alpha_bn": _channel_groups, "switchable_norm": _instance_groups,
+          "region_norm_b": _module_groups("refnorm.norms.region_norm", "oracle_groups_b"),
+          "region_norm_l": _module_groups("refnorm.norms.region_norm", "oracle_groups_l")}
 
 
 def groups_of(spec, sample, cache=None) -> Groups | None:

@@ -124,12 +124,42 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # Variants whose output is y = G xhat + B with per-element G, B that are not a weight and
+        # a bias of the PyTorch layout (RN-B's per-region scale, SPADE's and RN-L's maps) say so
+        # through their cache: ``oracle_affine() -> (G, B)``, and ``oracle_param_terms`` gives
+        # the terms of their parameters' gradients from those of xhat (see terms())
+        # When G and B are themselves computed (SPADE's and RN-L's convolutions), the hook also
+        # returns (MG, MB, n): the magnitudes of the sums of n terms behind them, whose rounding
+        # g(n) u_A (|xhat| MG + MB) adds to y (and g(n) u_A MG to the relative error of dx)
+        self.maps = None
+        affine = getattr(cache, "oracle_affine", None)
+        if affine is not None:
+            g_elem, b_elem, *maps = affine()
+            self.gamma = np.broadcast_to(np.asarray(g_elem, np.float64), self.x.shape)
+            self.beta = np.broadcast_to(np.abs(np.asarray(b_elem, np.float64)), self.x.shape)
+            if maps:
+                mg, mb, n_terms = maps
+                self.maps = (np.broadcast_to(np.asarray(mg, np.float64), self.x.shape),
+                             np.broadcast_to(np.asarray(mb, np.float64), self.x.shape),
+                             float(growth(n_terms)))
+        # Batch Renormalization, y = gamma (r xhat + d) + beta with r, d per-channel constants
+        # of the gradient (``cache.renorm``): BatchNorm with the weight gamma r and the bias
+        # beta + gamma d, except for dweight = sum dy (r xhat + d), itemized in terms()
+        self.renorm = None
+        renorm = getattr(cache, "renorm", None)
+        if renorm is not None:
+            r_c, d_c = (np.broadcast_to(param_view(np.asarray(v, np.float64), self.x.shape,
+                                                   spec.name), self.x.shape) for v in renorm)
+            self.renorm = (r_c, d_c)
+            self.beta = np.abs(self.beta) + np.abs(self.gamma * d_c)
+            self.gamma = self.gamma * r_c
         # a constant factor on the whole output, y = s (gamma xhat + beta) (LayerNorm Scaling:
         # s = 1/sqrt(depth)): gamma and beta are s gamma and s beta for y and dx, and the
         # parameter gradients are s times those of the plain norm
         self.scale = float(getattr(cache, "output_scale", 1.0))
         self.gamma, self.beta = self.gamma * self.scale, self.beta * self.scale
         self.dy = np.asarray(case.dy, np.float64)
+        self.cache = cache
         self.kwargs = case.kwargs
         self.outputs = ref.outputs
         # group magnitudes, independent of u
@@ -153,7 +183,12 @@ class _Standardization:
         alpha = arr.get("alpha")
         if alpha is not None and np.size(alpha) != 1:
             return False
-        return set(arr) <= {"x", "weight", "bias", "alpha"}
+        # a cache that describes its own affine part (``oracle_affine``: RN-B, RN-L, SPADE)
+        if hasattr(cache, "oracle_affine"):
+            return True
+        # Switchable Norm's mixing logits (its cache says how: ``mixture()``)
+        extra = {"mean_weight", "var_weight"} if hasattr(cache, "mixture") else set()
+        return set(arr) <= {"x", "weight", "bias", "alpha"} | extra
 
     def terms(self, u_acc):
         """``{output: (A, I)}``: the accumulation error (absolute, at ``u_acc``) and the
@@ -162,8 +197,11 @@ class _Standardization:
         G, uA = self.g, u_acc
         gN = growth(G.sizes)
         kappa = self.kappa
-        e_mu = gN * uA * kappa                               # error of mu, in units of 1/r
-        e_r = 0.5 * (gN * uA * (1 + kappa) + e_mu ** 2) + 2 * uA   # relative error of rstd
+        # an official algorithm that computes its statistics twice (RN's region mean, then
+        # BatchNorm's mean and variance of the filled input) errs twice as much
+        passes = float(getattr(self.cache, "oracle_statistics_passes", 1))
+        e_mu = passes * gN * uA * kappa                      # error of mu, in units of 1/r
+        e_r = 0.5 * (passes * gN * uA * (1 + kappa) + e_mu ** 2) + 2 * uA   # of rstd
         E_mu, E_r, R = G.spread(e_mu), G.spread(e_r), G.spread(self.r)
         ax = np.abs(self.xhat)
         # the terms of xhat = (x - mu) r, relative to its scale: |x| r + |mu| r
@@ -172,7 +210,13 @@ class _Standardization:
         mid = ax + shift                                     # xhat from mu, rstd held in D
         gam, bet = np.abs(self.gamma), np.abs(self.beta)
         out = {}
-        out["y"] = (gam * dxh + uA * (gam * ax + bet), gam * mid + bet)
+        # roundings of an official algorithm beyond the textbook one, per element of y and dx
+        # (RN's fill-and-BatchNorm: the rescale by a rounded sqrt(S/N) and its product)
+        extra = float(getattr(self.cache, "oracle_extra_roundings", 0))
+        out["y"] = (gam * dxh + uA * ((1 + extra) * gam * ax + bet), gam * mid + bet)
+        if self.maps is not None:
+            mg, mb, g_maps = self.maps
+            out["y"] = (out["y"][0] + g_maps * uA * (ax * mg + mb), out["y"][1])
         if self.alpha:   # + alpha x: a product and a sum, each rounded once
             ax_s = self.alpha * np.abs(self.x)
             out["y"] = (out["y"][0] + 2 * uA * ax_s, out["y"][1] + ax_s)
@@ -190,13 +234,23 @@ class _Standardization:
             if self.alpha:   # + alpha dy
                 ady_s = self.alpha * np.abs(self.dy)
                 a, i = a + 2 * uA * ady_s, i + ady_s
-            out["dx"] = (a, i)
+            if self.maps is not None:  # dx is linear in G: its error relative to |G|
+                mg, _, g_maps = self.maps
+                a = a + g_maps * uA * np.abs(dx) * mg / np.maximum(gam, np.finfo(float).tiny)
+            out["dx"] = (a + extra * uA * np.abs(dx), i)
         if self.alpha and "dalpha" in self.outputs:   # sum over every element of dy x
             total = float(np.sum(np.abs(self.dy * self.x)))
             g_all = float(growth(self.x.size))
             shape = self.outputs["dalpha"].shape
             out["dalpha"] = (np.full(shape, uA * total), np.full(shape, (g_all + 1) * total))
         ady, adyx = np.abs(self.dy), np.abs(self.dy * self.xhat)
+        param_terms = getattr(self.cache, "oracle_param_terms", None)
+        if param_terms is not None:
+            # the gradients of the parameters behind G and B, first order in the error dxh of
+            # xhat (absolute, per element) with mid the magnitude of its intermediates
+            for key, pair in param_terms(ady, dxh, mid, uA, growth).items():
+                if key in self.outputs:
+                    out[key] = tuple(np.reshape(t, self.outputs[key].shape) for t in pair)
         for name, p in (("weight", self.weight), ("bias", self.bias)):
             key = "d" + name
             if p is None or key not in self.outputs:
@@ -208,11 +262,19 @@ class _Standardization:
                 return unbroadcast_sum(a, view, p.shape)
 
             s = self.scale
-            if name == "weight":
+            if name == "weight" and self.renorm is not None:
+                # sum dy (r xhat + d): r times the plain terms, plus |d| times those of dbias
+                ar, ad = (np.abs(v) for v in self.renorm)
+                out[key] = (s * (psum(ar * ady * dxh) + uA * psum(ar * adyx + ad * ady)),
+                            s * ((gM + 1) * psum(ar * adyx + ad * ady) + psum(ar * ady * mid)))
+            elif name == "weight":
                 out[key] = (s * (psum(ady * dxh) + uA * psum(adyx)), s * ((gM + 1) * psum(adyx)
                             + psum(ady * mid)))
             else:
                 out[key] = (s * uA * psum(ady), s * (gM + 1) * psum(ady))
+        mixture = getattr(self.cache, "mixture", None)
+        if mixture is not None:
+            out.update(self._mixture_terms(mixture(), e_r, uA))
         shape_g = (G.count,)
         if "mean" in self.outputs:
             out["mean"] = (gN * uA * self.mean_abs_x, np.abs(self.mu))
@@ -241,6 +303,39 @@ class _Standardization:
             if key in out:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
+        return out
+
+
+    def _mixture_terms(self, mixture, e_r, uA):
+        r"""Terms of the gradients of mixing logits (Switchable Norm): with :math:`\bar\mu =
+        -r\sum h` and :math:`\bar v = -\frac12 r^2\sum h\hat x` per group,
+        :math:`\mathrm{d}\lambda_j = w_j\sum_{\rm groups}\bar s\,(s_j - s)` for the means
+        :math:`s = \mu` and the variances :math:`s = v`. First order: each statistic
+        :math:`s_j` and the mixture :math:`s` err by :math:`e_s` (a mean by
+        :math:`g(N)\,u_A\langle|x|\rangle`, a variance by
+        :math:`2\sigma e_\mu + g(N)u_A\sigma^2`), the adjoint :math:`\bar s` relatively by
+        :math:`2e_r + g(N)u_A`, and the sum over groups by :math:`g(G)u_A`."""
+        G = self.g
+        gN, gG = growth(G.sizes), float(growth(G.count))
+        h = self.gamma * self.dy
+        e_mu = gN * uA * self.mean_abs_x                     # absolute error of a mean
+        sigma = 1.0 / self.r                                 # ~ sqrt(v + eps)
+        e_v = 2 * sigma * e_mu + gN * uA * sigma ** 2        # absolute error of a variance
+        adj = {"mean_weight": (self.r * np.abs(G.sum(h)), e_mu, 1.0),
+               "var_weight": (0.5 * self.r ** 2 * np.abs(G.sum(h * self.xhat)), e_v, 2.0)}
+        out = {}
+        for key, (weights, devs) in mixture.items():
+            if "d" + key not in self.outputs:
+                continue
+            g_bar, e_s, k = adj[key]
+            a, i = [], []
+            for wj, dev in zip(weights, devs):
+                dev = np.abs(np.asarray(dev, np.float64)).ravel()   # per group, label order
+                a.append(abs(wj) * np.sum(g_bar * 2 * e_s
+                                          + g_bar * dev * (k * e_r + gN * uA + gG * uA)))
+                i.append(abs(wj) * (gG + 1) * np.sum(g_bar * dev))
+            shape = self.outputs["d" + key].shape
+            out["d" + key] = (np.reshape(a, shape), np.reshape(i, shape))
         return out
 
 

@@ -26,6 +26,9 @@ VALUE_ERRORS = {
     "weight_norm": r"`v` has a slice with zero norm \(or NaN\)",
     # sigma = u^T W v = 0: documented in spectral_norm's docstring
     "spectral_norm": r"sigma = u\^T W v is",
+    # a non-finite segmentation map or modulation-network parameter: documented in spade's
+    "spade": r"`(segmap|shared_weight|shared_bias|gamma_weight|gamma_bias|beta_weight|"
+             r"beta_bias)` must be finite",
     # sigma = u^T W v = 0 (or NaN): documented in sigma_reparam's docstring
     "sigma_reparam": r"sigma = u\^T W v is",
 }
@@ -210,6 +213,8 @@ def _jitter_cache(cache, jitter):
     for name, value in cache._asdict().items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             fields[name] = jitter(value)
+        elif hasattr(value, "_replace"):  # a variant built on others keeps their caches
+            fields[name] = _jitter_cache(value, jitter)
         elif hasattr(value, "_replace"):  # the cache of a stage (BCN holds BN's and GN's)
             inner = _jitter_cache(value, jitter)
             if inner is not None:
