@@ -157,3 +157,12 @@ def test_importing_refnorm_loads_no_optional_backend():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_optional_backends_are_imported_only_by_the_oracle():
+    # the messages for a missing PyTorch, JAX or Triton live in refnorm/oracle (its adapters,
+    # trajectories and example kernels); a module elsewhere that imports one must raise its own
+    # message naming the pinned install command (`pip install torch==2.13.0`), and be added here
+    outside = {module: [f for f, _ in where if not f.startswith("refnorm/oracle/")]
+               for module, where in _third_party_imports().items() if module in OPTIONAL_MODULES}
+    assert outside and all(not files for files in outside.values()), outside
