@@ -14,9 +14,29 @@ import math
 import sys
 
 import refnorm
+from refnorm.verify import FD_RTOL, HAND_ENGINE_RTOL
 from refnorm._progress import Progress
 
 __all__ = ["main", "build_parser", "cmd_list", "cmd_verify", "Progress"]
+
+
+#: What ``refnorm verify``'s columns mean: printed under its table and in ``refnorm verify -h``.
+VERIFY_COLUMNS = f"""\
+columns: cases = sample inputs checked, each with a random upstream gradient;
+  hand-engine = largest normwise relative error max|a-b|/max|b| between the hand-derived
+    backward and the engine's gradient of the same math written with primitives (for a
+    primitive: its VJP rule on arrays vs recorded on Tensors; for a surrogate gradient: the
+    hand backward vs the surrogate's second formulation); must be <= {HAND_ENGINE_RTOL:.0e};
+  hand-FD = the same error of the hand gradient against central finite differences (for a
+    surrogate gradient: the exact engine gradient); must be <= {FD_RTOL:.0e};
+  '-' = no such comparison: no composite, a primitive whose rule is not recorded on Tensors,
+    or an optimizer (checked against its equations, see the note)."""
+
+#: The footer under ``refnorm verify``'s table (the long form is :data:`VERIFY_COLUMNS`).
+VERIFY_FOOTER = (f"hand-engine: max|hand - engine| / max|engine| "
+                 f"(must be <= {HAND_ENGINE_RTOL:.0e}); hand-FD: the same against finite\n"
+                 f"differences (<= {FD_RTOL:.0e}); "
+                 f"-: no such check here; `refnorm verify -h` explains the columns")
 
 
 def _fmt(x):
@@ -65,6 +85,7 @@ def cmd_verify(args):
         for line in getattr(r, "details", ()):
             print(f"{'':<10}   {line}")
     failed = [r.name for r in results if not r.passed]
+    print(VERIFY_FOOTER)
     undecided = sum(r.status == "INCONCLUSIVE" for r in results)
     print(f"{len(results) - len(failed)} passed, {len(failed) - undecided} failed"
           + (f", {undecided} inconclusive" if undecided else ""))
@@ -80,7 +101,9 @@ def build_parser():
     p = sub.add_parser("list", help="list every registered primitive, variant and optimizer")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("verify", help="three-way gradient checks (hand, engine, finite "
-                       "differences) of registered items; exits 1 on failure")
+                       "differences) of registered items; exits 1 on failure",
+                       epilog=VERIFY_COLUMNS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME", help="items to check (default: all)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")

@@ -29,11 +29,37 @@ def test_list_shows_every_registered_item(capsys):
 def test_verify_passes_and_lists_every_item(capsys):
     assert cli.main(["verify", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[1]: line for line in out.splitlines()[1:-1]}
+    kinds = {kind for kind, _, _, _ in registered()}
+    rows = {line.split()[1]: line for line in out.splitlines()[1:-1]
+            if line.split() and line.split()[0] in kinds}
     for kind, name, _, _ in registered():
         assert name in rows and rows[name].split()[0] == kind, name
         assert rows[name].split()[5] == "pass", rows[name]
     assert out.splitlines()[-1] == f"{len(registered())} passed, 0 failed"
+
+
+def test_verify_explains_its_columns(capsys):
+    # the footer under the table names every column and the '-' entries, with the limits
+    # actually applied; `verify -h` gives the long form
+    from refnorm.verify import FD_RTOL, HAND_ENGINE_RTOL
+
+    assert cli.main(["verify", "--no-progress", "add", "adamp"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "2 passed, 0 failed"
+    header, footer = lines[0], " ".join(lines[-3:-1])
+    assert header.split()[3:5] == ["hand-engine", "hand-FD"]
+    assert lines[2].split()[3:5] == ["-", "-"]          # adamp: an optimizer, no gradients
+    for word in ("hand-engine:", "hand-FD:", "-:", "finite", "refnorm verify -h",
+                 f"{HAND_ENGINE_RTOL:.0e}", f"{FD_RTOL:.0e}"):
+        assert word in footer, (word, footer)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["verify", "-h"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("hand-engine = largest normwise relative error", "hand-FD = the same error",
+                  "central finite differences", "'-' = no such comparison", "optimizer",
+                  "surrogate", "random upstream gradient"):
+        assert words in text, words
 
 
 def test_verify_exits_1_on_a_failure(monkeypatch, capsys):
