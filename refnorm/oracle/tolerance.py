@@ -280,7 +280,7 @@ class _WeightNorm:
 
 
 def _prep_bn_parts(case):
-    """PRepBN's training output, :math:`\lambda\,\mathrm{LN} + (1-\lambda)\,
+    r"""PRepBN's training output, :math:`\lambda\,\mathrm{LN} + (1-\lambda)\,
     \mathrm{RepBN}`, as its two branches: ``[(coef, variant, arrays, kwargs, renames)]``."""
     kw = case.kwargs
     x, weight, bias, alpha, ln_weight, ln_bias = case.arrays
@@ -302,7 +302,7 @@ COMPOSED = {"prep_bn": _prep_bn_parts}
 
 
 class _Composed:
-    """The itemized models of the branches of a weighted sum :math:`y = \sum_k c_k f_k(x)`.
+    r"""The itemized models of the branches of a weighted sum :math:`y = \sum_k c_k f_k(x)`.
 
     Branch :math:`k` is run by the oracle's own reference on its inputs with the upstream
     gradient :math:`c_k\,\mathrm{d}y` (its gradients are then already weighted), and its
