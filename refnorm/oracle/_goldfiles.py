@@ -127,6 +127,8 @@ def _read_npz(data: bytes, label: str, kinds: str = "fiub") -> dict:
 
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
+    if not directory.exists():
+        raise GoldenError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise GoldenError(f"{directory}: not a directory")
     if not path.is_file():

@@ -80,10 +80,13 @@ def _hint(adapter, spec, exc):
 
 def _traceback(exc) -> str:
     """The traceback of a candidate's exception, without the oracle's own frames."""
+    import os
+
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = __file__.replace(".pyc", ".py")
-    frames = [f for f in frames if f.filename != mine] or frames
-    return "".join(traceback.format_list(frames[-6:])).rstrip()
+    oracle = os.path.dirname(os.path.abspath(__file__))
+    theirs = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) != oracle]
+    # a signature mismatch raises in the oracle's own call: show that call, the last frame
+    return "".join(traceback.format_list((theirs or frames[-1:])[-6:])).rstrip()
 
 
 @dataclass

@@ -421,12 +421,18 @@ class Report:
             for o in r.failing():
                 lines.append(f"    {r.case}: {o.describe()}")
             if r.known:
+                from refnorm.oracle.adapters import KNOWN_NOTE
+
                 lines.append(f"      -> known {self._library()} behaviour: {r.known} (see "
-                             f"docs/notes/tolerances.rst, 'A finding, not a false alarm')")
+                             f"{KNOWN_NOTE})")
             elif r.diagnosis:
                 lines.append(f"      -> {r.diagnosis}")
         if len(fails) > max_failures:
-            lines.append(f"    ... and {len(fails) - max_failures} more failing cases")
+            rest = fails[max_failures:]
+            same = first_error is not None and all(
+                r.status == "error" and r.message == first_error.message for r in rest)
+            lines.append(f"    ... and {len(rest)} more failing cases"
+                         + (f" (the same error as {first_error.case})" if same else ""))
         return lines
 
     def to_dict(self) -> dict:
