@@ -344,7 +344,7 @@ class Report:
                 idx = "" if o.index is None else f" {list(o.index)}"
                 flag = "" if o.passed else f"  {o.status}"
                 if o.status == "frozen":
-                    lines.append(f"  {out:<{width}}  not computed (frozen)")
+                    lines.append(f"  {out}: not computed (frozen)")
                     continue
                 lines.append(f"  {out:<{width}}{_num(o.ulp):>9}{_num(o.tol_ulp):>9}"
                              f"{_budget(o):>8}{_num(o.emulated_ulp):>9}{_sci(o.max_abs):>10}"
