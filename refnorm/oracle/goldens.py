@@ -62,8 +62,9 @@ import numpy as np
 
 from refnorm.oracle import cases as _cases
 from refnorm.oracle._goldfiles import (_FILE_RE, MANIFEST, SCHEMA, SCHEMA_VERSION, GoldenError,
-                                       _canonical, _decode, _encode, _npz_bytes, _read_manifest,
-                                       _read_npz, _safe_path, _sha256)
+                                       _canonical, _decode, _encode, _metadata_mismatch,
+                                       _npz_bytes, _read_manifest, _read_npz, _safe_path,
+                                       _sha256)
 from refnorm.oracle.formats import get_format
 
 __all__ = ["export", "load", "verify", "GoldenError", "GoldenCase", "SCHEMA", "SCHEMA_VERSION",
@@ -227,11 +228,7 @@ def _load_entry(directory, entry, index):
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GoldenError(f"{path.name}: embedded metadata is not JSON") from exc
     if embedded != expected:
-        fields = sorted(k for k in set(embedded) | set(expected)
-                        if not isinstance(embedded, dict) or embedded.get(k) != expected.get(k)) \
-            if isinstance(embedded, dict) else ["(not an object)"]
-        raise GoldenError(f"{path.name}: embedded metadata disagrees with the manifest entry "
-                          f"in field(s) {', '.join(map(repr, fields))}")
+        raise _metadata_mismatch(path.name, embedded, expected)
     variant = entry.get("variant")
     if variant not in BY_NAME:
         raise GoldenError(f"{path.name}: unknown variant {variant!r} (this refnorm has "
