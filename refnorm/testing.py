@@ -8,7 +8,9 @@
         assert_matches_reference(my_candidate, "layer_norm", dtype="bfloat16")
 
 The candidate follows the protocol of :mod:`refnorm.oracle.adapters` (or is ``"torch"``,
-``"jax"``, ``"module:function"``); everything :func:`refnorm.oracle.check` takes is accepted.
+``"jax"``, ``"module:function"``); everything :func:`refnorm.oracle.check` takes is accepted,
+``frozen=("weight",)`` among it for a kernel that computes no weight gradient. A candidate that
+writes into its inputs or into ``dy`` fails, with that diagnosis.
 On failure the ``AssertionError`` carries the oracle's report: the failing cases and outputs,
 the worst element, the error in ULPs against the tolerance, and the known mistake it matches.
 """

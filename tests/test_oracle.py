@@ -29,6 +29,9 @@ from refnorm.oracle.mistakes import KINDS
 from refnorm.oracle.tolerance import bounds, growth
 from refnorm.testing import assert_matches_reference
 
+# no floating-point warning may escape the oracle, whatever a candidate returns
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 # No NumPy warning escapes the oracle, on right or wrong candidates (issue 17)
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
@@ -677,3 +680,393 @@ def test_a_candidate_that_declines_every_case_does_not_pass():
     assert not report
     text = str(report)
     assert "nothing was compared" in text and "this kernel has no float32 path" in text
+
+
+
+def test_the_known_torch_findings_are_the_adapters_labels():
+    from refnorm.oracle.adapters import KNOWN_TORCH_BEHAVIOUR
+
+    assert {(v, c) for v, cs in KNOWN_TORCH_FINDINGS.items() for c in cs} == \
+        set(KNOWN_TORCH_BEHAVIOUR)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels as they are in the wild (issue 18): frozen weights, backwards that write into their
+# inputs, hostile outputs
+# ----------------------------------------------------------------------------------------------
+def _torch_rms_kernel(torch, *, write_dy):
+    """A frozen-weight RMSNorm as fine-tuning libraries write it: its backward returns None for
+    the weight and, with ``write_dy``, writes dx into the buffer of dy to save memory."""
+
+    class RMSNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            xf = x.float()
+            rstd = torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return (xf * rstd * weight.float()).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, weight, rstd = ctx.saved_tensors
+            g = dy.float() * weight.float()
+            xhat = x.float() * rstd
+            dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+            if write_dy:
+                dy.copy_(dx.to(dy.dtype))
+                return dy, None, None
+            return dx.to(x.dtype), None, None
+
+    def rms_norm(x, normalized_shape, weight=None, eps=None, eps_placement="inside"):
+        if weight is None or eps_placement != "inside" or isinstance(normalized_shape, int) \
+                or len(normalized_shape) != 1:
+            raise NotImplementedError("last axis, with a weight, eps inside the root")
+        return RMSNorm.apply(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
+
+    return rms_norm
+
+
+def _numpy_frozen_rms(variant, inputs, dy, kwargs, *, dtype):
+    """refnorm's NumPy student without the weight gradient (a frozen weight)."""
+    out = student(variant, inputs, dy, kwargs, dtype=dtype)
+    out.pop("dweight", None)
+    return out
+
+
+_numpy_frozen_rms.variants = ("rms_norm",)
+
+
+def test_a_frozen_weight_kernel_passes_when_declared(torch, torch_threads):
+    from refnorm.oracle import torch_function
+
+    kernel = _torch_rms_kernel(torch, write_dy=False)
+    undeclared = check(torch_function(kernel), "rms_norm", dtype="bfloat16", size="ci")
+    assert not undeclared
+    text = undeclared.format()
+    assert "dweight: missing from the candidate's outputs" in text
+    assert "--frozen weight" in text and "frozen=('weight',)" in text
+    assert "reduction fault" not in text            # not a mistake of the catalogue
+    declared = check(torch_function(kernel, frozen=("weight",)), "rms_norm", dtype="bfloat16",
+                     size="ci")
+    assert declared, declared.format()
+    assert "dweight: not computed (frozen)" in declared.format()
+    assert all(r.outputs["dweight"].status == "frozen" for r in declared.results
+               if r.status == "pass")
+    assert declared.residual["rms_norm"][1].passed      # a correct kernel in x + f(x)
+    # y and dx are still judged: a wrong dx fails though the weight is frozen
+    wrong = check(lambda *a, **k: {**_numpy_frozen_rms(*a, **k), "dx": 0 * a[1]["x"]},
+                  "rms_norm", size="ci", frozen="weight")
+    assert not wrong and any(r.outputs["dx"].status == "FAIL" for r in wrong.failures())
+
+
+def test_a_frozen_numpy_candidate_declares_it_by_attribute_or_option(tmp_path, monkeypatch,
+                                                                      capsys):
+    assert not check(_numpy_frozen_rms, "rms_norm", size="ci")
+    assert check(_numpy_frozen_rms, "rms_norm", size="ci", frozen=("weight",))
+
+    def declared(*a, **k):
+        return _numpy_frozen_rms(*a, **k)
+
+    declared.frozen, declared.variants = ("weight",), ("rms_norm",)
+    assert check(declared, "rms_norm", size="ci")
+    with pytest.raises(ValueError, match="frozen: 'wieght' is not a differentiable input"):
+        check(_numpy_frozen_rms, "rms_norm", size="ci", frozen=("wieght",))
+    (tmp_path / "lora_kernels.py").write_text(
+        "from refnorm.oracle.mistakes import student\n"
+        "def rms(variant, inputs, dy, kwargs, *, dtype):\n"
+        "    out = student(variant, inputs, dy, kwargs, dtype=dtype)\n"
+        "    out.pop('dweight', None)\n"
+        "    return out\n"
+        "rms.variants = ('rms_norm',)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["compare", "--impl", "lora_kernels:rms", "--size", "ci", "--no-progress"]
+    assert main(args) == 1
+    assert "--frozen weight" in capsys.readouterr().out
+    assert main(args + ["--frozen", "weight"]) == 0
+    assert "not computed (frozen)" in capsys.readouterr().out
+
+
+def test_a_backward_that_writes_into_dy_fails_and_shows_the_residual_error(torch, torch_threads):
+    from refnorm.oracle import torch_function
+
+    kernel = _torch_rms_kernel(torch, write_dy=True)
+    report = check(torch_function(kernel, frozen="weight"), "rms_norm", dtype="float32",
+                   size="ci")
+    assert not report
+    text = report.format()
+    assert report.diagnoses["rms_norm"].startswith(
+        "backward wrote into dy in place; where dy is shared (a residual add passes the same "
+        "gradient to both branches), this corrupts the other branch's gradient")
+    assert all("dy" in r.writes for r in report.results if r.status != "skipped")
+    assert "wrote into dy in place" in text
+    # its outputs are right: only the write fails it...
+    assert all(o.passed for r in report.results for o in r.outputs.values())
+    # ...and inside x + f(x) the consequence shows: dx is far off
+    case, res = report.residual["rms_norm"]
+    assert not res.passed and res.max_abs > 0.1 and res.budget > 100
+    assert f"residual block x + f(x), {case}: dx" in text and "[FAIL]" in text
+    # the same kernel without the write passes in the residual block (the check has teeth)
+    good = check(torch_function(_torch_rms_kernel(torch, write_dy=False), frozen="weight"),
+                 "rms_norm", dtype="float32", size="ci")
+    assert good and good.residual["rms_norm"][1].max_abs < 1e-3 * res.max_abs
+
+
+def _writer(target):
+    def candidate(variant, inputs, dy, kwargs, *, dtype):
+        out = student(variant, inputs, dy, kwargs, dtype=dtype)       # right outputs...
+        a = dy if target == "dy" else kwargs.get(target, inputs.get(target))
+        a *= 2.0                                                       # ...and a write
+        return out
+
+    candidate.variants = ("layer_norm", "batch_norm")
+    return candidate
+
+
+@pytest.mark.parametrize("variant, target", [("layer_norm", "x"), ("layer_norm", "weight"),
+                                             ("layer_norm", "dy"), ("batch_norm", "bias"),
+                                             ("batch_norm", "running_mean")])
+def test_a_candidate_that_writes_into_its_inputs_fails_and_is_named(variant, target):
+    spec = BY_NAME[variant]
+    preps, _ = _prepared_cases(spec, "float32", 0, "ci", False)
+    before = [({k: a.copy() for k, a in p.case.inputs.items()}, p.case.dy.copy(),
+               {k: v.copy() for k, v in p.case.kwargs.items() if isinstance(v, np.ndarray)},
+               {k: v.copy() for k, v in p.ref.outputs.items()}) for p in preps]
+    report = check(_writer(target), variant, dtype="float32", size="ci")
+    assert not report
+    written = [r for r in report.results if target in r.writes]
+    assert written and all(r.status == "FAIL" for r in written)
+    assert f"wrote into {target} in place" in report.format()
+    assert target in report.diagnoses[variant]
+    # the reference's own inputs, and its answers, are untouched
+    again, _ = _prepared_cases(spec, "float32", 0, "ci", False)
+    assert again is preps
+    for p, (inputs, dy, kwargs, outputs) in zip(preps, before):
+        for k, a in inputs.items():
+            assert np.array_equal(p.case.inputs[k], a, equal_nan=True)
+        assert np.array_equal(p.case.dy, dy, equal_nan=True)
+        for k, a in kwargs.items():
+            assert np.array_equal(p.case.kwargs[k], a, equal_nan=True)
+        for k, a in outputs.items():
+            assert np.array_equal(p.ref.outputs[k], a, equal_nan=True)
+
+
+_HOSTILE = {
+    "inf": lambda a: np.full_like(a, np.inf),
+    "nan": lambda a: np.full_like(a, np.nan),
+    "1e300": lambda a: np.full_like(a, 1e300),
+    "-1e300": lambda a: np.full_like(a, -1e300),
+    "wrong shape": lambda a: np.zeros(a.shape + (2,)),
+    "scalar": lambda a: 1e300,
+    "empty": lambda a: np.array([]),
+    "int64": lambda a: (a * 1e6).astype(np.int64),
+    "bool": lambda a: a > 0,
+    "float16 overflow": lambda a: (a * 1e30).astype(np.float16),
+    "complex": lambda a: a.astype(np.complex128),
+    "strings": lambda a: np.full(a.shape, "x"),
+    "objects": lambda a: np.array([object()] * a.size, dtype=object),
+    "None": lambda a: None,
+    "ragged list": lambda a: [[1.0], [1.0, 2.0]],
+    "Python list": lambda a: a.tolist(),          # a valid way to return the right values
+}
+@pytest.mark.parametrize("kind", list(_HOSTILE))
+def test_hostile_candidates_get_a_well_formed_report(kind, recwarn):
+    def hostile(variant, inputs, dy, kwargs, *, dtype):
+        out = student(variant, inputs, dy, kwargs, dtype=dtype)
+        return {k: _HOSTILE[kind](np.asarray(v, dtype=np.float64)) for k, v in out.items()}
+
+    hostile.variants = ("layer_norm", "batch_norm")
+    for dtype in ("bfloat16", "float32"):
+        report = check(hostile, dtype=dtype, size="ci")
+        text = report.format()
+        json.loads(report.to_json())
+        assert bool(report) == (kind == "Python list"), text
+        rows, start = 0, None
+        for line in text.splitlines():
+            if line.startswith("  output "):          # the columns start where ULP's 9 do
+                start = line.index(" ULP ") + 4 - 9
+                continue
+            if start is None or not line.startswith("  ") or line.startswith("   ") or \
+                    "not computed (frozen)" in line or line[2:].split()[0] in (
+                        "residual", "diagnosis:", "failures:", "skipped:", "note:", "bound"):
+                start = None if not line.startswith("  ") else start
+                continue
+            rest = line[start:]
+            cols = [rest[0:9], rest[9:18], rest[18:26], rest[26:35], rest[35:45], rest[45:55]]
+            assert line[2:start].strip() and line[start - 1] == " ", line
+            assert all(c[0] == " " and c.strip() and " " not in c.strip() for c in cols), line
+            assert rest[55:57] == "  " and rest[57] != " ", line
+            rows += 1
+        assert rows, text
+    assert not [w for w in recwarn.list], [str(w.message) for w in recwarn.list]
+
+
+def test_huge_ratios_print_compactly():
+    from refnorm.oracle.report import OutputResult, _budget, _num
+
+    assert _budget(OutputResult("y", "FAIL", budget=1.481005056956499e71)) == ">1e6x"
+    assert _budget(OutputResult("y", "FAIL", budget=float("inf"))) == ">1e6x"
+    assert _budget(OutputResult("y", "FAIL", budget=3.5)) == "350%"
+    assert _budget(OutputResult("y", "FAIL", budget=12345.0)) == "12345x"
+    for v in (1.48e71, 1e300, 1.7976931348623157e308, 12345.678, 0.000123):
+        assert len(_num(v)) <= 8, _num(v)
+
+
+def test_counts_add_up():
+    def declines_long_rows(variant, inputs, dy, kwargs, *, dtype):
+        if inputs["x"].size > 10000:
+            raise NotImplementedError("rows longer than 10000")
+        return student(variant, inputs, dy, kwargs, dtype=dtype)
+
+    declines_long_rows.variants = ("local_response_norm", "layer_norm")
+    report = check(declines_long_rows, size="ci")
+    for v in report.variants:
+        s = report.summary(v)
+        assert s["cases"] == s["pass"] + s["fail"] + s["skipped"], s
+        assert any(r.status == "skipped" for r in report.results if r.variant == v)
+        line = next(x for x in report.format().splitlines() if x.startswith(f"{v}:"))
+        assert line.startswith(f"{v}: {s['cases']} cases, {s['pass']} pass, 0 fail, "
+                               f"{s['skipped']} skipped")
+
+
+def test_the_wider_type_note_is_said_once_per_variant():
+    def float64_kernel(variant, inputs, dy, kwargs, *, dtype):        # ignores the dtype
+        return student(variant, inputs, dy, kwargs, dtype="float64", drop_mean_term=True)
+
+    float64_kernel.variants = ("layer_norm",)
+    text = check(float64_kernel, "layer_norm", dtype="float32", size="ci").format()
+    assert "not all representable" in text
+    failure_lines = [x for x in text.splitlines() if x.startswith("    ")]
+    assert failure_lines and not any("representable" in x for x in failure_lines)
+    assert text.count("not all representable in float32") == 1
+    assert "representable" not in check(student, "layer_norm", size="ci").format()
+
+
+def test_a_crashing_candidate_gets_one_traceback_and_a_signature_hint():
+    def crashes(variant, inputs, dy, kwargs, *, dtype):
+        raise RuntimeError("kernel launch failed")
+
+    text = check(crashes, "layer_norm", size="ci").format(max_failures=100)
+    assert text.count("RuntimeError: kernel launch failed") == 1
+    assert 'File "' in text and "in crashes" in text and "raise RuntimeError" in text
+    assert "the same as oracle:(37,1000)" in text and "hint:" not in text
+
+    def old_protocol(variant, inputs, dy, kwargs):                      # no dtype keyword
+        return {}
+
+    text = check(old_protocol, "layer_norm", size="ci").format()
+    assert "unexpected keyword argument 'dtype'" in text
+    assert "hint: the oracle calls a candidate as candidate(variant, inputs, dy, kwargs, *, " \
+        "dtype)" in text
+
+
+def test_torch_function_of_a_functional_shows_the_fix(torch, torch_threads):
+    from refnorm.oracle import torch_function
+
+    report = check(torch_function(torch.nn.functional.layer_norm), "layer_norm", size="ci")
+    text = report.format()
+    assert not report and "unexpected keyword argument 'x'" in text
+    assert "torch_function(lambda x, normalized_shape, weight=None, bias=None, eps=1e-5: " \
+        "F.layer_norm(x, normalized_shape, weight, bias, eps))" in text
+    fixed = torch_function(lambda x, normalized_shape, weight=None, bias=None, eps=1e-5:
+                           torch.nn.functional.layer_norm(x, normalized_shape, weight, bias,
+                                                          eps))
+    assert check(fixed, "layer_norm", dtype="bfloat16", size="ci")
+
+
+def test_known_pytorch_behaviour_is_labelled_and_still_fails(torch, torch_threads):
+    report = check("torch", ["weight_norm", "spectral_norm"], dtype="float32", size="ci")
+    assert not report
+    text = report.format()
+    failing = {(r.variant, r.case) for r in report.failures()}
+    assert failing and all(r.known for r in report.failures())
+    assert text.count("-> known PyTorch behaviour: ") == len(failing)
+    assert "docs/notes/tolerances.rst#torch-findings" in text
+    assert "(1 known PyTorch behaviour)" in text or "known PyTorch behaviour)" in text
+    # a torch *function* is someone's kernel: PyTorch's known findings are not its excuse
+    from refnorm.oracle import torch_function
+
+    assert torch_function(lambda x: x).known == {}
+
+
+def test_missing_torch_names_the_pinned_install(monkeypatch):
+    import builtins
+
+    from refnorm.oracle import adapters
+
+    real = builtins.__import__
+
+    def no_torch(name, *a, **k):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(adapters.AdapterError, match=r"pip install torch==2\.13\.0"):
+        adapters.TorchAdapter()
+
+
+# ----------------------------------------------------------------------------------------------
+# Golden files: hand edits that used to pass, and the messages
+# ----------------------------------------------------------------------------------------------
+def test_goldens_report_an_orphan_file(golden_dir, tmp_path):
+    d = _copy(golden_dir, tmp_path)
+    removed = {}
+
+    def drop(m):
+        removed.update(m["cases"].pop(0))
+
+    _rewrite_manifest(d, drop)
+    result = goldens.verify(d, recompute=False)
+    assert not result.ok
+    assert any(p.startswith(f"{removed['file']}: orphan file") for p in result.problems)
+
+
+def test_goldens_check_the_tolerance_safety_against_the_stored_tolerances(golden_dir, tmp_path):
+    d = _copy(golden_dir, tmp_path)
+    assert goldens.verify(d).ok
+    _rewrite_manifest(d, lambda m: m["tolerance"].__setitem__("safety", 3.0))
+    result = goldens.verify(d)
+    assert not result.ok
+    assert any("tolerance.safety=3.0" in p for p in result.problems), result.problems
+
+
+def test_goldens_name_the_field_the_metadata_disagrees_on(golden_dir, tmp_path):
+    d = _copy(golden_dir, tmp_path)
+    _rewrite_manifest(d, lambda m: m["cases"][0].__setitem__("seed", 12345))
+    with pytest.raises(goldens.GoldenError, match="disagrees with the manifest entry in "
+                       "field\\(s\\) 'seed'"):
+        goldens.verify(d, recompute=False)
+
+
+def test_golden_messages_fit_their_interface(tmp_path, capsys):
+    d = tmp_path / "g"
+    goldens.export(d, ["layer_norm"], ["float32"], size="ci")
+    with pytest.raises(goldens.GoldenError, match="pass overwrite=True to replace") as e:
+        goldens.export(d, ["layer_norm"], ["float32"], size="ci")
+    assert "--force" not in str(e.value)
+    assert main(["goldens", "export", str(d), "--variant", "layer_norm", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --force" in err and "overwrite=True" not in err
+    with pytest.raises(goldens.GoldenError, match="no such directory"):
+        goldens.verify(tmp_path / "absent")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(goldens.GoldenError, match="not a directory"):
+        goldens.verify(tmp_path / "file")
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from refnorm.cli import build_parser
+
+    def walk(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+            elif action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield parser.prog, action
+
+    missing = [f"{prog} {a.option_strings[0]}" for prog, a in walk(build_parser())
+               if not a.help and "compare" in prog or (not a.help and "goldens" in prog)]
+    assert not missing, missing

@@ -125,8 +125,22 @@ def _read_npz(data: bytes, label: str, kinds: str = "fiub") -> dict:
 
 
 
+def _metadata_mismatch(label, embedded, expected) -> GoldenError:
+    """The error for a file whose embedded metadata is not its manifest entry, naming the
+    fields that differ."""
+    if isinstance(embedded, dict):
+        fields = sorted(k for k in set(embedded) | set(expected)
+                        if embedded.get(k, ...) != expected.get(k, ...))
+    else:
+        fields = ["(the embedded metadata is not an object)"]
+    return GoldenError(f"{label}: embedded metadata disagrees with the manifest entry in "
+                       f"field(s) {', '.join(map(repr, fields))}")
+
+
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
+    if not directory.exists():
+        raise GoldenError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise GoldenError(f"{directory}: not a directory")
     if not path.is_file():

@@ -35,7 +35,16 @@ dtype=torch.bfloat16)`` is exact), run your forward and backward, and return a d
 Values may be NumPy arrays of any float dtype, PyTorch tensors (any device, any dtype) or JAX
 arrays: they are converted to float64. Raise ``NotImplementedError`` for a case you do not
 support; it is reported as skipped, not failed. A candidate may carry a ``variants`` attribute
-(a collection of names) to say which variants it implements.
+(a collection of names) to say which variants it implements, and a ``frozen`` attribute (input
+names, ``("weight",)``) for the inputs whose gradient it does not compute (a frozen parameter,
+as in LoRA fine-tuning): their gradient is then reported "not computed (frozen)" and
+everything else is judged.
+
+A candidate must not write into what it receives (``x``, the parameters, the state, ``dy``):
+the oracle compares every array before and after the call and fails the case that wrote, with
+its own diagnosis. (A backward that writes ``dx`` into the buffer of ``dy`` corrupts the other
+branch's gradient wherever ``dy`` is shared, as in a residual block ``x + f(x)``.) The arrays it
+receives are the oracle's copies: the reference's own inputs stay untouched whatever it does.
 
 Two lines check a LayerNorm kernel written in PyTorch (a Triton kernel wrapped in an
 ``autograd.Function``, say) whose signature is refnorm's forward's (``x, normalized_shape,
@@ -66,7 +75,36 @@ import numpy as np
 from refnorm.oracle.formats import get_format
 
 __all__ = ["Adapter", "TorchAdapter", "JaxAdapter", "CallableAdapter", "torch_function",
-           "resolve", "to_numpy", "DeviceUnavailable", "AdapterError"]
+           "resolve", "to_numpy", "DeviceUnavailable", "AdapterError", "WRITES", "TORCH_INSTALL",
+           "KNOWN_TORCH_BEHAVIOUR", "KNOWN_NOTE", "PROTOCOL_SIGNATURE"]
+
+#: the reserved output key under which an adapter reports the writes it detected into the
+#: tensors it made from the protocol's arrays: ``{name: how}`` (``{"dy": "values changed"}``)
+WRITES = "__writes__"
+
+#: the pinned install command of the tested PyTorch (named in the missing-torch message)
+TORCH_INSTALL = "pip install torch==2.13.0"
+
+#: the protocol's signature, quoted where a candidate's call fails as a signature mismatch
+PROTOCOL_SIGNATURE = "candidate(variant, inputs, dy, kwargs, *, dtype) -> dict"
+
+#: where the known behaviours are documented (quoted by the report)
+KNOWN_NOTE = "docs/notes/tolerances.rst#torch-findings ('A finding, not a false alarm')"
+
+#: Failures of PyTorch itself, found by the oracle and checked by hand: (variant, case) ->
+#: reason. The built-in torch adapter labels them "known PyTorch behaviour"; they still fail.
+KNOWN_TORCH_BEHAVIOUR = {
+    ("weight_norm", "oracle:(6,33)-tiny-scale"):
+        "PyTorch's weight norm cubes ||v|| in the candidate dtype: ||v||^3 underflows for a "
+        "1e-20 weight and dv is infinite where the exact answer (-4.4e19) is representable",
+    ("weight_norm", "regime:subnormal (5,4)-linear"):
+        "PyTorch's weight norm squares subnormal weights in the candidate dtype: the norm "
+        "underflows to 0 and it returns -inf where the exact result is of order 1",
+    ("spectral_norm", "regime:subnormal (5,4)-linear"):
+        "PyTorch's spectral norm of subnormal weights works in the candidate dtype, where sigma "
+        "underflows: dweight is NaN where the exact value (2.8e39) rounds to +inf in float32, "
+        "and in bfloat16 y is off by up to 15%",
+}
 
 
 class AdapterError(RuntimeError):
@@ -78,19 +116,33 @@ class DeviceUnavailable(AdapterError):
 
 
 def to_numpy(value):
-    """A candidate's output as a NumPy array (float64 for floats): tensors, JAX arrays, lists."""
+    """A candidate's output as a NumPy array (float64 for floats): tensors, JAX arrays, lists.
+
+    Raises ``TypeError`` (with what was received) for a value that is not real numbers:
+    complex, strings, objects, ragged lists."""
     if value is None:
         return None
     if hasattr(value, "detach") and hasattr(value, "cpu"):          # torch.Tensor
         t = value.detach().cpu()
+        if t.is_complex():
+            raise TypeError(f"a complex tensor ({t.dtype}), expected real numbers")
         if t.is_floating_point():
             import torch
 
             t = t.to(torch.float64)
         return t.numpy()
-    a = np.asarray(value)
-    if a.dtype.kind == "f" or a.dtype.kind == "V" or str(a.dtype) in ("bfloat16",):
-        return a.astype(np.float64)
+    try:
+        with np.errstate(all="ignore"):
+            a = np.asarray(value)
+    except (ValueError, TypeError) as exc:          # ragged lists
+        raise TypeError(f"not an array ({type(value).__name__}: {exc})") from exc
+    if a.dtype.kind == "c":
+        raise TypeError(f"complex values ({a.dtype}), expected real numbers")
+    if a.dtype.kind in "OUSM" or (a.dtype.kind == "V" and str(a.dtype) != "bfloat16"):
+        raise TypeError(f"{type(value).__name__} of dtype {a.dtype}, expected real numbers")
+    if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
+        with np.errstate(all="ignore"):
+            return a.astype(np.float64)
     return a
 
 
@@ -104,6 +156,8 @@ class Adapter:
     name = "adapter"
     device = "cpu"
     ftz = False
+    frozen: tuple = ()      # inputs whose gradient the candidate does not compute
+    known: dict = {}        # (variant, case) -> why a failure there is the library's own
 
     def supports(self, spec) -> bool:
         return True
@@ -121,6 +175,7 @@ class CallableAdapter(Adapter):
             or type(fn).__name__
         self.variants = getattr(fn, "variants", None)
         self.ftz = bool(getattr(fn, "ftz", False))
+        self.frozen = _names(getattr(fn, "frozen", ()), "frozen")
 
     def supports(self, spec) -> bool:
         return self.variants is None or spec.name in self.variants
@@ -136,8 +191,37 @@ def _import_torch():
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - exercised only without torch
-        raise AdapterError(f"the torch adapter needs PyTorch: {exc}") from exc
+        raise AdapterError(f"the torch adapter needs PyTorch ({exc}); install the tested "
+                           f"version: {TORCH_INSTALL}") from exc
     return torch
+
+
+def _names(value, what):
+    """A tuple of input names from a name or a collection of names."""
+    if value is None:
+        return ()
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"{what} must be an input name or a collection of input names "
+                        f"('weight', ('weight', 'bias')), got {value!r}")
+    return names
+
+
+def _torch_writes(torch, before, tensors):
+    """Which of ``tensors`` (name -> tensor) were written: ``_version`` or values changed."""
+    writes = {}
+    for n, t in tensors.items():
+        version, values = before[n]
+        how = []
+        if t._version != version:
+            how.append("_version bumped")
+        now = t.detach()
+        if not torch.equal(torch.isnan(now), torch.isnan(values)) or not torch.equal(
+                torch.nan_to_num(now), torch.nan_to_num(values)):
+            how.append("values changed")
+        if how:
+            writes[n] = ", ".join(how)
+    return writes
 
 
 def _check_torch_device(torch, device):
@@ -188,10 +272,16 @@ class TorchAdapter(Adapter):
     ``fn``, if given, replaces the PyTorch equivalent: it is called with the inputs as tensors
     and the hyper-parameters, all by the names of refnorm's forward (``fn(x=..., weight=...,
     bias=..., normalized_shape=..., eps=...)``), and returns ``y`` (``(y, new_state)`` for a
-    stateful variant). ``stats=False`` skips PyTorch's saved mean and rstd.
+    stateful variant). ``stats=False`` skips PyTorch's saved mean and rstd. ``frozen`` names
+    the inputs whose gradient ``fn`` does not compute (they are made without
+    ``requires_grad``, as a frozen parameter is; default: ``fn.frozen``).
+
+    Every tensor handed to ``fn`` and to its backward (the inputs, the state, ``dy``) is
+    checked after the call, by ``_version`` and by value: a write is reported (and fails the
+    case). :meth:`residual` runs ``x + fn(x)`` to show what a write into ``dy`` does there.
     """
 
-    def __init__(self, device="cpu", fn=None, *, stats=True, name=None):
+    def __init__(self, device="cpu", fn=None, *, stats=True, name=None, frozen=None):
         self.torch = _import_torch()
         self.device = str(device)
         self._dev = _check_torch_device(self.torch, device)
@@ -199,6 +289,8 @@ class TorchAdapter(Adapter):
         self.name = name or ("torch" if fn is None else
                              f"torch:{getattr(fn, '__qualname__', repr(fn))}")
         self.variants = getattr(fn, "variants", None) if fn is not None else None
+        self.frozen = _names(getattr(fn, "frozen", ()) if frozen is None else frozen, "frozen")
+        self.known = dict(KNOWN_TORCH_BEHAVIOUR) if fn is None else {}
 
     def supports(self, spec) -> bool:
         if self.fn is not None:
@@ -215,24 +307,27 @@ class TorchAdapter(Adapter):
         def tensor(a, grad=False):
             return torch.tensor(a, dtype=tdt, device=self._dev, requires_grad=grad)
 
-        leaves = {n: tensor(a, grad=True) for n, a in inputs.items()}
+        leaves = {n: tensor(a, grad=n not in self.frozen) for n, a in inputs.items()}
         kw = {k: tensor(v) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
               for k, v in kwargs.items()}
-        if self.fn is not None:
-            result = self.fn(**leaves, **kw)
-        else:
-            call = spec.torch_call
-            args = [leaves.get(n) for n in spec.diff_argnames]
-            result = call(torch, *args, **kw)
-        y, state = result if spec.stateful else (result, None)
-        y.backward(torch.tensor(dy, dtype=y.dtype, device=y.device))
+        watched = {**leaves, **{k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}}
+        before = {n: (t._version, t.detach().clone()) for n, t in watched.items()}
+        y, state = self._forward(spec, leaves, kw)
+        dyt = torch.tensor(dy, dtype=y.dtype, device=y.device)
+        watched["dy"] = dyt
+        before["dy"] = (dyt._version, dyt.clone())
+        y.backward(dyt)
         out = {"y": y}
         for n, t in leaves.items():
             if t.grad is not None:
                 out["d" + n] = t.grad
         from refnorm.oracle.reference import state_dict
 
-        out.update(state_dict(state))
+        # the new state is compared: a state tensor the candidate returns is not a write
+        new_state = state_dict(state)
+        out.update(new_state)
+        writes = _torch_writes(torch, before, {n: t for n, t in watched.items()
+                                               if not any(t is v for v in new_state.values())})
         if self.stats:
             try:
                 stats = _torch_stats(torch, variant,
@@ -240,13 +335,58 @@ class TorchAdapter(Adapter):
             except Exception:  # noqa: BLE001 - the statistics are an extra, never a failure
                 stats = {}
             out.update(stats)
-        return {k: to_numpy(v) for k, v in out.items()}
+        result = {k: to_numpy(v) for k, v in out.items()}
+        if writes:
+            result[WRITES] = writes
+        return result
+
+    def _forward(self, spec, leaves, kw):
+        torch = self.torch
+        if self.fn is not None:
+            result = self.fn(**leaves, **kw)
+        else:
+            args = [leaves.get(n) for n in spec.diff_argnames]
+            result = spec.torch_call(torch, *args, **kw)
+        y, state = result if spec.stateful else (result, None)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"the function returned {type(y).__name__}, expected the output "
+                            f"tensor y" + (" (and the new state)" if spec.stateful else ""))
+        return y, state
+
+    def residual(self, variant, inputs, dy, kwargs, *, dtype):
+        """``dx`` of the residual block ``z = x + f(x)`` under the upstream gradient ``dy``
+        (the backward of the add hands the same gradient tensor to both branches), or None
+        where ``y`` and ``x`` differ in shape."""
+        from refnorm.norms import BY_NAME
+
+        torch = self.torch
+        spec = BY_NAME[variant]
+        tdt = getattr(torch, get_format(dtype).name)
+        leaves = {n: torch.tensor(a, dtype=tdt, device=self._dev,
+                                  requires_grad=n not in self.frozen) for n, a in inputs.items()}
+        kw = {k: torch.tensor(v, dtype=tdt, device=self._dev)
+              if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+              for k, v in kwargs.items()}
+        x = leaves["x"]
+        y, _ = self._forward(spec, leaves, kw)
+        if tuple(y.shape) != tuple(x.shape):
+            return None
+        z = x + y
+        z.backward(torch.tensor(dy, dtype=z.dtype, device=z.device))
+        return to_numpy(x.grad)
 
 
-def torch_function(fn, device="cpu", *, name=None) -> TorchAdapter:
+def torch_function(fn, device="cpu", *, name=None, frozen=None) -> TorchAdapter:
     """A PyTorch function with the signature of refnorm's forward, as a candidate (see
-    :class:`TorchAdapter`): ``check(torch_function(my_ln, device="cuda"), "layer_norm")``."""
-    return TorchAdapter(device, fn, name=name)
+    :class:`TorchAdapter`): ``check(torch_function(my_ln, device="cuda"), "layer_norm")``.
+
+    ``fn`` is called by keyword, with the names of refnorm's forward (``x=...,
+    weight=..., normalized_shape=..., eps=...``). ``frozen`` (``("weight",)``) names the
+    inputs whose gradient ``fn`` does not compute (a frozen parameter); default
+    ``fn.frozen``. ``torch.nn.functional.layer_norm`` names its first argument ``input``:
+    wrap it, ``torch_function(lambda x, normalized_shape, weight=None, bias=None, eps=1e-5:
+    F.layer_norm(x, normalized_shape, weight, bias, eps))``."""
+    return TorchAdapter(device, fn, name=name, frozen=frozen)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import traceback
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -16,7 +18,75 @@ from refnorm.oracle.formats import get_format, round_to
 from refnorm.oracle.report import CaseResult, OutputResult, Report, compare_outputs, within
 from refnorm.oracle.structure import groups_of
 
-__all__ = ["check", "prepare", "Prepared", "run_case", "select_specs"]
+__all__ = ["check", "prepare", "Prepared", "run_case", "select_specs", "write_diagnosis",
+           "missing_diagnosis"]
+
+
+def write_diagnosis(names) -> str:
+    """The diagnosis of a candidate that wrote into the arrays it was given."""
+    names = list(names)
+    parts = []
+    if "dy" in names:
+        parts.append("backward wrote into dy in place; where dy is shared (a residual add "
+                     "passes the same gradient to both branches), this corrupts the other "
+                     "branch's gradient")
+    others = [n for n in names if n != "dy"]
+    if others:
+        parts.append(f"the candidate wrote into its input{'s' if len(others) > 1 else ''} "
+                     f"{', '.join(others)} in place; the caller's tensors (a model's "
+                     f"activations, its parameters, its running statistics) are then corrupted")
+    return "; ".join(parts)
+
+
+def missing_diagnosis(names) -> str:
+    """The diagnosis of gradients a candidate does not return (and did not declare frozen)."""
+    grads = [n for n in names if n.startswith("d")]
+    if not grads:
+        return f"{', '.join(names)} missing from the candidate's outputs" if names else ""
+    inputs = tuple(n[1:] for n in grads)
+    return (f"{', '.join(grads)} not computed by the candidate; if "
+            f"{' and '.join(inputs)} {'is' if len(inputs) == 1 else 'are'} frozen (a LoRA "
+            f"kernel's weight, say), declare it and the rest is judged: "
+            f"candidate.frozen = {inputs!r}, check(..., frozen={inputs!r}), "
+            f"torch_function(fn, frozen={inputs!r}), or --frozen {' '.join(inputs)}")
+
+
+_SIGNATURE_WORDS = ("positional argument", "unexpected keyword argument",
+                    "required positional", "required keyword", "takes no keyword",
+                    "missing 1 required", "got multiple values")
+
+
+def _hint(adapter, spec, exc):
+    """A fix for a TypeError that looks like a signature mismatch, or ''."""
+    if not isinstance(exc, TypeError) or not any(w in str(exc) for w in _SIGNATURE_WORDS):
+        return ""
+    import inspect
+
+    try:
+        sig = f"{spec.name}{inspect.signature(spec.forward)}"
+    except (TypeError, ValueError):
+        sig = spec.name
+    if isinstance(adapter, _adapters.TorchAdapter) and adapter.fn is not None:
+        return (f"hint: torch_function calls your function by keyword with the names of "
+                f"refnorm's forward, {sig} (the differentiable inputs as tensors); "
+                f"torch.nn.functional's functions name their first argument `input`: wrap "
+                f"one, e.g. torch_function(lambda x, normalized_shape, weight=None, bias=None, "
+                f"eps=1e-5: F.layer_norm(x, normalized_shape, weight, bias, eps))")
+    return (f"hint: the oracle calls a candidate as {_adapters.PROTOCOL_SIGNATURE} "
+            f"(refnorm.oracle.adapters documents the protocol; the inputs and kwargs are named "
+            f"as in refnorm's forward, {sig}); for a PyTorch function with that forward's "
+            f"signature, pass torch_function(fn)")
+
+
+def _traceback(exc) -> str:
+    """The traceback of a candidate's exception, without the oracle's own frames."""
+    import os
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    oracle = os.path.dirname(os.path.abspath(__file__))
+    theirs = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) != oracle]
+    # a signature mismatch raises in the oracle's own call: show that call, the last frame
+    return "".join(traceback.format_list((theirs or frames[-1:])[-6:])).rstrip()
 
 
 @dataclass
@@ -156,47 +226,127 @@ def select_specs(variant=None):
     return [BY_NAME[n] for n in names]
 
 
-def run_case(adapter, prep: Prepared):
-    """Run the candidate on one prepared case: ``(CaseResult, outputs)``."""
+def _written(originals, given):
+    """The names whose array the candidate changed (compared with NaNs equal)."""
+    out = {}
+    for n, a in originals.items():
+        b = given.get(n)
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and not (
+                a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")):
+            out[n] = "values changed"
+    return out
+
+
+def run_case(adapter, prep: Prepared, frozen=()):
+    """Run the candidate on one prepared case: ``(CaseResult, outputs)``.
+
+    The candidate gets copies; afterwards they are compared with the case's own arrays, and a
+    write into any of them (or one the adapter saw in its own tensors) fails the case.
+    ``frozen`` names the inputs whose gradient the candidate is declared not to compute."""
+    from refnorm.norms import BY_NAME
+
     case = prep.case
     fmt = get_format(case.dtype)
     inputs = {n: a.copy() for n, a in case.inputs.items()}
     kwargs = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.kwargs.items()}
+    dy = case.dy.copy()
     try:
         with np.errstate(all="ignore"):
-            raw = adapter(case.variant, inputs, case.dy.copy(), kwargs, dtype=fmt.name)
+            raw = adapter(case.variant, inputs, dy, kwargs, dtype=fmt.name)
     except NotImplementedError as exc:
         return CaseResult(case.variant, case.name, fmt.name, "skipped",
                           message=f"not implemented by the candidate: {exc}", tags=case.tags), {}
     except Exception as exc:  # noqa: BLE001 - the candidate's failure is the report's content
+        hint = _hint(adapter, BY_NAME.get(case.variant), exc)
         return CaseResult(case.variant, case.name, fmt.name, "error",
-                          message=f"{type(exc).__name__}: {exc}", tags=case.tags), {}
+                          message=f"{type(exc).__name__}: {exc}", tags=case.tags,
+                          traceback=_traceback(exc), hint=hint), {}
+    writes = {}
+    writes.update(_written(case.inputs, inputs))
+    writes.update(_written({k: v for k, v in case.kwargs.items()}, kwargs))
+    writes.update(_written({"dy": case.dy}, {"dy": dy}))
     if not hasattr(raw, "items"):
         return CaseResult(case.variant, case.name, fmt.name, "error",
                           message=f"the candidate returned {type(raw).__name__}, not a dict of "
-                          f"outputs", tags=case.tags), {}
-    got = {k: _adapters.to_numpy(v) for k, v in raw.items()}
+                          f"outputs", tags=case.tags, writes=writes), {}
+    raw = dict(raw)
+    for n, how in (raw.pop(_adapters.WRITES, None) or {}).items():
+        writes[n] = how if n not in writes else f"{writes[n]}, {how}"
+    got, unreadable = {}, {}
+    for k, v in raw.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got[k] = _adapters.to_numpy(v)
+        except Exception as exc:  # noqa: BLE001 - a hostile output is a failed output
+            unreadable[k] = f"{type(exc).__name__}: {exc}"
     outputs = {}
-    for key, ref in prep.ref.outputs.items():
-        if key not in got and key not in prep.ref.required:
-            continue  # optional outputs (state, saved statistics) are checked when returned
-        emu = prep.emulated.get(key) if prep.emulated else None
-        outputs[key] = compare_outputs(key, ref, got.get(key), prep.bounds[key], fmt,
-                                       prep.groups if key in ("y", "dx") else None, emu)
-    for key, value in prep.ref.exact.items():
-        if key in got:
-            same = np.array_equal(np.asarray(got[key]), np.asarray(value))
-            outputs[key] = OutputResult(key, "pass" if same else "FAIL", size=np.size(value),
-                                        note="" if same else f"expected {np.asarray(value)!r}, "
-                                        f"got {np.asarray(got[key])!r}",
-                                        worst_ulp=0.0 if same else float("inf"),
-                                        budget=0.0 if same else float("inf"))
-    status = "pass" if all(o.passed for o in outputs.values()) else "FAIL"
-    return CaseResult(case.variant, case.name, fmt.name, status, outputs, tags=case.tags), got
+    with np.errstate(all="ignore"):
+        for key, ref in prep.ref.outputs.items():
+            if key in unreadable:
+                outputs[key] = OutputResult(key, "type", size=ref.size, budget=float("inf"),
+                                            note=f"not a real-valued array: {unreadable[key]}")
+                continue
+            if key not in got and key not in prep.ref.required:
+                continue  # optional outputs (state, saved statistics) are checked when returned
+            if got.get(key) is None and key.startswith("d") and key[1:] in frozen:
+                outputs[key] = OutputResult(key, "frozen", size=ref.size)
+                continue
+            emu = prep.emulated.get(key) if prep.emulated else None
+            outputs[key] = compare_outputs(key, ref, got.get(key), prep.bounds[key], fmt,
+                                           prep.groups if key in ("y", "dx") else None, emu)
+        for key, value in prep.ref.exact.items():
+            if key in got:
+                same = got[key] is not None and np.shape(got[key]) == np.shape(value) and \
+                    np.array_equal(np.asarray(got[key]), np.asarray(value))
+                outputs[key] = OutputResult(
+                    key, "pass" if same else "FAIL", size=np.size(value),
+                    note="" if same else f"expected {_short(value)}, got {_short(got[key])}",
+                    worst_ulp=0.0 if same else float("inf"),
+                    budget=0.0 if same else float("inf"))
+    status = "pass" if all(o.passed for o in outputs.values()) and not writes else "FAIL"
+    result = CaseResult(case.variant, case.name, fmt.name, status, outputs, tags=case.tags,
+                        writes=writes)
+    known = getattr(adapter, "known", None) or {}
+    if status == "FAIL" and (case.variant, case.name) in known and not writes:
+        result.known = known[(case.variant, case.name)]
+    return result, got
+
+
+def _short(value):
+    text = np.array2string(np.asarray(value), threshold=6, precision=4)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _residual(adapter, spec, prep):
+    """The dx error of ``x + f(x)`` on one case (torch functions), or None."""
+    case = prep.case
+    if "x" not in case.inputs or "dx" not in prep.ref.outputs or \
+            prep.ref.outputs["y"].shape != case.inputs["x"].shape:
+        return None
+    fmt = get_format(case.dtype)
+    try:
+        with np.errstate(all="ignore"):
+            got = adapter.residual(case.variant, {n: a.copy() for n, a in case.inputs.items()},
+                                   case.dy.copy(), {k: (v.copy() if isinstance(v, np.ndarray)
+                                                        else v) for k, v in case.kwargs.items()},
+                                   dtype=fmt.name)
+    except Exception:  # noqa: BLE001 - the main cases report the candidate's errors
+        return None
+    if got is None:
+        return None
+    dx = prep.ref.outputs["dx"]
+    ref = case.dy + dx
+    # the add rounds once in the dtype; dy and dx each carry their own bound
+    bound = prep.bounds["dx"] + 2 * fmt.u * (np.abs(case.dy) + np.abs(dx))
+    with np.errstate(all="ignore"):
+        res = compare_outputs("dx", ref, got, bound, fmt, prep.groups)
+    return case.name, res
 
 
 def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="full",
-          strict=False, ftz=None, cases=None, diagnose=True, progress=None) -> Report:
+          strict=False, ftz=None, cases=None, diagnose=True, progress=None,
+          frozen=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
     Parameters
@@ -228,14 +378,31 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         Name the known mistake that the failures match.
     progress : callable, optional
         Called with a short label after each case (the CLI's progress bar).
+    frozen : str or collection of str, optional
+        Inputs whose gradient the candidate does not compute (a frozen parameter:
+        ``("weight",)``): their gradient is reported "not computed (frozen)" and the rest is
+        judged. Added to the candidate's own ``frozen`` attribute.
+
+    Every case also checks that the candidate wrote into none of the arrays it was given
+    (``x``, parameters, state, ``dy``). For a :func:`~refnorm.oracle.torch_function`, one
+    case per variant is also run inside a residual block ``x + f(x)`` and its ``dx`` error
+    reported (``report.residual``).
     """
     adapter = _adapters.resolve(impl, device)
     fmt = get_format(dtype)
     specs = select_specs(variant)
+    frozen = tuple(dict.fromkeys(tuple(getattr(adapter, "frozen", ()) or ())
+                                 + _adapters._names(frozen, "frozen")))
+    inputs_known = {n for s in specs for n in s.diff_argnames}
+    unknown = [n for n in frozen if n not in inputs_known]
+    if unknown:
+        raise ValueError(f"frozen: {', '.join(map(repr, unknown))} is not a differentiable "
+                         f"input of {', '.join(s.name for s in specs)} (inputs: "
+                         f"{', '.join(sorted(inputs_known))})")
     if ftz is None:
         ftz = bool(getattr(adapter, "ftz", False))
     report = Report(adapter.name, fmt.name, getattr(adapter, "device", device), seed, size,
-                    strict, ftz=ftz)
+                    strict, ftz=ftz, frozen=frozen)
     work = []
     if cases is not None:
         by_variant = {}
@@ -262,14 +429,27 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             report.skipped.extend(skipped)
             work.append((spec, preps))
     for spec, preps in work:
-        failing = []
+        failing, writes, missing = [], {}, {}
         for prep in preps:
-            result, got = run_case(adapter, prep)
+            result, got = run_case(adapter, prep, frozen)
             report.results.append(result)
-            if result.status == "FAIL":
+            for n in result.writes:
+                writes.setdefault(n, None)
+            bad = result.failing()
+            if bad and all(o.status == "missing" for o in bad):
+                for o in bad:
+                    missing.setdefault(o.name, None)
+            elif bad:
                 failing.append((prep, result, got))
             if progress is not None:
                 progress(f"{spec.name} {prep.case.name}")
+        if isinstance(adapter, _adapters.TorchAdapter) and adapter.fn is not None and preps:
+            res = _residual(adapter, spec, preps[0])
+            if res is not None:
+                report.residual[spec.name] = res
+        said = [d for d in (write_diagnosis(writes), missing_diagnosis(missing)) if d]
+        if said:
+            report.diagnoses[spec.name] = "; ".join(said)
         if diagnose and failing:
             summary, per_case, matched = _mistakes.diagnose(spec, failing, fmt.name,
                                                               n_cases=len(preps), detail=True)
@@ -284,7 +464,9 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
                            "pass ftz=True (--ftz) to accept this")
                 per_case = {res.case: "matches: flushes subnormal numbers to zero"
                             for _, res, _ in failing}
-            if summary:
+            if summary and said:
+                report.diagnoses[spec.name] += f"; other failures: {summary}"
+            elif summary:
                 report.diagnoses[spec.name] = summary
             if matched and summary.startswith("matches"):
                 report.matched[spec.name] = matched

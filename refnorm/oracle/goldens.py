@@ -62,12 +62,17 @@ import numpy as np
 
 from refnorm.oracle import cases as _cases
 from refnorm.oracle._goldfiles import (_FILE_RE, MANIFEST, SCHEMA, SCHEMA_VERSION, GoldenError,
-                                       _canonical, _decode, _encode, _npz_bytes, _read_manifest,
-                                       _read_npz, _safe_path, _sha256)
+                                       _canonical, _decode, _encode, _metadata_mismatch,
+                                       _npz_bytes, _read_manifest, _read_npz, _safe_path,
+                                       _sha256)
 from refnorm.oracle.formats import get_format
 
 __all__ = ["export", "load", "verify", "GoldenError", "GoldenCase", "SCHEMA", "SCHEMA_VERSION",
-           "MANIFEST"]
+           "MANIFEST", "DirectoryNotEmpty"]
+
+
+class DirectoryNotEmpty(GoldenError):
+    """:func:`export` into a directory that already holds files, without ``overwrite``."""
 
 # ----------------------------------------------------------------------------------------------
 # Export
@@ -136,8 +141,8 @@ def export(directory, variants=None, dtypes=("float32", "bfloat16", "float16", "
             raise GoldenError(f"{directory} exists and is not a directory")
         existing = [p for p in directory.iterdir()]
         if existing and not overwrite:
-            raise GoldenError(f"{directory} is not empty; pass overwrite=True (--force) to "
-                              f"replace its golden files")
+            raise DirectoryNotEmpty(f"{directory} is not empty; pass overwrite=True to "
+                                    f"replace its golden files")
         for p in existing:
             if p.name == MANIFEST or _FILE_RE.match(p.name):
                 p.unlink()
@@ -223,7 +228,7 @@ def _load_entry(directory, entry, index):
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GoldenError(f"{path.name}: embedded metadata is not JSON") from exc
     if embedded != expected:
-        raise GoldenError(f"{path.name}: embedded metadata disagrees with the manifest entry")
+        raise _metadata_mismatch(path.name, embedded, expected)
     variant = entry.get("variant")
     if variant not in BY_NAME:
         raise GoldenError(f"{path.name}: unknown variant {variant!r} (this refnorm has "
@@ -299,9 +304,32 @@ class VerifyResult:
         return "\n".join(lines)
 
 
+def _check_tolerances(g, spec, ref, safety, strict, result):
+    """The stored per-element tolerances must be the model's, with the manifest's ``safety``:
+    editing ``tolerance.safety`` (or a ``tol__`` array) alone is a problem."""
+    from refnorm.oracle.tolerance import bounds
+
+    model = bounds(spec, g.case, ref, strict, safety=safety)
+    for k, stored in g.tolerance.items():
+        fresh = model.get(k) if hasattr(model, "get") else None
+        if fresh is None or np.shape(fresh) != stored.shape:
+            result.problems.append(f"{g.entry['file']}: stored tolerance {k!r} has no "
+                                   f"counterpart in this refnorm's model")
+            continue
+        f32 = np.asarray(fresh, np.float32).astype(np.float64)
+        if not np.allclose(stored, f32, rtol=1e-6, atol=0, equal_nan=True):
+            result.problems.append(
+                f"{g.entry['file']} ({g.case.variant} {g.case.dtype} {g.case.name}): stored "
+                f"tolerance of {k} is not the model's with tolerance.safety={safety!r}, "
+                f"strict={strict} (the manifest's tolerance or the tol__ array was edited)")
+            return
+
+
 def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
     """Check every hash, the schema and the embedded metadata (raising :class:`GoldenError` on
-    the first untrustworthy file), then, with ``recompute``, that this refnorm reproduces each
+    the first untrustworthy file), that every file of the directory is in the manifest (an
+    orphan is a problem), then, with ``recompute``, that this refnorm reproduces each stored
+    per-element tolerance (the model with the manifest's ``tolerance.safety``), each
     stored reference output (bit for bit, or within the float64 model's bound) and every
     optimizer trajectory (bit for bit: parameters, state and decisions after every step, from
     the recorded initial parameters and gradients)."""
@@ -311,9 +339,30 @@ def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
 
     from refnorm.oracle.trajectories import load_trajectories, verify_trajectories
 
+    from refnorm.oracle.tolerance import LAMBDA
+
     golden = load(directory)
     trajectories = load_trajectories(directory)   # every file is checked before any recompute
     result = VerifyResult(str(directory), len(golden))
+    manifest = _read_manifest(Path(directory))
+    listed = {e.get("file") for e in manifest["cases"] if isinstance(e, dict)}
+    traj = manifest.get("trajectories")
+    listed |= {e.get("file") for e in traj if isinstance(e, dict)} if isinstance(traj, list) \
+        else set()
+    for p in sorted(Path(directory).iterdir()):
+        if p.name != MANIFEST and p.name not in listed:
+            result.problems.append(f"{p.name}: orphan file, not in the manifest (a case "
+                                   f"deleted from the manifest, or a stray file)")
+    tol = manifest.get("tolerance") if isinstance(manifest.get("tolerance"), dict) else {}
+    safety = tol.get("safety")
+    if tol.get("lambda") != LAMBDA:
+        result.problems.append(f"manifest tolerance.lambda is {tol.get('lambda')!r}; the "
+                               f"stored tolerances follow this refnorm's model, lambda "
+                               f"{LAMBDA!r}")
+    if not isinstance(safety, (int, float)) or isinstance(safety, bool) or not safety > 0:
+        result.problems.append(f"manifest tolerance.safety is {safety!r}, not a positive "
+                               f"number")
+        safety = None
     for g in golden:
         if not recompute:
             continue
@@ -321,6 +370,8 @@ def verify(directory, *, recompute=True, progress=None) -> VerifyResult:
         ref = compute(spec, g.case)
         case64 = _cases.with_dtype(g.case, "float64")
         b64 = bounds(spec, case64, ref)
+        if safety is not None:
+            _check_tolerances(g, spec, ref, safety, tol.get("strict") is True, result)
         same = True
         for k, stored in g.reference.items():
             fresh = ref.outputs.get(k)

@@ -44,7 +44,8 @@ class OutputResult:
     """How one output (``y``, ``dx``, ``dweight``, ``running_var``, ``rstd``...) of a case did."""
 
     name: str
-    status: str                 # "pass", "FAIL", "missing", "shape", "nonfinite"
+    status: str                 # "pass", "FAIL", "missing", "shape", "nonfinite", "type",
+    #                             "frozen" (declared not computed: passes, judged by nothing)
     worst_ulp: float = 0.0      # the largest error over the elements, in ULPs
     budget: float = 0.0         # the largest error/bound over the elements (<= 1 passes)
     ulp: float = 0.0            # the error at the worst index (where error/bound peaks), in ULPs
@@ -58,16 +59,22 @@ class OutputResult:
     size: int = 0
     emulated_ulp: float | None = None   # a correct kernel's error (emulation), in ULPs
     loose: bool = False         # the bound reaches the output's scale: no information here
+    wide: bool = False          # values not all representable in the dtype (a wider type?)
     note: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.status == "pass"
+        return self.status in ("pass", "frozen")
 
     def describe(self) -> str:
         if self.status == "missing":
-            return f"{self.name}: missing from the candidate's outputs"
-        if self.status == "shape":
+            text = f"{self.name}: missing from the candidate's outputs"
+            if self.name.startswith("d"):
+                text += f" (not declared frozen: --frozen {self.name[1:]})"
+            return text
+        if self.status == "frozen":
+            return f"{self.name}: not computed (frozen)"
+        if self.status in ("shape", "type"):
             return f"{self.name}: {self.note}"
         where = "" if self.index is None else f" at {list(self.index)}"
         vals = "" if self.expected is None else \
@@ -94,6 +101,10 @@ class CaseResult:
     message: str = ""
     diagnosis: str = ""
     tags: tuple = ()
+    traceback: str = ""                  # of an error: the candidate's frames, file and line
+    hint: str = ""                       # of an error that looks like a signature mismatch
+    writes: dict = field(default_factory=dict)   # name -> how the candidate wrote into it
+    known: str = ""                      # why this failure is the library's known behaviour
 
     @property
     def passed(self) -> bool:
@@ -104,11 +115,23 @@ class CaseResult:
 
 
 def _num(v):
+    """A non-negative figure in at most 8 characters (the report's columns are 9 wide)."""
     if v is None:
         return "-"
-    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+    v = float(v)
+    if math.isinf(v) or math.isnan(v):
         return str(v)
-    return f"{v:.3g}" if v < 1e4 else f"{v:.2e}"
+    if v < 1e4:
+        return f"{v:.3g}"
+    return f"{v:.2e}" if v < 1e100 else f"{v:.1e}"
+
+
+def _sci(v):
+    """A non-negative figure in at most 9 characters (the 10-wide columns)."""
+    v = float(v)
+    if math.isinf(v) or math.isnan(v):
+        return str(v)
+    return f"{v:.2e}" if v < 1e100 else f"{v:.1e}"
 
 
 def _scale(ref, groups):
@@ -165,7 +188,15 @@ def _violations(ref, got, bound, fmt):
 
 
 def compare_outputs(name, ref, got, bound, fmt, groups=None, emulated=None) -> OutputResult:
-    """Compare one output ``got`` with ``ref`` under the per-element ``bound``."""
+    """Compare one output ``got`` with ``ref`` under the per-element ``bound``.
+
+    Whatever ``got`` holds (infinities, NaNs, 1e300, integers), no floating-point warning
+    escapes: over- and underflows of the statistics are expected there."""
+    with np.errstate(all="ignore"):
+        return _compare(name, ref, got, bound, fmt, groups, emulated)
+
+
+def _compare(name, ref, got, bound, fmt, groups, emulated):
     fmt = get_format(fmt)
     if got is None:
         return OutputResult(name, "missing")
@@ -217,8 +248,7 @@ def compare_outputs(name, ref, got, bound, fmt, groups=None, emulated=None) -> O
             np.isfinite(ref), ref, 0.0)), 0.0)
         res.emulated_ulp = float(_ulps(e, ref, scale, fmt).max()) if ref.size else 0.0
     if fmt.name != "float64" and not representable(got[np.isfinite(got)], fmt):
-        extra = f"values are not all representable in {fmt.name} (computed in a wider type?)"
-        res.note = f"{res.note}; {extra}" if res.note else extra
+        res.wide = True   # said once per variant by the report, not on every failure line
     return res
 
 
@@ -241,13 +271,17 @@ class Report:
     #: ``kind`` is stable)
     matched: dict = field(default_factory=dict)
     unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
+    frozen: tuple = ()        # inputs declared frozen: their gradient is not computed
+    #: variant -> (case, OutputResult): dx of the residual block ``x + f(x)`` (torch functions)
+    residual: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         # at least one case must have been compared: a candidate that declined every case
         # has not been shown to be right
         return (any(r.status == "pass" for r in self.results)
-                and all(r.passed for r in self.results))
+                and all(r.passed for r in self.results)
+                and all(o.passed for _, o in self.residual.values()))
 
     def __bool__(self) -> bool:
         return self.passed
@@ -273,21 +307,30 @@ class Report:
         return best
 
     def summary(self, variant):
+        """Counts that add up: ``cases = pass + fail + skipped`` (skipped: the cases outside
+        the model's range and those the candidate declined)."""
         rs = [r for r in self.results if r.variant == variant]
-        return {"cases": len(rs), "pass": sum(r.status == "pass" for r in rs),
-                "fail": sum(r.status in ("FAIL", "error") for r in rs),
-                "skipped": sum(r.status == "skipped" for r in rs)
-                + sum(s.variant == variant for s in self.skipped)}
+        out = {"pass": sum(r.status == "pass" for r in rs),
+               "fail": sum(r.status in ("FAIL", "error") for r in rs),
+               "skipped": sum(r.status == "skipped" for r in rs)
+               + sum(s.variant == variant for s in self.skipped)}
+        out["cases"] = out["pass"] + out["fail"] + out["skipped"]
+        out["known"] = sum(bool(r.known) for r in rs if r.status == "FAIL")
+        return out
 
     def format(self, *, details=True, max_failures=12) -> str:
         lines = [f"refnorm oracle: impl={self.impl} device={self.device} dtype={self.dtype} "
                  f"seed={self.seed} size={self.size}" + (" strict" if self.strict else "")
-                 + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")]
+                 + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")
+                 + (f" frozen={','.join(self.frozen)}" if self.frozen else "")]
         for v in self.variants:
             s = self.summary(v)
             ok = s["fail"] == 0
             lines.append("")
-            lines.append(f"{v}: {s['cases']} cases, {s['pass']} pass, {s['fail']} fail, "
+            res = self.residual.get(v)
+            ok = ok and (res is None or res[1].passed)
+            known = f" ({s['known']} known {self._library()} behaviour)" if s["known"] else ""
+            lines.append(f"{v}: {s['cases']} cases, {s['pass']} pass, {s['fail']} fail{known}, "
                          f"{s['skipped']} skipped  [{'PASS' if ok else 'FAIL'}]")
             outputs = []
             for r in self.results:
@@ -302,24 +345,28 @@ class Report:
                 r, o = self.worst(v, out)
                 idx = "" if o.index is None else f" {list(o.index)}"
                 flag = "" if o.passed else f"  {o.status}"
+                if o.status == "frozen":
+                    lines.append(f"  {out}: not computed (frozen)")
+                    continue
                 lines.append(f"  {out:<{width}}{_num(o.ulp):>9}{_num(o.tol_ulp):>9}"
-                             f"{_budget(o):>8}{_num(o.emulated_ulp):>9}{o.max_abs:>10.2e}"
-                             f"{o.max_rel:>10.2e}  {r.case}{idx}{flag}")
+                             f"{_budget(o):>8}{_num(o.emulated_ulp):>9}{_sci(o.max_abs):>10}"
+                             f"{_sci(o.max_rel):>10}  {r.case}{idx}{flag}")
+            if res is not None:
+                case, o = res
+                lines.append(f"  residual block x + f(x), {case}: dx {_num(o.ulp)} ULP, tol "
+                             f"{_num(o.tol_ulp)} ULP, max abs {_sci(o.max_abs)}, budget "
+                             f"{_budget(o)}  [{'pass' if o.passed else 'FAIL'}]")
             if v in self.diagnoses:
                 lines.append(f"  diagnosis: {self.diagnoses[v]}")
             fails = [r for r in self.results if r.variant == v and not r.passed]
             if details and fails:
                 lines.append("  failures:")
-                for r in fails[:max_failures]:
-                    if r.status == "error":
-                        lines.append(f"    {r.case}: error: {r.message}")
-                        continue
-                    for o in r.failing():
-                        lines.append(f"    {r.case}: {o.describe()}")
-                    if r.diagnosis:
-                        lines.append(f"      -> {r.diagnosis}")
-                if len(fails) > max_failures:
-                    lines.append(f"    ... and {len(fails) - max_failures} more failing cases")
+                lines += self._failure_lines(fails, max_failures)
+            wide = sorted({k for r in self.results if r.variant == v
+                           for k, o in r.outputs.items() if o.wide})
+            if details and wide and self.dtype != "float64":
+                lines.append(f"  note: {', '.join(wide)} not all representable in "
+                             f"{self.dtype}: the candidate computes or returns a wider type")
             skipped = [f"{s.name} ({s.reason})" for s in self.skipped if s.variant == v]
             skipped += [f"{r.case} (declined by the candidate: {r.message})" for r in self.results
                         if r.variant == v and r.status == "skipped"]
@@ -339,17 +386,56 @@ class Report:
             lines.append("")
             lines.append("no equivalent in the candidate: " + ", ".join(self.unsupported))
         n_fail = sum(not r.passed for r in self.results)
+        n_known = sum(bool(r.known) for r in self.results if not r.passed)
         n_declined = sum(r.status == "skipped" for r in self.results)
         n_compared = len(self.results) - n_declined
         lines.append("")
+        known = f" ({n_known} known {self._library()} behaviour)" if n_known else ""
         lines.append(f"{'PASS' if self.passed else 'FAIL'}: {n_compared} cases compared, "
-                     f"{n_fail} failed, {len(self.skipped) + n_declined} skipped, "
+                     f"{n_fail} failed{known}, {len(self.skipped) + n_declined} skipped, "
                      f"{len(self.variants)} variant(s)"
                      + ("" if n_compared else " (nothing was compared)"))
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.format()
+
+    def _library(self):
+        return "PyTorch" if self.impl == "torch" else self.impl
+
+    def _failure_lines(self, fails, max_failures):
+        lines, first_error = [], None
+        for r in fails[:max_failures]:
+            if r.status == "error":
+                if first_error is None or r.message != first_error.message:
+                    if first_error is None:
+                        first_error = r
+                    lines.append(f"    {r.case}: error: {r.message}")
+                    if r.traceback:
+                        lines += [f"      {t}" for t in r.traceback.splitlines()]
+                    if r.hint:
+                        lines.append(f"      {r.hint}")
+                else:
+                    lines.append(f"    {r.case}: error: the same as {first_error.case}")
+                continue
+            for n, how in r.writes.items():
+                lines.append(f"    {r.case}: wrote into {n} in place ({how})")
+            for o in r.failing():
+                lines.append(f"    {r.case}: {o.describe()}")
+            if r.known:
+                from refnorm.oracle.adapters import KNOWN_NOTE
+
+                lines.append(f"      -> known {self._library()} behaviour: {r.known} (see "
+                             f"{KNOWN_NOTE})")
+            elif r.diagnosis:
+                lines.append(f"      -> {r.diagnosis}")
+        if len(fails) > max_failures:
+            rest = fails[max_failures:]
+            same = first_error is not None and all(
+                r.status == "error" and r.message == first_error.message for r in rest)
+            lines.append(f"    ... and {len(rest)} more failing cases"
+                         + (f" (the same error as {first_error.case})" if same else ""))
+        return lines
 
     def to_dict(self) -> dict:
         def clean(v):
@@ -363,10 +449,14 @@ class Report:
             "impl": self.impl, "dtype": self.dtype, "device": self.device, "seed": self.seed,
             "size": self.size, "strict": self.strict, "ftz": self.ftz, "passed": self.passed,
             "diagnoses": self.diagnoses, "matched": self.matched,
-            "unsupported": self.unsupported,
+            "unsupported": self.unsupported, "frozen": list(self.frozen),
+            "residual": {v: {"case": c, **{f: clean(x) for f, x in asdict(o).items()}}
+                         for v, (c, o) in self.residual.items()},
             "skipped": [asdict(s) for s in self.skipped],
             "results": [{"variant": r.variant, "case": r.case, "dtype": r.dtype,
                          "status": r.status, "message": r.message, "diagnosis": r.diagnosis,
+                         "traceback": r.traceback, "hint": r.hint, "writes": r.writes,
+                         "known": r.known,
                          "outputs": {k: {f: clean(v) for f, v in asdict(o).items()}
                                      for k, o in r.outputs.items()}} for r in self.results],
         }
@@ -381,8 +471,11 @@ def _key(o):
 
 
 def _budget(o):
-    if o.status in ("missing", "shape"):
+    """The budget column, at most 7 characters: ``42%``, ``350x``, ``>1e6x``."""
+    if o.status in ("missing", "shape", "type", "frozen"):
         return o.status
     if o.status == "nonfinite":
         return "nan/inf"
+    if not o.budget < 1e6:          # inf and NaN too
+        return ">1e6x"
     return f"{100 * o.budget:.0f}%" if o.budget < 100 else f"{o.budget:.0f}x"

@@ -289,8 +289,9 @@ def _load_entry(directory: Path, entry, index) -> GoldenTrajectory:
         embedded = json.loads(meta.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _g.GoldenError(f"{path.name}: embedded metadata is not JSON") from exc
-    if embedded != {k: v for k, v in entry.items() if k != "sha256"}:
-        raise _g.GoldenError(f"{path.name}: embedded metadata disagrees with the manifest entry")
+    expected = {k: v for k, v in entry.items() if k != "sha256"}
+    if embedded != expected:
+        raise _g._metadata_mismatch(path.name, embedded, expected)
     name = entry.get("name")
     if name not in BY_NAME:
         raise _g.GoldenError(f"{path.name}: unknown optimizer {name!r} (this refnorm has "
