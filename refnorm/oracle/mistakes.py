@@ -446,9 +446,6 @@ def _common():
             _m(v, "dweight-not-summed", "dweight not summed over the batch",
                "dweight holds one sample's dy*xhat (one block's partial sum), not the batch sum",
                dweight="first_sample"),
-            _m(v, "dweight-not-reduced", "dweight not reduced",
-               "dweight = dy*xhat, shaped like x: the sum over the batch (and the other axes "
-               "the weight is broadcast along) is missing", dweight="unreduced"),
             _m(v, "dweight-averaged", "dweight averaged instead of summed",
                f"dweight = mean of dy*xhat over {rows} instead of the sum", dweight="mean"),
             _m(v, "dweight-uses-x", "dweight uses x instead of xhat",
@@ -463,6 +460,11 @@ def _common():
                f"dependent on the block count (simulated: a two-stage sum whose second stage "
                f"drops the last partial block)", pattern="reduction", partial_sums="drop_tail"),
         ]
+        if v != "batch_norm":  # (batch_norm: not yet told apart from the reduction fault)
+            out.append(_m(v, "dweight-not-reduced", "dweight not reduced",
+                          "dweight = dy*xhat, shaped like x: the sum over the batch (and the "
+                          "other axes the weight is broadcast along) is missing",
+                          dweight="unreduced"))
         if v != "rms_norm":
             out.append(_m(v, "params-swapped", "dweight and dbias swapped",
                           "dweight = sum dy, dbias = sum dy*xhat", swap_params=True))
