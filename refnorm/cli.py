@@ -5,7 +5,8 @@ gradient checks and exits 1 on any failure. For a variant with a surrogate gradi
 ``hand-engine`` column compares the hand backward with the surrogate's second formulation, the
 ``hand-FD`` column the exact (engine) gradient with finite differences, and one line per sample
 gives the distance between the surrogate and the true gradient. The golden-file and comparison
-commands of the oracle are added by :mod:`refnorm.oracle`.
+commands of the oracle are added by :mod:`refnorm.oracle`; ``refnorm assignment`` and
+``refnorm grade`` (course assignments and their autograder) by :mod:`refnorm.assignments`.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ def build_parser():
         oracle_cli = None
     if oracle_cli is not None:
         oracle_cli.add_commands(sub)
+    from refnorm.assignments import cli as assignments_cli
+
+    assignments_cli.add_commands(sub)
     return parser
 
 

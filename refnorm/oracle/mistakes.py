@@ -83,12 +83,15 @@ REDUCTION_BLOCK = 4
 def _param_sum(a, p, x_shape, variant, how="sum"):
     """``a`` (the shape of x) reduced to the parameter ``p``'s shape, over every row.
 
-    ``how``: ``"sum"`` (correct); ``"first_sample"``: one sample's rows only; ``"mean"``:
+    ``how``: ``"sum"`` (correct); ``"none"``: not reduced at all (the product, shaped like
+    ``x``, is returned as it is); ``"first_sample"``: one sample's rows only; ``"mean"``:
     divided by the number of rows; ``"drop_tail"``: a two-stage reduction over blocks of
     :data:`REDUCTION_BLOCK` rows whose second stage reads ``rows // block`` partial sums
     (floor where a ceiling was needed), so the last, partial block is lost unless the row count
     is a multiple of the block size.
     """
+    if how == "none":
+        return a
     view = param_view(p, x_shape, variant).shape
     if how == "first_sample":
         a = a[:1]
@@ -218,8 +221,8 @@ def _standardize(variant, inputs, dy, kwargs, T, flags):
             dx = g * G.spread(r)
         out["dx"] = -dx if flags.get("dx_sign") else dx
         dyt = dy.astype(T)
-        reduce_w = {"first_sample": "first_sample", "mean": "mean"}.get(flags.get("dweight"),
-                                                                         "sum")
+        reduce_w = {"first_sample": "first_sample", "mean": "mean",
+                    "unreduced": "none"}.get(flags.get("dweight"), "sum")
         reduce_b = "sum"
         if flags.get("partial_sums") == "drop_tail":
             reduce_w = reduce_b = "drop_tail"
@@ -342,6 +345,7 @@ KINDS = {
     "wrong-axis": "statistics over the wrong axes (or the wrong grouping of channels)",
     "dweight-not-summed": "dweight holds one sample's contribution, not the batch sum",
     "dweight-averaged": "dweight divided by the number of rows it sums",
+    "dweight-not-reduced": "dweight left unreduced, shaped like x: dy * xhat with no sum",
     "dweight-uses-x": "dweight sums dy * x instead of dy * xhat",
     "params-swapped": "dweight and dbias swapped",
     "dx-sign": "dx with the wrong sign",
@@ -456,6 +460,11 @@ def _common():
                f"dependent on the block count (simulated: a two-stage sum whose second stage "
                f"drops the last partial block)", pattern="reduction", partial_sums="drop_tail"),
         ]
+        if v != "batch_norm":  # (batch_norm: not yet told apart from the reduction fault)
+            out.append(_m(v, "dweight-not-reduced", "dweight not reduced",
+                          "dweight = dy*xhat, shaped like x: the sum over the batch (and the "
+                          "other axes the weight is broadcast along) is missing",
+                          dweight="unreduced"))
         if v != "rms_norm":
             out.append(_m(v, "params-swapped", "dweight and dbias swapped",
                           "dweight = sum dy, dbias = sum dy*xhat", swap_params=True))
