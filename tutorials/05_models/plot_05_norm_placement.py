@@ -234,8 +234,9 @@ for c, harmonic in [("Pre-LN", False), ("Pre-LN + LN Scaling", True)]:
 # parameter gradients, **smaller** at initialization (the dashed curves): what it buys is not a
 # larger contribution at step 0 but a variance that cannot grow as fast during training, when
 # Pre-LN's increments grow with the weights and its deep blocks drift toward the identity (the
-# training-time measurements are the paper's). The fit is rough (attention and the ReLU are not linear, and the first block's increment is
-# only an estimate of the average), but the two growth laws are there. **Peri-LN** normalizes
+# training-time measurements are the paper's). The fit is rough (attention and the ReLU are not
+# linear, and the first block's increment is only an estimate of the average), but the two
+# growth laws are there. **Peri-LN** normalizes
 # each sub-layer's output before the add: the increment is fixed (its variance is
 # :math:`\gamma^2 = 1` per sub-layer), so the stream grows linearly like Pre-LN's, but no
 # sub-layer can write a huge value into it. **Mix-LN** keeps Post-LN's large updates in its
