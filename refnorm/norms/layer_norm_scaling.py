@@ -69,6 +69,7 @@ class LayerScaledCache(NamedTuple):
     has_bias: bool
     axes: tuple[int, ...]
     bias_dtype: np.dtype | None
+    wide: tuple | None              # LayerNorm's rows done in a wider dtype, or None
     output_scale: float             # 1 / sqrt(layer_index)
     depth_root: float               # sqrt(layer_index): y and dy are divided by it
 
@@ -83,6 +84,7 @@ class RMSScaledCache(NamedTuple):
     q: np.ndarray | None
     weight: np.ndarray | None
     axes: tuple[int, ...]
+    wide: tuple | None
     output_scale: float
     depth_root: float
 
@@ -165,8 +167,8 @@ def layer_norm_scaling_backward(dy, cache):
     root = cache.depth_root
     dys = dy / np.asarray(root, dy.dtype)
     if isinstance(cache, LayerScaledCache):
-        return LayerNormScalingGrads(*layer_norm_backward(dys, LayerNormCache(*cache[:8])))
-    return LayerNormScalingGrads(*rms_norm_backward(dys, RMSNormCache(*cache[:5])), None)
+        return LayerNormScalingGrads(*layer_norm_backward(dys, LayerNormCache(*cache[:len(LayerNormCache._fields)])))
+    return LayerNormScalingGrads(*rms_norm_backward(dys, RMSNormCache(*cache[:len(RMSNormCache._fields)])), None)
 
 
 layer_norm_scaling = custom_vjp(layer_norm_scaling_forward, layer_norm_scaling_backward,
