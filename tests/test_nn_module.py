@@ -27,8 +27,16 @@ def _layer_case(spec):
     options = list(inspect.signature(spec.layer_init).parameters.values())[1:]  # not features
     named = [p.name for p in options if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     chosen = {k: v for k, v in sample.kwargs.items() if k in named}
+    # options layer_init needs that the sample only implies (SPADE's label channels)
+    if "label_nc" in named and "label_nc" not in chosen:
+        chosen["label_nc"] = sample.kwargs["segmap"].shape[1]
     axis = -1 if spec.param_layout == "trailing" else 1
-    return nn.Norm(spec.name, x.shape[axis], **chosen), x
+    return nn.Norm(spec.name, x.shape[axis], **chosen), x, _inputs(spec, sample)
+
+
+def _inputs(spec, sample):
+    """The sample's per-call non-differentiable arrays (masks, segmentation maps)."""
+    return {k: sample.kwargs[k] for k in spec.nondiff_args if k in sample.kwargs}
 
 
 def _expected_kwargs(layer, training):
@@ -54,7 +62,7 @@ def test_norm_layer_is_its_records_forward_and_backward(spec):
     layer's output and every gradient are the record's forward and hand-derived backward, in
     both modes; a training forward replaces the state with the record's new state, never
     writing into the old arrays; evaluation leaves the state alone."""
-    layer, x = _layer_case(spec)
+    layer, x, inputs = _layer_case(spec)
     assert set(layer.param_names) <= set(spec.diff_argnames[1:])
     assert all(p.data.dtype.kind == "f" for p in layer.parameters())
     rng = np.random.default_rng(1)
@@ -65,11 +73,11 @@ def test_norm_layer_is_its_records_forward_and_backward(spec):
         old_state = {k: (None if v is None else v.copy()) for k, v in layer._state.items()}
         old_arrays = dict(layer._state)
         kwargs = _expected_kwargs(layer, training)
-        result = spec.forward(x, **kwargs)
+        result = spec.forward(x, **kwargs, **inputs)
         y_ref, cache = result[0], result[-1]
         xt = Tensor(x, requires_grad=True)
         layer.zero_grad()
-        y = layer(xt)
+        y = layer(xt, **inputs)
         np.testing.assert_array_equal(y.data, y_ref)
         dy = rng.standard_normal(y.shape)
         y.backward(dy)
@@ -93,12 +101,14 @@ def test_norm_layer_is_its_records_forward_and_backward(spec):
 def test_norm_layer_moves_the_feature_axis(spec):
     """The same layer on an input whose features sit on another axis: the output moves too
     (a record without a param_layout is applied to the input as given)."""
-    layer, x = _layer_case(spec)
+    layer, x, inputs = _layer_case(spec)
     layer.eval()
     own = -1 if spec.param_layout == "trailing" else 1
     if spec.param_layout is None:
-        twin = nn.Norm(spec.name, layer.features, feature_axis=-1, **layer.options).eval()
-        np.testing.assert_array_equal(twin(x).data, layer(x).data)
+        twin = nn.Norm(spec.name, layer.features, feature_axis=-1, **layer.options)
+        twin.load_state_dict(layer.state_dict())   # the same layer (its init may be random)
+        twin.eval()
+        np.testing.assert_array_equal(twin(x, **inputs).data, layer(x, **inputs).data)
         return
     other = 1 if own == -1 else -1
     if x.ndim < 3:  # 2-D: one more axis, away from the features, to move them to
@@ -107,7 +117,9 @@ def test_norm_layer_moves_the_feature_axis(spec):
     twin = nn.Norm(spec.name, layer.features, feature_axis=other, **layer.options)
     twin.load_state_dict(layer.state_dict())
     twin.eval()
-    np.testing.assert_allclose(twin(moved).data, np.moveaxis(layer(x).data, own, other),
+    # per-call inputs (masks, maps) stay in the record's own layout
+    np.testing.assert_allclose(twin(moved, **inputs).data,
+                               np.moveaxis(layer(x, **inputs).data, own, other),
                                rtol=1e-13, atol=1e-15)
 
 

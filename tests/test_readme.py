@@ -216,7 +216,8 @@ def test_covered_elsewhere_commands_match_what_the_suite_runs():
         assert a[3:7] == ["-W", "-b", "html", "docs"] and len(a) == 8, a
     source = (ROOT / "tests" / "test_docs.py").read_text()
     assert '"-m", "sphinx", "-W"' in source and '"-b", "html"' in source
-    assert 'str(ROOT / "docs")' in source
+    # it builds a fresh copy of docs/ (and tutorials/), so the README's source folder is docs/
+    assert "shutil.copytree(DOCS" in source and 'str(work / "docs")' in source
 
 
 # ----------------------------------------------------------------------------------------------

@@ -159,14 +159,21 @@ class Norm(Module):
             kwargs[key] = self._state[key]
         return kwargs
 
-    def forward(self, x):
+    def forward(self, x, **inputs):
+        """``y`` for ``x``. ``inputs`` are the record's per-call non-differentiable arrays
+        (its ``nondiff_args``: RegionNorm's ``mask``, SPADE's ``segmap``), in the layout the
+        record expects; nothing else is accepted."""
+        unknown = set(inputs) - set(self.spec.nondiff_args)
+        if unknown:
+            raise TypeError(f"Norm({self.spec.name!r}): unexpected input(s) {sorted(unknown)}; "
+                            f"a call takes x and {list(self.spec.nondiff_args) or 'nothing else'}")
         x = ag.as_tensor(x)
         axis = self.feature_axis % max(x.ndim, 1)
         own = self.own_axis % max(x.ndim, 1)
         moved = axis != own
         if moved:
             x = ag.transpose(x, _move(x.ndim, axis, own))
-        result = self.spec.op(x, **self._call_kwargs())
+        result = self.spec.op(x, **self._call_kwargs(), **inputs)
         if self.spec.stateful:
             y, new_state = result
             if self.training and not self.freeze_state:
