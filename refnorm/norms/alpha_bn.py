@@ -129,9 +129,14 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
     w = check_fraction(test_weight, "test_weight", _OP)
     unbiased = check_flag(unbiased, "unbiased", _OP)
     acc = np.promote_types(x.dtype, np.float64)
+    shape = (1, channels) + (1,) * (x.ndim - 2)
+    x3 = _ncl(x).astype(acc)   # (N, C, L), a copy
+    m = axis_count(x.shape, (0,) + tuple(range(2, x.ndim)))
+    src_mean = running_mean.astype(acc).reshape(-1, 1)
+    src_var = running_var.astype(acc).reshape(-1, 1)
     wider = wider_dtype(acc)
-    if wider is not None and out_of_range(*(np.asarray(a).astype(acc, copy=False) for a in (
-            x, running_mean, running_var, *(fixed_stats or ())))):  # tiny or huge float64
+    if wider is not None and out_of_range(x3, src_mean, src_var, *(
+            narrow(np.asarray(v), acc) for v in fixed_stats or ())):  # tiny or huge float64
         y, cache = alpha_bn_forward(  # the whole call, wider (_stats: the whole floating range)
             x.astype(wider), widen(running_mean, wider), widen(running_var, wider),
             widen(weight, wider), widen(bias, wider), eps, test_weight=w, unbiased=unbiased,
@@ -139,11 +144,6 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
             tuple(widen(np.asarray(v), wider) for v in fixed_stats))
         return narrow(y, x.dtype), WideCache(
             cache, [None if a is None else a.dtype for a in (x, weight, bias)], wider)
-    shape = (1, channels) + (1,) * (x.ndim - 2)
-    x3 = _ncl(x).astype(acc)   # (N, C, L), a copy
-    m = axis_count(x.shape, (0,) + tuple(range(2, x.ndim)))
-    src_mean = running_mean.astype(acc).reshape(-1, 1)
-    src_var = running_var.astype(acc).reshape(-1, 1)
     if w > 0 and m <= (1 if unbiased else 0):
         raise ValueError(f"{_OP}: Expected more than 1 value per channel for the test-batch "
                          f"statistics, got `x` of shape {x.shape}")
