@@ -53,7 +53,10 @@ are computed in float64 at least (float32 squares of values beyond :math:`10^{19
 and the source variance is mixed with the test one), from the batch mean :math:`m_0` and its
 correction :math:`c` (:func:`refnorm.norms._stats.shifted_moments`), so that
 :math:`x - \tilde\mu = (x - m_0) - ((1-w)(\bar\mu - m_0) + w\,c)` keeps full accuracy on
-channels with a large mean.
+channels with a large mean. A float64 call whose values are tiny or huge
+(:func:`refnorm.norms._stats.out_of_range`: the test variance of values near :math:`10^{155}`
+overflows, the mixed :math:`\tilde r` of subnormal ones with ``eps = 0`` too) is computed
+whole in the wider ``np.longdouble`` and rounded once (the module docstring of ``_stats``).
 """
 from __future__ import annotations
 
@@ -63,9 +66,9 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag,
-                                  check_fraction, check_param, check_running_stats, row_sums,
-                                  shifted_moments)
+from refnorm.norms._stats import (WideCache, axis_count, check_array, check_eps, check_flag,
+                                  check_fraction, check_param, check_running_stats, narrow,
+                                  out_of_range, row_sums, shifted_moments, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "alpha_bn"
@@ -131,6 +134,16 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
     m = axis_count(x.shape, (0,) + tuple(range(2, x.ndim)))
     src_mean = running_mean.astype(acc).reshape(-1, 1)
     src_var = running_var.astype(acc).reshape(-1, 1)
+    wider = wider_dtype(acc)
+    if wider is not None and out_of_range(x3, src_mean, src_var, *(
+            narrow(np.asarray(v), acc) for v in fixed_stats or ())):  # tiny or huge float64
+        y, cache = alpha_bn_forward(  # the whole call, wider (_stats: the whole floating range)
+            x.astype(wider), widen(running_mean, wider), widen(running_var, wider),
+            widen(weight, wider), widen(bias, wider), eps, test_weight=w, unbiased=unbiased,
+            fixed_stats=None if fixed_stats is None else
+            tuple(widen(np.asarray(v), wider) for v in fixed_stats))
+        return narrow(y, x.dtype), WideCache(
+            cache, [None if a is None else a.dtype for a in (x, weight, bias)], wider)
     if w > 0 and m <= (1 if unbiased else 0):
         raise ValueError(f"{_OP}: Expected more than 1 value per channel for the test-batch "
                          f"statistics, got `x` of shape {x.shape}")
@@ -165,6 +178,8 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
 def alpha_bn_backward(dy, cache):
     """Hand-derived VJP of :func:`alpha_bn_forward`, the mixed statistics held constant:
     ``(dy, cache) -> AlphaBNGrads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(alpha_bn_backward(dy.astype(cache.wide_dtype), cache.inner))
     xhat, _, rstd, _, weight, has_bias, x_dtype, bias_dtype = cache
     scale = rstd if weight is None else rstd * weight.reshape(rstd.shape)
     dx = (dy * scale).astype(x_dtype, copy=False)

@@ -63,7 +63,10 @@ the hole (foreground), ``threshold = 0.8``; the statistics are always those of t
 code's BatchNorm has ``track_running_stats=False``). The mask is a **boolean** (or 0/1)
 array of shape :math:`(N, 1, H', W')` or :math:`(N, C, H', W')`, resized to :math:`H \times W`
 by PyTorch's nearest rule if it differs (as ``RN_B.forward`` does). Computations are in float64
-at least (so that RN-L's mask, a threshold of a computed map, is decided as in the reference).
+at least (so that RN-L's mask, a threshold of a computed map, is decided as in the reference);
+a float64 call whose values are tiny or huge (:func:`refnorm.norms._stats.out_of_range`: the
+squares of values near :math:`10^{155}` overflow) is computed whole in the wider
+``np.longdouble`` and rounded once (the module docstring of ``_stats``).
 ``eps`` must be > 0 (a constant region would divide 0 by 0).
 """
 from __future__ import annotations
@@ -76,7 +79,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._spatial import conv2d, conv2d_backward, nearest_resize
-from refnorm.norms._stats import _finite_float, check_array, check_eps, check_param
+from refnorm.norms._stats import (WideCache, _finite_float, check_array, check_eps, check_param,
+                                  narrow, out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _PAPER = Paper("Region Normalization for Image Inpainting",
@@ -252,6 +256,12 @@ def region_norm_b_forward(x, foreground_gamma=None, foreground_beta=None,
         raise ValueError(f"{op}: `eps` must be > 0, got {eps!r}")
     fg = _check_mask(mask, x, op)
     acc = _acc(x)
+    wider = wider_dtype(acc)
+    if wider is not None and out_of_range(x.astype(acc, copy=False)):  # tiny or huge float64:
+        y, cache = region_norm_b_forward(                                # the whole call wider
+            x.astype(wider), *(widen(p, wider) for p in params), eps, mask=mask)
+        return narrow(y, x.dtype), WideCache(cache, [x.dtype] + [None if p is None else p.dtype
+                                                                 for p in params], wider)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         stats = region_standardize(x.astype(acc), fg, eps)
         gf, bf, gb, bb = (np.zeros(c, acc) if p is None else p.astype(acc) for p in params)
@@ -262,6 +272,8 @@ def region_norm_b_forward(x, foreground_gamma=None, foreground_beta=None,
 
 def region_norm_b_backward(dy, cache):
     """Hand-derived VJP of :func:`region_norm_b_forward`."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(region_norm_b_backward(dy.astype(cache.wide_dtype), cache.inner))
     stats, scale, params, x_dtype = cache
     dy = dy.astype(stats.xhat.dtype)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -561,6 +573,13 @@ def region_norm_l_forward(x, sa_weight, gamma_weight, gamma_bias, beta_weight, b
     if tau is None:
         raise ValueError(f"{op}: `threshold` must be a finite number, got {threshold!r}")
     acc = _acc(x)
+    wider = wider_dtype(acc)
+    if wider is not None and out_of_range(x.astype(acc, copy=False)):  # tiny or huge float64:
+        weights = (sa_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
+        y, cache = region_norm_l_forward(                                # the whole call wider
+            x.astype(wider), *(widen(w, wider) for w in weights), eps, threshold=tau)
+        return narrow(y, x.dtype), WideCache(cache, [x.dtype] + [w.dtype for w in weights],
+                                             wider)
     pad = k // 2
     x64 = x.astype(acc)
     weights = (sa_weight, gamma_weight, gamma_bias, beta_weight, beta_bias)
@@ -588,6 +607,8 @@ def region_norm_l_forward(x, sa_weight, gamma_weight, gamma_bias, beta_weight, b
 
 def region_norm_l_backward(dy, cache):
     """Hand-derived VJP of :func:`region_norm_l_forward`."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(region_norm_l_backward(dy.astype(cache.wide_dtype), cache.inner))
     stats, a, argmax, sa, pre, gamma, weights, pad, x_dtype = cache
     sw, gw, _, bw, _ = (w.astype(sa.dtype) for w in weights)
     dy = dy.astype(sa.dtype)

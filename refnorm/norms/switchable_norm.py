@@ -55,7 +55,10 @@ initialization (``layer_init``); ``momentum`` here is PyTorch's (the weight of t
 the official ``momentum=0.9`` (weight of the old value) is ``momentum=0.1``. The official
 ``using_moving_average=False`` mode (the buffers accumulate sums, to be divided by the caller)
 is not implemented. ``mean_weight``/``var_weight`` None mean uniform weights (no gradient). The
-statistics are computed in float64 at least.
+statistics are computed in float64 at least; a float64 call whose values are tiny or huge
+(:func:`refnorm.norms._stats.out_of_range`: :math:`r^2` of subnormal values with ``eps = 0``
+overflows, the squares of values near :math:`10^{155}` too) is computed whole in the wider
+``np.longdouble`` and rounded once (the module docstring of ``_stats``).
 """
 from __future__ import annotations
 
@@ -65,8 +68,9 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (centered, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats)
+from refnorm.norms._stats import (WideCache, centered, check_array, check_eps, check_flag,
+                                  check_momentum, check_param, check_running_stats, narrow,
+                                  out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "switchable_norm"
@@ -167,6 +171,19 @@ def switchable_norm_forward(x, running_mean, running_var, weight=None, bias=None
                          f"is unbiased), got `x` of shape {x.shape}")
     acc = np.promote_types(x.dtype, np.float64)
     x3 = x.reshape(n, c, m).astype(acc)
+    wider = wider_dtype(acc)
+    if wider is not None and out_of_range(x3, running_mean.astype(acc, copy=False),
+                                          running_var.astype(acc, copy=False)):
+        y, state, cache = switchable_norm_forward(  # tiny or huge float64: the whole call wider
+            x.astype(wider), widen(running_mean, wider),
+            widen(running_var, wider), widen(weight, wider), widen(bias, wider),
+            widen(mean_weight, wider), widen(var_weight, wider), training, momentum, eps,
+            using_bn=using_bn)
+        state = SwitchableNormState(narrow(state.running_mean, running_mean.dtype),
+                                    narrow(state.running_var, running_var.dtype))
+        return narrow(y, x.dtype), state, WideCache(cache, [None if a is None else a.dtype for a
+                                                            in (x, weight, bias, mean_weight,
+                                                                var_weight)], wider)
     w = _softmax(np.zeros(k, acc) if mean_weight is None else mean_weight.astype(acc))
     wv = _softmax(np.zeros(k, acc) if var_weight is None else var_weight.astype(acc))
     batch_stats = using_bn and training
@@ -214,6 +231,8 @@ def switchable_norm_forward(x, running_mean, running_var, weight=None, bias=None
 def switchable_norm_backward(dy, cache):
     """Hand-derived VJP of :func:`switchable_norm_forward` (the adjoints in the order of the
     module docstring)."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(switchable_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     (xc, xhat, r, _, (means, variances), offset, var, w, wv, weight, has_bias, (lam_m, lam_v),
      batch_stats, shape, x_dtype, bias_dtype) = cache
     n, c, m = xc.shape
