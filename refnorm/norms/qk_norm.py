@@ -5,26 +5,26 @@ r"""QK-norm: queries and keys normalized per head, over the head dimension, befo
 ``weight`` and ``bias`` (shape :math:`(d_h,)`) are shared across heads and tokens. Three forms
 (``norm=``):
 
-``"layer"`` (the default): LayerNorm over :math:`d_h`, as ViT-22B (Dehghani et al., *Scaling
-    Vision Transformers to 22 Billion Parameters*, ICML 2023, arXiv:2302.05442) and timm's
-    ``Attention(qk_norm=True)``: :math:`y = \gamma\odot(x-\mu)(\sigma^2+\epsilon)^{-1/2} + \beta`,
-    biased variance, ``eps`` inside the root, default ``1e-5`` (``nn.LayerNorm``; timm's ViT passes
-    ``1e-6``). Math and backward: :mod:`refnorm.norms.layer_norm`.
-``"rms"``: RMSNorm over :math:`d_h`, as Qwen3 (per head, :math:`\gamma` of size :math:`d_h`,
-    before RoPE): :math:`y = \gamma\odot x\,(\langle x^2\rangle+\epsilon)^{-1/2}`, no ``bias``;
-    ``eps=None`` is ``torch.nn.functional.rms_norm``'s default (the machine epsilon of the
-    dtype); Qwen3 passes ``rms_norm_eps = 1e-6``. Math and backward:
-    :mod:`refnorm.norms.rms_norm`. (OLMo-2 normalizes the whole projection, :math:`H d_h` wide,
-    before the split into heads: that is :func:`refnorm.norms.rms_norm.rms_norm_forward` over
-    the last axis of the unsplit tensor, not this function.)
-``"l2"``: QKNorm (Henry, Dachapally, Pawar & Chen, *Query-Key Normalization for
-    Transformers*, Findings of EMNLP 2020, arXiv:2010.04245): :math:`y = x/\max(\lVert
-    x\rVert_2, \epsilon)`, ``eps = 1e-12``, no ``weight`` or ``bias``. QKNorm's learnable scale
-    :math:`g` multiplies the **logits**, :math:`g\,\hat q\hat k^\top` with no
-    :math:`1/\sqrt{d_h}` (one scalar per attention module, shared across heads, initialized
-    to :math:`\log_2(L^2 - L)` for the 97.5th percentile :math:`L` of the training sequence
-    lengths): it is a parameter of the attention, not of this normalization. Math and backward:
-    :mod:`refnorm.norms.l2_norm`.
+* ``"layer"`` (the default): LayerNorm over :math:`d_h`, as ViT-22B (Dehghani et al., *Scaling
+  Vision Transformers to 22 Billion Parameters*, ICML 2023, arXiv:2302.05442) and timm's
+  ``Attention(qk_norm=True)``: :math:`y = \gamma\odot(x-\mu)(\sigma^2+\epsilon)^{-1/2} + \beta`,
+  biased variance, ``eps`` inside the root, default ``1e-5`` (``nn.LayerNorm``; timm's ViT passes
+  ``1e-6``). Math and backward: :mod:`refnorm.norms.layer_norm`.
+* ``"rms"``: RMSNorm over :math:`d_h`, as Qwen3 (per head, :math:`\gamma` of size :math:`d_h`,
+  before RoPE): :math:`y = \gamma\odot x\,(\langle x^2\rangle+\epsilon)^{-1/2}`, no ``bias``;
+  ``eps=None`` is ``torch.nn.functional.rms_norm``'s default (the machine epsilon of the
+  dtype); Qwen3 passes ``rms_norm_eps = 1e-6``. Math and backward:
+  :mod:`refnorm.norms.rms_norm`. (OLMo-2 normalizes the whole projection, :math:`H d_h` wide,
+  before the split into heads: that is :func:`refnorm.norms.rms_norm.rms_norm_forward` over
+  the last axis of the unsplit tensor, not this function.)
+* ``"l2"``: QKNorm (Henry, Dachapally, Pawar & Chen, *Query-Key Normalization for
+  Transformers*, Findings of EMNLP 2020, arXiv:2010.04245): :math:`y = x/\max(\lVert
+  x\rVert_2, \epsilon)`, ``eps = 1e-12``, no ``weight`` or ``bias``. QKNorm's learnable scale
+  :math:`g` multiplies the **logits**, :math:`g\,\hat q\hat k^\top` with no
+  :math:`1/\sqrt{d_h}` (one scalar per attention module, shared across heads, initialized
+  to :math:`\log_2(L^2 - L)` for the 97.5th percentile :math:`L` of the training sequence
+  lengths): it is a parameter of the attention, not of this normalization. Math and backward:
+  :mod:`refnorm.norms.l2_norm`.
 
 The backward of each form is that form's own (derivations: ``docs/derivations/qk_norm.rst``);
 ``qk_norm_backward`` dispatches on the cache. The attention logits are then formed by the

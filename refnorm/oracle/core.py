@@ -349,6 +349,11 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
           frozen=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
+    Every case also checks that the candidate wrote into none of the arrays it was given
+    (``x``, parameters, state, ``dy``). For a :func:`~refnorm.oracle.torch_function`, one
+    case per variant is also run inside a residual block ``x + f(x)`` and its ``dx`` error
+    reported (``report.residual``).
+
     Parameters
     ----------
     impl : str or callable
@@ -383,10 +388,6 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         ``("weight",)``): their gradient is reported "not computed (frozen)" and the rest is
         judged. Added to the candidate's own ``frozen`` attribute.
 
-    Every case also checks that the candidate wrote into none of the arrays it was given
-    (``x``, parameters, state, ``dy``). For a :func:`~refnorm.oracle.torch_function`, one
-    case per variant is also run inside a residual block ``x + f(x)`` and its ``dx`` error
-    reported (``report.residual``).
     """
     adapter = _adapters.resolve(impl, device)
     fmt = get_format(dtype)
