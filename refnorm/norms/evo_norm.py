@@ -70,7 +70,9 @@ defaults to ``eps=1e-3`` (pass it). The paper's formulas are the TF code's. Wher
 :math:`\mathrm{d}y` may reach is NaN.
 
 Both are computed in float64 (``np.longdouble`` for longdouble input) and rounded once to
-each input's dtype.
+each input's dtype. A float64 call whose values leave about :math:`[10^{-77}, 10^{77}]`, where
+:math:`x^2`, :math:`D^2` or :math:`s^3` of the backward would overflow or underflow, is done
+whole in ``np.longdouble`` where it is wider (``_stats.out_of_range``, ``WideCache``).
 """
 from __future__ import annotations
 
@@ -81,8 +83,9 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (centered_exact, check_array, check_eps, check_flag,
-                                  check_momentum, check_param, work_dtype)
+from refnorm.norms._stats import (WideCache, centered_exact, check_array, check_eps,
+                                  check_flag, check_momentum, check_param, narrow, out_of_range,
+                                  wider_dtype, widen, work_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _B0 = "evo_norm_b0"
@@ -94,6 +97,18 @@ def _check_convention(convention, op):
     if not isinstance(convention, str) or convention not in _CONVENTIONS:
         raise ValueError(f"{op}: `convention` must be 'tf' or 'timm', got {convention!r}")
     return convention
+
+
+def _wider(work, *arrays):
+    """The dtype to do the whole call in when its values leave the range where the work dtype
+    holds the squares and products of the formulas (:func:`~refnorm.norms._stats.out_of_range`
+    of the inputs as computed, i.e. cast to ``work``: float64 at about
+    :math:`[10^{-77}, 10^{77}]`; float16 and float32 inputs never leave it), else None."""
+    wider = wider_dtype(work)
+    if wider is None or np.dtype(work) != np.float64:
+        return None
+    cast = (None if a is None else a.astype(work, copy=False) for a in arrays)
+    return wider if out_of_range(*cast) else None
 
 
 def _view(p, ndim, work):
@@ -186,14 +201,22 @@ def evo_norm_b0_forward(x, running_var, weight=None, bias=None, v=None, training
         raise ValueError(f"{_B0}: Expected more than 1 value per channel when training, got "
                          f"`x` of shape {x.shape}")
     work = work_dtype(x, running_var, weight, bias, v)
+    dtypes = tuple(None if a is None else a.dtype for a in (x, weight, bias, v))
+    wider = _wider(work, x, running_var, weight, bias, v)
+    if wider is not None:  # tiny or huge: the whole call, wider
+        y, state, cache = evo_norm_b0_forward(
+            x.astype(wider), widen(running_var, wider), widen(weight, wider),
+            widen(bias, wider), widen(v, wider), training, momentum, eps, convention=convention)
+        if running_var is not None:
+            state = EvoNormB0State(narrow(state.running_var, running_var.dtype))
+        return narrow(y, x.dtype), state, WideCache(cache, dtypes, wider)
     xw = x.astype(work)
     nd = x.ndim
     gamma = _view(weight, nd, work) if weight is not None else np.ones((1,) * nd, work)
-    dtypes = tuple(None if a is None else a.dtype for a in (x, weight, bias, v))
     state = EvoNormB0State(running_var)
     if v is None:  # no nonlinearity: the affine map alone
         y = gamma * xw + (_view(bias, nd, work) if bias is not None else 0.0)
-        return (y.astype(x.dtype, copy=False), state,
+        return (narrow(y, x.dtype), state,
                 EvoNormB0Cache(xw, None, None, None, None, None, None, gamma, None, dtypes))
     spatial = tuple(range(2, nd))
     batch = (0,) + spatial
@@ -225,22 +248,24 @@ def evo_norm_b0_forward(x, running_var, weight=None, bias=None, v=None, training
         if convention == "timm":
             var = var * (m / (m - 1))
         new = (1.0 - momentum) * running_var.astype(work) + momentum * var
-        state = EvoNormB0State(new.astype(running_var.dtype))
+        state = EvoNormB0State(narrow(new, running_var.dtype))
     cache = EvoNormB0Cache(xw, D, L, S, xc_i, xc_b, share, gamma, vv, dtypes)
-    return y.astype(x.dtype, copy=False), state, cache
+    return narrow(y, x.dtype), state, cache
 
 
 def evo_norm_b0_backward(dy, cache):
     """Hand-derived VJP of :func:`evo_norm_b0_forward`: ``(dy, cache) -> EvoNormB0Grads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(evo_norm_b0_backward(dy.astype(cache.wide_dtype), cache.inner))
     x, D, L, S, xc_i, xc_b, s, gamma, v, (x_dt, w_dt, b_dt, v_dt) = cache
     nd = x.ndim
     spatial = tuple(range(2, nd))
     chan = (0,) + spatial
     g = dy.astype(x.dtype)
-    dbias = np.sum(g, axis=chan).astype(b_dt) if b_dt is not None else None
+    dbias = narrow(np.sum(g, axis=chan), b_dt) if b_dt is not None else None
     if D is None:
-        dweight = np.sum(g * x, axis=chan).astype(w_dt) if w_dt is not None else None
-        return EvoNormB0Grads((gamma * g).astype(x_dt, copy=False), dweight, dbias, None)
+        dweight = narrow(np.sum(g * x, axis=chan), w_dt) if w_dt is not None else None
+        return EvoNormB0Grads(narrow(gamma * g, x_dt), dweight, dbias, None)
     m_i = max(1, int(np.prod(x.shape[2:], dtype=np.int64)))
     with np.errstate(invalid="ignore", divide="ignore"):
         h = gamma * g
@@ -250,9 +275,9 @@ def evo_norm_b0_backward(dy, cache):
         if xc_b is not None:
             m_b = max(1, x.shape[0] * m_i)
             dx = dx - xc_b / (m_b * L) * np.sum(a * (1.0 - s), axis=chan, keepdims=True)
-        dv = -np.sum(as_ * x, axis=chan).astype(v_dt)
-        dweight = np.sum(g * x / D, axis=chan).astype(w_dt) if w_dt is not None else None
-    return EvoNormB0Grads(dx.astype(x_dt, copy=False), dweight, dbias, dv)
+        dv = narrow(-np.sum(as_ * x, axis=chan), v_dt)
+        dweight = narrow(np.sum(g * x / D, axis=chan), w_dt) if w_dt is not None else None
+    return EvoNormB0Grads(narrow(dx, x_dt), dweight, dbias, dv)
 
 
 evo_norm_b0 = custom_vjp(evo_norm_b0_forward, evo_norm_b0_backward, ("x", "weight", "bias", "v"),
@@ -382,13 +407,18 @@ def evo_norm_s0_forward(x, weight=None, bias=None, v=None, groups=32, eps=1e-5, 
     convention = _check_convention(convention, _S0)
     groups = _groups(groups, c, convention)
     work = work_dtype(x, weight, bias, v)
+    dtypes = tuple(None if a is None else a.dtype for a in (x, weight, bias, v))
+    wider = _wider(work, x, weight, bias, v)
+    if wider is not None:  # tiny or huge: the whole call, wider
+        y, cache = evo_norm_s0_forward(x.astype(wider), widen(weight, wider), widen(bias, wider),
+                                       widen(v, wider), groups, eps, convention=convention)
+        return narrow(y, x.dtype), WideCache(cache, dtypes, wider)
     xw = x.astype(work)
     nd = x.ndim
     gamma = _view(weight, nd, work) if weight is not None else np.ones((1,) * nd, work)
-    dtypes = tuple(None if a is None else a.dtype for a in (x, weight, bias, v))
     if v is None:
         y = gamma * xw + (_view(bias, nd, work) if bias is not None else 0.0)
-        return y.astype(x.dtype, copy=False), EvoNormS0Cache(xw, None, None, None, gamma,
+        return narrow(y, x.dtype), EvoNormS0Cache(xw, None, None, None, gamma,
                                                              None, groups, dtypes)
     n = x.shape[0]
     flat = xw.reshape(n, groups, c // groups * int(np.prod(x.shape[2:], dtype=np.int64)))
@@ -405,19 +435,21 @@ def evo_norm_s0_forward(x, weight=None, bias=None, v=None, groups=32, eps=1e-5, 
     if bias is not None:
         y = y + _view(bias, nd, work)
     cache = EvoNormS0Cache(xw, xc.reshape(x.shape), s_full, sig, gamma, vv, groups, dtypes)
-    return y.astype(x.dtype, copy=False), cache
+    return narrow(y, x.dtype), cache
 
 
 def evo_norm_s0_backward(dy, cache):
     """Hand-derived VJP of :func:`evo_norm_s0_forward`: ``(dy, cache) -> EvoNormS0Grads``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(evo_norm_s0_backward(dy.astype(cache.wide_dtype), cache.inner))
     x, xc, s, sig, gamma, v, groups, (x_dt, w_dt, b_dt, v_dt) = cache
     nd = x.ndim
     chan = (0,) + tuple(range(2, nd))
     g = dy.astype(x.dtype)
-    dbias = np.sum(g, axis=chan).astype(b_dt) if b_dt is not None else None
+    dbias = narrow(np.sum(g, axis=chan), b_dt) if b_dt is not None else None
     if sig is None:
-        dweight = np.sum(g * x, axis=chan).astype(w_dt) if w_dt is not None else None
-        return EvoNormS0Grads((gamma * g).astype(x_dt, copy=False), dweight, dbias, None)
+        dweight = narrow(np.sum(g * x, axis=chan), w_dt) if w_dt is not None else None
+        return EvoNormS0Grads(narrow(gamma * g, x_dt), dweight, dbias, None)
     n = x.shape[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         h = gamma * g
@@ -428,9 +460,9 @@ def evo_norm_s0_backward(dy, cache):
                     keepdims=True)
         m_g = max(1, x.size // max(n * groups, 1))
         dx = h * du / s - xc / (m_g * s ** 3) * _group_spread(hu, x.shape, groups)
-        dv = np.sum(h * x * x * dsig / s, axis=chan).astype(v_dt)
-        dweight = np.sum(g * u / s, axis=chan).astype(w_dt) if w_dt is not None else None
-    return EvoNormS0Grads(dx.astype(x_dt, copy=False), dweight, dbias, dv)
+        dv = narrow(np.sum(h * x * x * dsig / s, axis=chan), v_dt)
+        dweight = narrow(np.sum(g * u / s, axis=chan), w_dt) if w_dt is not None else None
+    return EvoNormS0Grads(narrow(dx, x_dt), dweight, dbias, dv)
 
 
 evo_norm_s0 = custom_vjp(evo_norm_s0_forward, evo_norm_s0_backward, ("x", "weight", "bias", "v"))
