@@ -42,7 +42,11 @@ Otherwise :math:`\epsilon_{\mathrm{eff}} = \epsilon`.
 Conventions: ``weight`` is :math:`\gamma` (init 1), ``bias`` :math:`\beta` (init 0), ``tau``
 :math:`\tau` (init 0), each of shape ``(C,)``; ``tau=None`` leaves the TLU out (plain FRN).
 No running statistics: training and evaluation are the same. Computed in float64
-(``np.longdouble`` for longdouble input) and rounded once to each input's dtype.
+(``np.longdouble`` for longdouble input) and rounded once to each input's dtype. The maps that
+float64 cannot do right (a root mean square below about :math:`10^{-154}`, whose squares
+underflow, or above about :math:`10^{154}`, whose squares overflow:
+:func:`refnorm.norms._stats.extreme_groups`) are done again in
+:func:`refnorm.norms._stats.wider_dtype`, and the cache keeps their sub-cache.
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, check_eps, check_param, work_dtype
+from refnorm.norms._stats import (check_array, check_eps, check_param, extreme_groups, narrow,
+                                  wider_dtype, widen, work_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "frn"
@@ -67,6 +72,8 @@ class FRNCache(NamedTuple):
     tau_share: np.ndarray | None   # 1 - m (None without TLU); both NaN where y is NaN
     eps_sign: float                # sign(eps_l), 0 without eps_l
     dtypes: tuple                  # dtypes of x, weight, bias, tau, eps_l (None: absent)
+    wide: tuple | None = None      # (maps, sub-cache) of the (sample, channel) maps done in a
+    #                                wider dtype (flat indices into N*C), or None
 
 
 class FRNGrads(NamedTuple):
@@ -113,14 +120,16 @@ def frn_forward(x, weight=None, bias=None, tau=None, eps_l=None, eps=1e-6):
     axes = tuple(range(2, x.ndim))
     count = int(np.prod(x.shape[2:], dtype=np.int64))
     eps_eff = eps + (np.abs(eps_l[0]).astype(work) if eps_l is not None else 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0 on a zero map: 0/0
+    # eps = 0 on a zero map: 0/0; tiny or huge maps: redone below
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         nu2 = np.sum(xw * xw, axis=axes, keepdims=True) / max(count, 1)
         r = 1.0 / np.sqrt(nu2 + eps_eff)
         xhat = xw * r
     gamma = _view(weight.astype(work), x.ndim) if weight is not None else np.ones((), work)
-    z = gamma * xhat
-    if bias is not None:
-        z = z + _view(bias.astype(work), x.ndim)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = gamma * xhat
+        if bias is not None:
+            z = z + _view(bias.astype(work), x.ndim)
     share = tau_share = None
     if tau is not None:
         t = _view(tau.astype(work), x.ndim)
@@ -134,31 +143,83 @@ def frn_forward(x, weight=None, bias=None, tau=None, eps_l=None, eps=1e-6):
         y = np.maximum(z, t)
     else:
         y = z
+    wide = None
+    if x.size and wider_dtype(work) is not None and (extreme := extreme_groups(nu2, r)).size:
+        # subnormal or huge maps: again in a wider dtype
+        ys, sub = _wider_maps(xw, extreme, weight, bias, tau, eps_l, eps)
+        for mine, its in ((y, ys), (r, sub.r), (xhat, sub.xhat), (share, sub.share),
+                          (tau_share, sub.tau_share)):
+            if mine is not None:
+                _put_maps(mine, extreme, its)
+        wide = (extreme, sub)
     dtypes = tuple(None if a is None else a.dtype for a in (x, weight, bias, tau, eps_l))
     eps_sign = float(np.sign(eps_l[0])) if eps_l is not None else 0.0
-    cache = FRNCache(xw, r, xhat, gamma, share, tau_share, eps_sign, dtypes)
+    cache = FRNCache(xw, r, xhat, gamma, share, tau_share, eps_sign, dtypes, wide)
     return y.astype(x.dtype, copy=False), cache
+
+
+def _put_maps(a, extreme, values):
+    """Write ``values`` (a sub-call's array, its maps along axis 1) into the maps ``extreme``
+    (flat indices into N*C) of ``a``, of shape (N, C, *) or (N, C, 1, ...), in place (any
+    memory layout), rounded to ``a``'s dtype as the exact values."""
+    values = values.reshape((len(extreme),) + a.shape[2:])
+    with np.errstate(over="ignore", under="ignore"):
+        a[np.divmod(extreme, a.shape[1])] = values.astype(a.dtype)
+
+
+def _wider_maps(xw, extreme, weight, bias, tau, eps_l, eps):
+    """``(y, cache)`` of the maps ``extreme`` (flat indices into N*C) done again by
+    :func:`frn_forward` in the wider dtype, as the channels of one sample, each with its own
+    channel's parameters."""
+    wider = wider_dtype(xw.dtype)
+    ch = extreme % xw.shape[1]
+    xs = xw[np.divmod(extreme, xw.shape[1])].astype(wider)  # (F, *): maps as channels
+    xs = xs.reshape((1, len(extreme), -1) if xw.ndim > 2 else (1, len(extreme)))
+    return frn_forward(xs, *(None if p is None else widen(p[ch], wider)
+                             for p in (weight, bias, tau)), widen(eps_l, wider), eps)
 
 
 def frn_backward(dy, cache):
     """Hand-derived VJP of :func:`frn_forward`: ``(dy, cache) -> FRNGrads``."""
-    x, r, xhat, gamma, share, tau_share, eps_sign, dtypes = cache
+    x, r, xhat, gamma, share, tau_share, eps_sign, dtypes, wide = cache
     axes = tuple(range(2, x.ndim))
     count = int(np.prod(x.shape[2:], dtype=np.int64))
-    dy = dy.astype(x.dtype)
+    dy = dy_all = dy.astype(x.dtype)
+    if wide is not None:  # the maps done in a wider dtype: their terms here are 0 (below)
+        keep = np.ones(x.shape[:2], bool)
+        keep.flat[wide[0]] = False
+        keep = keep.reshape(x.shape[:2] + (1,) * len(axes))
+        dy, r, xhat = (np.where(keep, a, 0.0) for a in (dy, r, xhat))
+        share, tau_share = (None if a is None else np.where(keep, a, 0.0)
+                            for a in (share, tau_share))
     gz = dy if share is None else dy * share
     h = gamma * gz
     chan = (0,) + axes
-    with np.errstate(invalid="ignore"):
-        dx = r * (h - xhat * (np.sum(h * xhat, axis=axes, keepdims=True) / max(count, 1)))
-    _, wdt, bdt, tdt, edt = dtypes
-    dweight = np.sum(gz * xhat, axis=chan).astype(wdt) if wdt is not None else None
-    dbias = np.sum(gz, axis=chan).astype(bdt) if bdt is not None else None
-    dtau = np.sum(dy * tau_share, axis=chan).astype(tdt) if tdt is not None else None
-    deps_l = None
-    if edt is not None:
-        deps_l = np.reshape(-0.5 * eps_sign * np.sum(h * x * r ** 3), (1,)).astype(edt)
-    return FRNGrads(dx.astype(dtypes[0], copy=False), dweight, dbias, dtau, deps_l)
+    with np.errstate(invalid="ignore", over="ignore"):
+        hx = np.sum(h * xhat, axis=axes, keepdims=True)  # <h xhat> times the map's size
+        dx = r * (h - xhat * (hx / max(count, 1)))
+        _, wdt, bdt, tdt, edt = dtypes
+        grads = [dx, np.sum(gz * xhat, axis=chan) if wdt is not None else None,
+                 np.sum(gz, axis=chan) if bdt is not None else None,
+                 np.sum(dy * tau_share, axis=chan) if tdt is not None else None,
+                 # sum h x r^3 = sum_maps r^2 sum h xhat (r^3 alone may overflow)
+                 np.reshape(-0.5 * eps_sign * np.sum(hx * r * r), (1,))
+                 if edt is not None else None]
+    if wide is not None:  # those maps' backward, in the wider dtype; their sums added
+        extreme, sub = wide
+        dys = dy_all[np.divmod(extreme, x.shape[1])].reshape(sub.x.shape).astype(sub.x.dtype)
+        sub_grads = frn_backward(dys, sub)
+        _put_maps(dx, extreme, sub_grads.dx)
+        with np.errstate(over="ignore", under="ignore"):
+            ch = extreme % x.shape[1]
+            for g, sg in zip(grads[1:4], sub_grads[1:4]):
+                if g is not None:
+                    np.add.at(g, ch, narrow(sg, g.dtype))
+            if grads[4] is not None:
+                grads[4] = grads[4] + narrow(sub_grads.deps_l, grads[4].dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        return FRNGrads(*(None if g is None else g.astype(dt, copy=False)
+                          for g, dt in zip(grads, dtypes)))
 
 
 frn = custom_vjp(frn_forward, frn_backward, ("x", "weight", "bias", "tau", "eps_l"))

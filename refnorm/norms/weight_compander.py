@@ -38,7 +38,10 @@ is no official code):
   the optimizer's business, not this function's.
 
 Computed in float64 (``np.longdouble`` for longdouble input) and rounded once to each input's
-dtype. ``w`` has the dtype of ``v``.
+dtype. ``w`` has the dtype of ``v``. A float64 call with a magnitude outside about
+:math:`[10^{-77}, 10^{77}]` (:func:`refnorm.norms._stats.out_of_range`), where :math:`v^2` and
+:math:`(v/b)^2` may overflow or underflow (:math:`\mathrm{d}v` of :math:`v = 10^{155}` is a
+subnormal number), is computed in :func:`refnorm.norms._stats.wider_dtype`.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, work_dtype
+from refnorm.norms._stats import (WideCache, check_array, narrow, out_of_range, wider_dtype,
+                                  work_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "weight_compander"
@@ -97,6 +101,12 @@ def weight_compander_forward(v, a, b):
     check_array(v, "v", _OP, ndim_min=1)
     a, b = _check_scalar(a, "a"), _check_scalar(b, "b")
     work = work_dtype(v, a, b)
+    wider = wider_dtype(work)
+    # tiny or huge: the whole call, wider (an input narrower than the work dtype never is: its
+    # squares and quotients fit in the work dtype)
+    if wider is not None and out_of_range(*(p for p in (v, a, b) if p.dtype == work)):
+        w, cache = weight_compander_forward(v.astype(wider), a.astype(wider), b.astype(wider))
+        return narrow(w, v.dtype), WideCache(cache, (v.dtype, a.dtype, b.dtype), wider)
     vw, aw, bw = v.astype(work), a.astype(work), b.astype(work)
     w = aw * np.arctan(vw / bw)
     return w.astype(v.dtype, copy=False), WeightCompanderCache(vw, aw, bw,
@@ -107,8 +117,11 @@ def weight_compander_backward(dw, cache):
     r"""Hand-derived VJP: :math:`\mathrm{d}v = G\,ab/(b^2+v^2)`, :math:`\mathrm{d}a = \sum
     G\arctan(v/b)`, :math:`\mathrm{d}b = -\sum G\,av/(b^2+v^2)`.
 
-    :math:`1/(b^2+v^2)` is formed as :math:`(1/b^2)/(1+(v/b)^2)`, which neither overflows nor
-    underflows where :math:`v^2` would (:math:`|v| > 10^{154}`)."""
+    :math:`1/(b^2+v^2)` is formed as :math:`(1/b^2)/(1+(v/b)^2)`, which does not overflow
+    where :math:`v^2` alone would; where :math:`(v/b)^2` leaves the range, the forward chose the
+    wider dtype (a :class:`~refnorm.norms._stats.WideCache`)."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(weight_compander_backward(dw.astype(cache.wide_dtype), cache.inner))
     v, a, b, (v_dtype, a_dtype, b_dtype) = cache
     g = dw.astype(v.dtype)
     t = v / b

@@ -75,7 +75,10 @@ activation, timm in the convolution, which is equivalent for a conv that consume
 output. FedWon does not state its :math:`\gamma` (addendum §4); 1.0 is the default here.
 
 Both forms are computed in float64 (``np.longdouble`` for longdouble inputs) and rounded once to
-the dtype of each input (:func:`refnorm.norms._stats.work_dtype`).
+the dtype of each input (:func:`refnorm.norms._stats.work_dtype`). The slices that float64 cannot
+do right (a spread below about :math:`10^{-154}`, whose squares underflow, or values above about
+:math:`10^{154}`, whose squares overflow: :func:`refnorm.norms._stats.extreme_groups`) are done
+again in :func:`refnorm.norms._stats.wider_dtype`, and the cache keeps their sub-cache.
 """
 from __future__ import annotations
 
@@ -86,7 +89,7 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (centered_exact, check_array, check_eps, check_flag,
-                                  work_dtype)
+                                  extreme_groups, wider_dtype, work_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _WS = "weight_standardization"
@@ -115,6 +118,20 @@ def _rows(weight, op):
     return weight.reshape(weight.shape[0], fan_in).astype(work_dtype(weight), copy=False)
 
 
+def _extreme_rows(rows, var, r):
+    """Rows (slices) to redo in :func:`wider_dtype`: :func:`extreme_groups` of their statistics,
+    and the finite rows whose statistics are NaN (values near the largest float: the sum of the
+    mean overflowed). Empty where there is no wider dtype."""
+    if wider_dtype(rows.dtype) is None or not rows.size:
+        return np.zeros(0, np.intp)
+    idx = extreme_groups(var, r)
+    nan = np.isnan(np.ravel(var))
+    if nan.any():
+        nan &= np.isfinite(rows).all(axis=1)
+        idx = np.union1d(idx, np.flatnonzero(nan))
+    return idx
+
+
 # ----------------------------------------------------------------------------------------------
 # Weight Standardization
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +142,7 @@ class WSCache(NamedTuple):
     k: int                 # N - 1 or N
     shape: tuple           # the weight's shape
     dtype: np.dtype        # the weight's dtype
+    wide: tuple | None = None  # (rows, sub-cache) of the rows done in a wider dtype, or None
 
 
 class WSGrads(NamedTuple):
@@ -158,26 +176,40 @@ def weight_standardization_forward(weight, eps=1e-5, *, unbiased=True, eps_insid
         raise ValueError(f"{_WS}: `weight` must have a fan-in of at least 2 with unbiased=True "
                          f"(the unbiased variance divides by N - 1), got shape {weight.shape}")
     k = n - 1 if unbiased else n
-    d, _ = centered_exact(rows, (1,)) if rows.size else (rows.copy(), None)
-    with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0 on a constant slice: 0/0
+    # eps = 0 on a constant slice: 0/0; tiny or huge slices: redone below
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        d, _ = centered_exact(rows, (1,)) if rows.size else (rows.copy(), None)
         var = np.sum(d * d, axis=1, keepdims=True) / k
         sigma = np.sqrt(var)
         s = np.sqrt(var + eps) if eps_inside else sigma + eps
         w_hat = d / s
+        extreme = _extreme_rows(rows, var, 1.0 / s)
     rho = s if eps_inside else sigma
+    wide = None
+    if extreme.size:  # subnormal spread or huge values: those slices again, in a wider dtype
+        w_wide, sub = weight_standardization_forward(
+            rows[extreme].astype(wider_dtype(rows.dtype)), eps, unbiased=unbiased,
+            eps_inside=eps_inside)
+        with np.errstate(over="ignore", under="ignore"):  # rounded as the exact values
+            w_hat[extreme] = w_wide
+        wide = (extreme, sub)
     return (w_hat.reshape(weight.shape).astype(weight.dtype, copy=False),
-            WSCache(d, s, rho, k, weight.shape, weight.dtype))
+            WSCache(d, s, rho, k, weight.shape, weight.dtype, wide))
 
 
 def weight_standardization_backward(dw_hat, cache):
     r"""Hand-derived VJP: :math:`\mathrm{d}W = (G - \langle G\rangle - d\,\langle G, d\rangle/
     (k s \rho))/s`, the last term 0 where :math:`d = 0` (a constant slice, eps outside)."""
-    d, s, rho, k, shape, dtype = cache
+    d, s, rho, k, shape, dtype, wide = cache
     g = dw_hat.reshape(d.shape).astype(d.dtype, copy=False)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         gd = np.sum(g * d, axis=1, keepdims=True)
         coef = np.where(rho == 0, 0.0, gd / (k * s * rho))
         dw = (g - np.mean(g, axis=1, keepdims=True) - d * coef) / s
+    if wide is not None:  # the slices done in a wider dtype: their backward there
+        idx, sub = wide
+        with np.errstate(over="ignore", under="ignore"):
+            dw[idx] = weight_standardization_backward(g[idx].astype(sub.d.dtype), sub).dweight
     return WSGrads(dw.reshape(shape).astype(dtype, copy=False))
 
 
@@ -210,6 +242,7 @@ class SWSCache(NamedTuple):
     shape: tuple
     dtype: np.dtype
     gain_dtype: np.dtype | None
+    wide: tuple | None = None  # (rows, sub-cache) of the rows done in a wider dtype, or None
 
 
 class SWSGrads(NamedTuple):
@@ -255,19 +288,32 @@ def scaled_weight_standardization_forward(weight, gain=None, gamma=1.0, eps=1e-4
     work = work_dtype(weight, gain)
     rows = rows.astype(work, copy=False)
     n = rows.shape[1]
-    d, _ = centered_exact(rows, (1,)) if rows.size else (rows.copy(), None)
-    q = np.sum(d * d, axis=1, keepdims=True)
-    if eps_mode == "add":
-        D = np.sqrt(q + n * eps)
-        t = np.ones_like(q)
-    else:
-        D = np.sqrt(np.maximum(q, eps))
-        t = np.where(q > eps, 1.0, np.where(q == eps, 0.5, 0.0))
-    c = gamma * (gain.reshape(-1, 1).astype(work) if gain is not None else np.ones_like(q))
-    with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0, constant slice: 0/0
+    gain_rows = gain.reshape(-1, 1).astype(work) if gain is not None else None
+    # eps = 0, constant slice: 0/0; tiny or huge slices: redone below
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        d, _ = centered_exact(rows, (1,)) if rows.size else (rows.copy(), None)
+        q = np.sum(d * d, axis=1, keepdims=True)
+        if eps_mode == "add":
+            D = np.sqrt(q + n * eps)
+            t = np.ones_like(q)
+        else:
+            D = np.sqrt(np.maximum(q, eps))
+            t = np.where(q > eps, 1.0, np.where(q == eps, 0.5, 0.0))
+        c = gamma * (gain_rows if gain is not None else np.ones_like(q))
         w_hat = c * (d / D)
+        extreme = _extreme_rows(rows, q / n, 1.0 / D)
+    wide = None
+    if extreme.size:  # subnormal spread or huge values: those slices again, in a wider dtype
+        wider = wider_dtype(rows.dtype)
+        w_wide, sub = scaled_weight_standardization_forward(
+            rows[extreme].astype(wider),
+            None if gain is None else gain_rows[extreme].astype(wider), gamma, eps,
+            eps_mode=eps_mode)
+        with np.errstate(over="ignore", under="ignore"):  # rounded as the exact values
+            w_hat[extreme] = w_wide
+        wide = (extreme, sub)
     cache = SWSCache(d, D, c, t, gamma, gain is not None, weight.shape, weight.dtype,
-                     None if gain is None else gain.dtype)
+                     None if gain is None else gain.dtype, wide)
     return w_hat.reshape(weight.shape).astype(weight.dtype, copy=False), cache
 
 
@@ -275,14 +321,23 @@ def scaled_weight_standardization_backward(dw_hat, cache):
     r"""Hand-derived VJP: :math:`\mathrm{d}W = \frac{c}{D}(G - \langle G\rangle -
     t\,d\,\langle G, d\rangle/D^2)`, :math:`\mathrm{d}\,\mathrm{gain} = \gamma\langle G,
     d\rangle/D`."""
-    d, D, c, t, gamma, has_gain, shape, dtype, gain_dtype = cache
+    d, D, c, t, gamma, has_gain, shape, dtype, gain_dtype, wide = cache
     g = dw_hat.reshape(d.shape).astype(d.dtype, copy=False)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         gd = np.sum(g * d, axis=1, keepdims=True)
         dw = (c / D) * (g - np.mean(g, axis=1, keepdims=True) - d * (t * gd / (D * D)))
-        dgain = (gamma * gd / D).reshape(_gain_shape(shape)).astype(gain_dtype) \
-            if has_gain else None
-    return SWSGrads(dw.reshape(shape).astype(dtype, copy=False), dgain)
+        dgain = gamma * gd / D
+    if wide is not None:  # the slices done in a wider dtype: their backward there
+        idx, sub = wide
+        grads = scaled_weight_standardization_backward(g[idx].astype(sub.d.dtype), sub)
+        with np.errstate(over="ignore", under="ignore"):
+            dw[idx] = grads.dweight
+            if has_gain:
+                dgain[idx] = grads.dgain
+    if has_gain:
+        with np.errstate(over="ignore", under="ignore"):
+            dgain = dgain.reshape(_gain_shape(shape)).astype(gain_dtype)
+    return SWSGrads(dw.reshape(shape).astype(dtype, copy=False), dgain if has_gain else None)
 
 
 scaled_weight_standardization = custom_vjp(scaled_weight_standardization_forward,
