@@ -87,7 +87,11 @@ after :math:`+\epsilon`.
 
 **Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, the other gradients those of their inputs,
 the new state those of the given state; statistics in float64 (longdouble for longdouble input)
-without overflow or underflow (:mod:`refnorm.norms._tokens`).
+without overflow or underflow, and the window's geometric mean to a few ULPs at any magnitude
+(:mod:`refnorm.norms._tokens`). A float64 call whose ``x`` lies outside about
+:math:`[10^{-77}, 10^{77}]` (where :math:`q` or the window leaves float64's range) is computed
+entirely in ``np.longdouble`` where that is wider, and rounded once
+(:func:`refnorm.norms._stats.out_of_range`).
 """
 from __future__ import annotations
 
@@ -97,9 +101,11 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, check_eps, check_flag, check_param
+from refnorm.norms._stats import (WideCache, check_array, check_eps, check_flag, check_param,
+                                  narrow, out_of_range, wider_dtype)
 from refnorm.norms._tokens import (as_tokens, channel_sum, check_int, check_state, check_tokens,
-                                   check_unit, rsqrt_quadratic_mean, token_axes, wide_dtype)
+                                   check_unit, geometric_mean, rsqrt_quadratic_mean, token_axes,
+                                   wide_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "unified_norm"
@@ -194,6 +200,20 @@ def unified_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *,
     x2 = as_tokens(x)
     wide = wide_dtype(x.dtype)
     xw = x2.astype(wide, copy=False)
+    wider = wider_dtype(wide)
+    if wider is not None and out_of_range(xw):  # q = <x^2> beyond float64: the call, wider
+        y, state, cache = unified_norm_forward(
+            x.astype(wider), *(None if p is None else p.astype(wider) for p in (weight, bias)),
+            training, eps, running_var=running_var.astype(wider), ema_gz=ema_gz.astype(wider),
+            buffer_x2=buffer_x2.astype(wider), buffer_gz=buffer_gz.astype(wider), iters=t,
+            skip_counter=skip_counter, momentum=momentum, warmup_iters=warmup_iters,
+            outlier_filtration=outlier_filtration)
+        given = (running_var, ema_gz, buffer_x2, buffer_gz)
+        state = state._replace(**{k: narrow(getattr(state, k), a.dtype)
+                                  for k, a in zip(state._fields, given)})
+        dtypes = [x.dtype] + [x.dtype if p is None else p.dtype for p in (weight, bias)]
+        return narrow(y, x.dtype), state, WideCache(cache, dtypes + [ema_gz.dtype,
+                                                                     buffer_gz.dtype], wider)
     skip = False
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rv = running_var.astype(wide)
@@ -211,19 +231,17 @@ def unified_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *,
             root = np.sqrt(window).ravel()
             rho = np.var(root, ddof=1) if root.size > 1 else np.asarray(np.nan, wide)
             window[t % wf] = q[0]
-            log_window = np.log(window)
             if outlier_filtration and t >= warmup_iters:
                 am = window.mean(axis=0)
-                gm = np.exp(log_window.mean(axis=0))
+                gm = geometric_mean(window, axis=0)
                 if np.any(am - gm > rho * wf):
                     window[t % wf] = rv
-                    log_window = np.log(window)
                     skip = True
                     skip_counter += 1
             if t <= wf or t < warmup_iters or skip:
                 var, rstd = q[0], q_rstd
             else:
-                var = np.exp(log_window.mean(axis=0))
+                var = geometric_mean(window, axis=0)
                 rstd = (1.0 / np.sqrt(var + eps))[None, :]
             if t <= max(1000, warmup_iters) or skip:
                 r = np.ones((1, c), wide)
@@ -248,6 +266,8 @@ def unified_norm_backward(dy, cache):
     r"""The official backward of :func:`unified_norm_forward` (a surrogate in training, see the
     module docstring; exact in evaluation). Returns :class:`UnifiedNormGrads`, whose last two
     fields are the new ``ema_gz`` and ``buffer_gz``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(unified_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     (x, rstd, r, weight, bias_dtype, ema_gz, buffer_gz, t, skip, training, momentum,
      warmup_iters) = cache
     wide = rstd.dtype
