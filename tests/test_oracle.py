@@ -45,6 +45,9 @@ REQUIRED_TORCH = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rm
 KNOWN_TORCH_FINDINGS = {
     "weight_norm": {"oracle:(6,33)-tiny-scale", "regime:subnormal (5,4)-linear"},
     "spectral_norm": {"regime:subnormal (5,4)-linear"},
+    # sigma_reparam's official code normalizes with F.normalize in the candidate dtype: the same
+    # underflow makes sigma 0 (inf/NaN where the exact result overflows or is 0 at bfloat16)
+    "sigma_reparam": {"regime:subnormal (5,4)-linear-svd"},
 }
 TORCH_VARIANTS = [s.name for s in ALL_SPECS if s.torch_call is not None]
 

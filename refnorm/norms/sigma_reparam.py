@@ -60,7 +60,14 @@ Conventions, as the official PyTorch code (``apple/ml-sigma-reparam``, ``vision/
 * the ViT recipe of the paper replaces every LayerNorm by the identity
   (``remove_all_normalization_layers``) and reparametrizes every Linear and Conv2d: a model
   choice, not part of this function;
-* :math:`\sigma = 0` raises a ValueError (the official code divides by it).
+* :math:`\sigma = 0` raises a ValueError (the official code divides by it), and so does an
+  empty ``weight`` (a size-0 axis: no singular value; PyTorch divides by :math:`\sigma = 0`).
+
+Range: a call whose ``weight`` or :math:`\gamma` lies outside about :math:`[10^{-77}, 10^{77}]`
+(float64) or :math:`[3\cdot 10^{-10}, 4\cdot 10^9]` (float32), and every float16 call, is
+computed entirely in the wider dtype (float64, or ``np.longdouble`` where it is wider) and
+rounded once (:func:`refnorm.norms._stats.out_of_range`): subnormal weights keep their
+products :math:`Wv` out of the subnormal range.
 """
 from __future__ import annotations
 
@@ -71,7 +78,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, check_eps, check_flag, check_param, vector_norm
+from refnorm.norms._stats import (WideCache, check_array, check_eps, check_flag, check_param,
+                                  narrow, out_of_range, vector_norm, wider_dtype)
 from refnorm.norms.spectral_norm import _matrix
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -183,10 +191,21 @@ def sigma_reparam_forward(weight, gamma, u, v, n_power_iterations=1, eps=1e-12, 
     n = _check_iterations(n_power_iterations)
     eps = check_eps(eps, _OP)
     training = check_flag(training, "training", _OP)
+    if not weight.size:  # an empty matrix has no largest singular value
+        raise ValueError(f"{_OP}: `weight` must not be empty (sigma = u^T W v of a matrix "
+                         f"without elements is undefined), got shape {weight.shape}")
     work = np.float32 if weight.dtype == np.float16 else weight.dtype
     w_mat = _matrix(weight, dim).astype(work, copy=False)
     u0 = _check_vector(u, "u", w_mat.shape[0], work)
     v0 = _check_vector(v, "v", w_mat.shape[1], work)
+    wider = wider_dtype(weight.dtype)
+    if wider is not None and out_of_range(weight, gamma):  # tiny or huge: the whole call, wider
+        y, state, cache = sigma_reparam_forward(weight.astype(wider), gamma.astype(wider),
+                                                u0.astype(wider), v0.astype(wider), n, eps, dim,
+                                                training)
+        return narrow(y, weight.dtype), SigmaReparamState(*(narrow(a, weight.dtype)
+                                                            for a in state)), \
+            WideCache(cache, (weight.dtype, gamma.dtype), wider)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         u1, v1 = _power_iteration(w_mat, u0, v0, n, eps) if n else (u0, v0)
         # sigma = ||u|| ||v|| (u/||u||)^T W (v/||v||): where the eps clamp was active, u and v
@@ -212,6 +231,8 @@ def sigma_reparam_forward(weight, gamma, u, v, n_power_iterations=1, eps=1e-12, 
 
 def sigma_reparam_backward(dy, cache):
     """Hand-derived VJP of :func:`sigma_reparam_forward` (u, v held constant)."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(sigma_reparam_backward(dy.astype(cache.wide_dtype), cache.inner))
     weight, gamma, sigma_hat, u, v, norms, dim = cache
     work = np.float32 if weight.dtype == np.float16 else weight.dtype
     w = weight.astype(work, copy=False)
@@ -345,6 +366,8 @@ def error_inputs():
                      ValueError, r"`eps` must be a finite number >= 0")
     yield ErrorInput(SampleInput("training str", (w, g), dict(ok, training="yes")),
                      TypeError, r"`training` must be a bool, got str")
+    yield ErrorInput(SampleInput("empty weight", (np.ones((0, 4)), g), dict(u=np.ones(0), v=v)),
+                     ValueError, r"sigma_reparam: `weight` must not be empty")
     yield ErrorInput(SampleInput("zero weight", (np.zeros((3, 4)), g), ok),
                      ValueError, r"sigma = u\^T W v is 0.0")
 

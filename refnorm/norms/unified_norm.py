@@ -85,9 +85,18 @@ without a padding mask, so padding tokens count in its statistics (no mask here)
 identically 0 in the window makes :math:`\log 0 = -\infty` and a geometric mean of 0, finite
 after :math:`+\epsilon`.
 
+**NaN**: a NaN in ``x`` or in the state that the outlier test compares (no channel passes it
+and a comparison is NaN) leaves the step undecided; the outputs are then NaN wherever the two
+branches differ (the official code's ``torch.any`` reads the NaN comparison as False), and
+``skip_counter`` is unchanged.
+
 **Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, the other gradients those of their inputs,
 the new state those of the given state; statistics in float64 (longdouble for longdouble input)
-without overflow or underflow (:mod:`refnorm.norms._tokens`).
+without overflow or underflow, and the window's geometric mean to a few ULPs at any magnitude
+(:mod:`refnorm.norms._tokens`). A float64 call whose ``x`` lies outside about
+:math:`[10^{-77}, 10^{77}]` (where :math:`q` or the window leaves float64's range) is computed
+entirely in ``np.longdouble`` where that is wider, and rounded once
+(:func:`refnorm.norms._stats.out_of_range`).
 """
 from __future__ import annotations
 
@@ -97,9 +106,11 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_array, check_eps, check_flag, check_param
+from refnorm.norms._stats import (WideCache, check_array, check_eps, check_flag, check_param,
+                                  narrow, out_of_range, wider_dtype)
 from refnorm.norms._tokens import (as_tokens, channel_sum, check_int, check_state, check_tokens,
-                                   check_unit, rsqrt_quadratic_mean, token_axes, wide_dtype)
+                                   check_unit, geometric_mean, rsqrt_quadratic_mean, token_axes,
+                                   wide_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "unified_norm"
@@ -143,6 +154,27 @@ def _check_window(value, name, channels):
         raise ValueError(f"{_OP}: `{name}` must have shape (W, C) with C = {channels}, got "
                          f"{value.shape}")
     return value
+
+
+def _outlier_test(window, rho, wf):
+    r"""The adaptive outlier test, :math:`\exists c: A_c - G_c > \rho\,W_f`: True, False, or
+    None where no channel passes it and a NaN comparison leaves it undecided (a NaN in ``x`` or
+    in the state is never dropped). :math:`A \ge G`, so an infinite entry makes
+    :math:`A - G` infinite (its limit), not ``inf - inf``."""
+    am = window.mean(axis=0)
+    spread = np.where(am == np.inf, np.inf, am - geometric_mean(window, axis=0))
+    if np.any(spread > rho * wf):
+        return True
+    if window.size > 1 and np.isnan(spread - rho * wf).any():
+        return None
+    return False
+
+
+def _either(a, b):
+    """The arrays of ``a`` where they equal those of ``b`` (NaN with NaN), NaN elsewhere: the
+    result of a branch that a NaN decides."""
+    return tuple(np.where((p == q) | (np.isnan(p) & np.isnan(q)), p, np.nan)
+                 for p, q in zip(a, b))
 
 
 def unified_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *, running_var,
@@ -194,6 +226,20 @@ def unified_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *,
     x2 = as_tokens(x)
     wide = wide_dtype(x.dtype)
     xw = x2.astype(wide, copy=False)
+    wider = wider_dtype(wide)
+    if wider is not None and out_of_range(xw):  # q = <x^2> beyond float64: the call, wider
+        y, state, cache = unified_norm_forward(
+            x.astype(wider), *(None if p is None else p.astype(wider) for p in (weight, bias)),
+            training, eps, running_var=running_var.astype(wider), ema_gz=ema_gz.astype(wider),
+            buffer_x2=buffer_x2.astype(wider), buffer_gz=buffer_gz.astype(wider), iters=t,
+            skip_counter=skip_counter, momentum=momentum, warmup_iters=warmup_iters,
+            outlier_filtration=outlier_filtration)
+        given = (running_var, ema_gz, buffer_x2, buffer_gz)
+        state = state._replace(**{k: narrow(getattr(state, k), a.dtype)
+                                  for k, a in zip(state._fields, given)})
+        dtypes = [x.dtype] + [x.dtype if p is None else p.dtype for p in (weight, bias)]
+        return narrow(y, x.dtype), state, WideCache(cache, dtypes + [ema_gz.dtype,
+                                                                     buffer_gz.dtype], wider)
     skip = False
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rv = running_var.astype(wide)
@@ -211,24 +257,33 @@ def unified_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *,
             root = np.sqrt(window).ravel()
             rho = np.var(root, ddof=1) if root.size > 1 else np.asarray(np.nan, wide)
             window[t % wf] = q[0]
-            log_window = np.log(window)
+            outlier = False
             if outlier_filtration and t >= warmup_iters:
-                am = window.mean(axis=0)
-                gm = np.exp(log_window.mean(axis=0))
-                if np.any(am - gm > rho * wf):
-                    window[t % wf] = rv
-                    log_window = np.log(window)
-                    skip = True
-                    skip_counter += 1
-            if t <= wf or t < warmup_iters or skip:
-                var, rstd = q[0], q_rstd
+                outlier = _outlier_test(window, rho, wf)
+
+            def smoothing(is_outlier):
+                """``(window, var, rstd, r)`` of the step, an outlier or not."""
+                win, skipped = window.copy(), skip or is_outlier
+                if is_outlier:
+                    win[t % wf] = rv
+                if t <= wf or t < warmup_iters or skipped:
+                    var, rstd = q[0], q_rstd
+                else:
+                    var = geometric_mean(win, axis=0)
+                    rstd = (1.0 / np.sqrt(var + eps))[None, :]
+                if t <= max(1000, warmup_iters) or skipped:
+                    r = np.ones((1, c), wide)
+                else:
+                    r = np.clip(np.sqrt(var + eps) / np.sqrt(rv + eps), 0.2, 5.0)[None, :]
+                return win, var, rstd, r
+
+            if outlier is None:     # a NaN leaves the test undecided: NaN where it matters
+                window, var, rstd, r = _either(smoothing(False), smoothing(True))
+                skip = skip or None     # skip_counter unchanged
             else:
-                var = np.exp(log_window.mean(axis=0))
-                rstd = (1.0 / np.sqrt(var + eps))[None, :]
-            if t <= max(1000, warmup_iters) or skip:
-                r = np.ones((1, c), wide)
-            else:
-                r = np.clip(np.sqrt(var + eps) / np.sqrt(rv + eps), 0.2, 5.0)[None, :]
+                window, var, rstd, r = smoothing(outlier)
+                skip = skip or outlier
+                skip_counter += int(outlier)
             new_rv = momentum * rv + (1.0 - momentum) * var
             running_var = new_rv.astype(running_var.dtype)
             buffer_x2 = window.astype(buffer_x2.dtype)
@@ -248,6 +303,8 @@ def unified_norm_backward(dy, cache):
     r"""The official backward of :func:`unified_norm_forward` (a surrogate in training, see the
     module docstring; exact in evaluation). Returns :class:`UnifiedNormGrads`, whose last two
     fields are the new ``ema_gz`` and ``buffer_gz``."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(unified_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     (x, rstd, r, weight, bias_dtype, ema_gz, buffer_gz, t, skip, training, momentum,
      warmup_iters) = cache
     wide = rstd.dtype
@@ -261,11 +318,18 @@ def unified_norm_backward(dy, cache):
             wb = buffer_gz.shape[0]
             nu_prev = ema_gz.astype(wide)
             gz = np.mean(g * z, axis=0)
-            window = buffer_gz.astype(wide)
-            window[t % wb] = nu_prev if skip else gz
-            mu = gz if (t <= wb or t < warmup_iters or skip) else window.mean(axis=0)
-            nu = momentum * nu_prev + (1.0 - momentum) * mu
-            dx = (g - (mu if skip else nu) * z) * rstd
+
+            def smoothing(skip):
+                """``(dx, new ema_gz, new buffer_gz)``, after an outlier step or not."""
+                window = buffer_gz.astype(wide)
+                window[t % wb] = nu_prev if skip else gz
+                mu = gz if (t <= wb or t < warmup_iters or skip) else window.mean(axis=0)
+                nu = momentum * nu_prev + (1.0 - momentum) * mu
+                return (g - (mu if skip else nu) * z) * rstd, nu, window
+
+            # skip None: the forward's outlier test met a NaN (NaN where the branches differ)
+            dx, nu, window = smoothing(skip) if skip is not None else \
+                _either(smoothing(False), smoothing(True))
             new_ema, new_buffer = nu.astype(ema_gz.dtype), window.astype(buffer_gz.dtype)
         else:
             dx = g * rstd

@@ -104,6 +104,11 @@ KNOWN_TORCH_BEHAVIOUR = {
         "PyTorch's spectral norm of subnormal weights works in the candidate dtype, where sigma "
         "underflows: dweight is NaN where the exact value (2.8e39) rounds to +inf in float32, "
         "and in bfloat16 y is off by up to 15%",
+    ("sigma_reparam", "regime:subnormal (5,4)-linear-svd"):
+        "The official sigma-reparam code (F.normalize in the candidate dtype) squares subnormal "
+        "weights: ||Wv|| underflows to 0, eps clamps it, u = Wv / eps is of order 1e-27 and "
+        "W^T u underflows to 0, so sigma = 0 and it returns inf/NaN (dweight, dgamma NaN where "
+        "the exact values overflow to inf; in bfloat16 y NaN where the rounded weight is 0)",
 }
 
 

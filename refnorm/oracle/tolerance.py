@@ -515,6 +515,77 @@ class _L2Norm(_WeightNorm):
         return out
 
 
+class _SigmaReparam:
+    r"""The itemized bound of :math:`\mathrm{d}\gamma = \langle G, W\rangle/\sigma` of
+    σReparam (:math:`\hat W = \gamma W/\sigma`, :math:`\sigma = u^\top W v`); its other
+    outputs keep the normwise form. The normwise form scales by :math:`|\mathrm{d}\gamma|`
+    with :math:`N` the row length of the matrix view, but :math:`\mathrm{d}\gamma` is one sum
+    over **all** :math:`n = hw` elements, which cancels (random :math:`G`): its rounding errors
+    are relative to :math:`S = \sum_{ij}|G_{ij}W_{ij}|/|\sigma|`, not to the result.
+
+    A kernel forms :math:`\mathrm{d}\gamma = \sum_{ij} G_{ij}\,\mathrm{fl}(W_{ij}/\tilde
+    \sigma)` (autograd of ``(W / sigma) * gamma``) or :math:`\langle G, W\rangle/\tilde\sigma`:
+
+    * the sum of :math:`n` terms, accumulated with :math:`u_A`: :math:`g(n)\,u_A\,S`;
+    * the terms held in the candidate dtype (:math:`W/\sigma` rounded, then the product):
+      :math:`2u_I\,S`;
+    * the relative error :math:`e_\sigma` of :math:`\tilde\sigma`, which scales every term:
+      :math:`e_\sigma|\mathrm{d}\gamma|`. With the unit vectors :math:`\hat u,\hat v` and
+      :math:`\hat\sigma = \hat u^\top W\hat v`, the bilinear form's conditioning is
+      :math:`K = |\hat u|^\top|W||\hat v|/|\hat\sigma| \ge 1`; the matrix-vector product and
+      the dot product (lengths :math:`w`, :math:`h`) and the norms of the power iteration
+      give :math:`(g(w) + g(h) + 2)\,u_A K`, and the roundings of :math:`Wv`, :math:`u`,
+      :math:`v` and :math:`\sigma` in the candidate dtype :math:`4u_I K`. With
+      ``n_power_iterations`` :math:`\ge 1` the direction of :math:`u = \mathrm{normalize}(W
+      v')` (:math:`v'` the previous right vector: the given one for one step, else
+      :math:`\hat v`) errs componentwise by :math:`g(w)u_A(|W||v'|)_i/\lVert Wv'\rVert`,
+      which moves :math:`\sigma = \lVert W^\top u\rVert` by up to :math:`g(w)u_A\,
+      |W\hat v|^\top|W||v'|/(\lVert Wv'\rVert|\hat\sigma|)` relative (0 to first order at
+      a converged state, where :math:`W\hat v \parallel u`, but the bound does not assume
+      convergence).
+    """
+
+    def __init__(self, spec, case, ref):
+        cache = ref.cache
+        weight = np.asarray(case.arrays[0], np.float64)
+        dim = int(cache.dim)
+        h = weight.shape[dim]
+        self.w = np.moveaxis(weight, dim, 0).reshape(h, -1)
+        self.g = np.moveaxis(np.asarray(case.dy, np.float64), dim, 0).reshape(h, -1)
+        self.u = np.asarray(cache.u_hat, np.float64)
+        self.v = np.asarray(cache.v_hat, np.float64)
+        self.sigma_hat = float(cache.sigma_hat)
+        self.sigma = float(cache.sigma)
+        n_iter = int(case.kwargs.get("n_power_iterations", 1))
+        if n_iter == 0:
+            self.v_prev = None
+        else:
+            v0 = np.asarray(case.kwargs["v"], np.float64) if n_iter == 1 else self.v
+            self.v_prev = v0 if np.any(v0) else self.v
+        self.dgamma = np.asarray(ref.outputs["dgamma"], np.float64)
+
+    @staticmethod
+    def applies(spec, case, ref):
+        cache = ref.cache
+        return spec.name == "sigma_reparam" and "dgamma" in ref.outputs and all(
+            hasattr(cache, k) for k in ("u_hat", "v_hat", "sigma_hat", "sigma", "dim"))
+
+    def terms(self, uA):
+        h, w = self.w.shape
+        aw = np.abs(self.w)
+        S = float(np.sum(np.abs(self.g) * aw)) / abs(self.sigma)
+        K = float(np.abs(self.u) @ aw @ np.abs(self.v)) / abs(self.sigma_hat)
+        e_a = (float(growth(w)) + float(growth(h)) + 2) * K
+        if self.v_prev is not None:
+            wv = self.w @ self.v_prev
+            e_a += float(growth(w)) * float(np.abs(self.w @ self.v) @ aw @ np.abs(self.v_prev)) \
+                / (float(np.sqrt(wv @ wv)) * abs(self.sigma_hat))
+        dg = np.abs(_finite(self.dgamma))
+        a = float(growth(h * w)) * uA * S + e_a * uA * dg
+        i = 2 * S + 4 * K * dg
+        return {"dgamma": (np.reshape(a, self.dgamma.shape), np.reshape(i, self.dgamma.shape))}
+
+
 class _DyT:
     r"""The itemized model of Dynamic Tanh, :math:`y = \gamma\tanh(\alpha x) + \beta`
     (``docs/notes/tolerances.rst``): elementwise but for the sums of the parameter gradients.
@@ -984,6 +1055,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         model = _DyT(spec, case, ref)
     elif _PowerSoftmax.applies(spec, case, ref):
         model = _PowerSoftmax(spec, case, ref)
+    elif _SigmaReparam.applies(spec, case, ref):
+        model = _SigmaReparam(spec, case, ref)
     else:
         model = None
     n = reduction_length(spec, case, groups)

@@ -150,11 +150,19 @@ MISTAKES = [
     ("sigma_reparam", "dgamma times gamma", _sigma_reparam_dgamma_times_gamma),
     ("sigma_reparam", "projection term missing in dweight", _sigma_reparam_projection_missing),
     ("sigma_reparam", "dweight 1% off", _scale("dweight", 1.01)),
+    # dgamma has its own itemized bound (one sum over the whole weight, relative to
+    # sum|G W| / sigma): a sign error, 20% and, in float32, 0.1% are still caught
+    ("sigma_reparam", "dgamma sign flipped", _scale("dgamma", -1.0)),
+    ("sigma_reparam", "dgamma 20% off", _scale("dgamma", 1.2)),
+    ("sigma_reparam", "dgamma 0.1% off", _scale("dgamma", 1.001)),
 ]
 #: (variant, mistake) pairs below the bfloat16 resolution of their variant's model, checked in
-#: float32 only: sigma_reparam has the normwise tolerance (as spectral_norm), 2 g(N) (u_A +
-#: u_I) max|y| with N the elements of a row of the matrix view, about 10% in bfloat16
-FLOAT32_ONLY = {("sigma_reparam", "dweight 1% off")}
+#: float32 only: sigma_reparam's dweight has the normwise tolerance (as spectral_norm), 2 g(N)
+#: (u_A + u_I) max|y| with N the elements of a row of the matrix view, about 10% in bfloat16;
+#: its dgamma bound is about 4 u_I sum|G W| / sigma in bfloat16, 5-15% of |dgamma| on the ci
+#: cases (PyTorch's own bfloat16 dgamma is 7% off on one of them: the terms are rounded to
+#: bfloat16 before a sum that cancels)
+FLOAT32_ONLY = {("sigma_reparam", "dweight 1% off"), ("sigma_reparam", "dgamma 0.1% off")}
 
 
 WRONG = [pytest.param(v, n, c, d, id=f"{v}:{n}-{d}") for v, n, c in MISTAKES

@@ -50,6 +50,32 @@ def test_outlier_filtration_skips_and_counts():
     assert not cache.skip and int(state.skip_counter) == 0
 
 
+def test_a_nan_that_decides_the_outlier_test_is_not_dropped():
+    """The outlier test is one decision for all channels. On the 'kept' sample a large value in
+    channel 0 alone makes the step an outlier, so a NaN there leaves it undecided: every output
+    that differs between the two branches is NaN (the official ``torch.any`` would read the NaN
+    comparison as False and drop it), the count is unchanged; an inf is the limit of large
+    values: an outlier step, finite in the other channels."""
+    kept = next(s for s in SAMPLES if s.name == "(2,3,4)-outlier-kept")
+    dy = np.random.default_rng(3).standard_normal(kept.arrays[0].shape)
+
+    def run(value):
+        x = kept.arrays[0].copy()
+        x[0, 0, 0] = value
+        y, state, cache = SPEC.run(kept._replace(arrays=(x,) + kept.arrays[1:]))
+        return y, state, cache, unified_norm_backward(dy, cache)
+
+    y, state, cache, _ = run(1e6)
+    assert cache.skip and int(state.skip_counter) == 1          # channel 0 decides
+    y, state, cache, grads = run(np.nan)
+    assert cache.skip is None and int(state.skip_counter) == 0
+    for a in (y, state.running_var, grads.dx, grads.dweight, grads.ema_gz):
+        assert np.isnan(a).all()
+    y, state, cache, grads = run(np.inf)
+    assert cache.skip and int(state.skip_counter) == 1
+    assert np.isfinite(y[..., 1:]).all() and np.isfinite(grads.dx[..., 1:]).all()
+
+
 def test_fluctuation_smoothing_is_the_geometric_mean_of_the_window(rng):
     c = 3
     x = rng.standard_normal((5, 4, c))
