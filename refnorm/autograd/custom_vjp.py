@@ -31,6 +31,10 @@ def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
         returns their gradients.
     stateful : bool
         Whether ``forward`` returns new state, which the op passes through as ``(y, state)``.
+        Some backwards update state too (PowerNorm's moving average of the gradient
+        statistics): their ``grads`` NamedTuple has fields after the gradients. The op then
+        takes a keyword ``on_backward_state``, a callable that the graph's backward pass calls
+        with those fields as a dict (``{"ema_gz": ...}``); without it they are dropped.
 
     Returns
     -------
@@ -45,7 +49,7 @@ def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
                          f"{forward.__name__}{signature}")
 
     @functools.wraps(forward)
-    def op(*args, **kwargs):
+    def op(*args, on_backward_state=None, **kwargs):
         bound = signature.bind(*args, **kwargs)
         parents, positions = [], []
         for i, name in enumerate(diff_argnames):
@@ -56,7 +60,9 @@ def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
                 positions.append(i)
         result = forward(*bound.args, **bound.kwargs)
         y, cache = result[0], result[-1]
-        out = Tensor._make(y, "custom_vjp", tuple(parents), (backward, cache, tuple(positions)))
+        out = Tensor._make(y, "custom_vjp", tuple(parents),
+                           (backward, cache, tuple(positions), len(diff_argnames),
+                            on_backward_state))
         return (out, result[1]) if stateful else out
 
     op.forward, op.backward, op.diff_argnames = forward, backward, tuple(diff_argnames)

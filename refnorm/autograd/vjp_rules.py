@@ -294,6 +294,8 @@ def conv2d_vjp(g, out, inputs, stride, dilation):
 
 # ----- hand-derived ops ------------------------------------------------------------------------
 @rule("custom_vjp")
-def custom_vjp_vjp(g, out, inputs, backward, cache, positions):
+def custom_vjp_vjp(g, out, inputs, backward, cache, positions, n_grads, on_backward_state):
     grads = backward(g, cache)
+    if on_backward_state is not None and len(grads) > n_grads:   # the backward's new state
+        on_backward_state(dict(zip(grads._fields[n_grads:], grads[n_grads:])))
     return tuple(grads[i] for i in positions)

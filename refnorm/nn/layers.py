@@ -95,7 +95,8 @@ class Norm(Module):
     official code does), the explicit state and the hyper-parameters; the forward calls the
     record's ``op`` (its hand-derived backward, through ``custom_vjp``). A stateful variant
     returns new state; in training mode the layer replaces its state arrays with the new ones
-    (unless :attr:`freeze_state` is set, as :class:`~refnorm.nn.tent.Tent` does).
+    (unless :attr:`freeze_state` is set, as :class:`~refnorm.nn.tent.Tent` does), and with the
+    state the record's backward computes (PowerNorm's ``ema_gz``) when the backward runs.
 
     Parameters
     ----------
@@ -173,7 +174,9 @@ class Norm(Module):
         moved = axis != own
         if moved:
             x = ag.transpose(x, _move(x.ndim, axis, own))
-        result = self.spec.op(x, **self._call_kwargs(), **inputs)
+        updating = self.spec.stateful and self.training and not self.freeze_state
+        hook = {"on_backward_state": self._backward_state} if updating else {}
+        result = self.spec.op(x, **self._call_kwargs(), **inputs, **hook)
         if self.spec.stateful:
             y, new_state = result
             if self.training and not self.freeze_state:
@@ -184,6 +187,14 @@ class Norm(Module):
         if moved:
             y = ag.transpose(y, tuple(np.argsort(_move(x.ndim, axis, own))))
         return y
+
+    def _backward_state(self, fields):
+        """Take the state that the record's backward computes (PowerNorm's and Unified
+        Normalization's ``ema_gz``, UN's ``buffer_gz``) when the graph's backward runs, as the
+        official modules do; the next forward then uses it."""
+        for key, value in fields.items():
+            if key in self.state_names:
+                self._state[key] = value
 
     def extra_repr(self):
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())

@@ -257,7 +257,8 @@ power_norm = custom_vjp(power_norm_forward, power_norm_backward, ("x", "weight",
                         stateful=True)
 power_norm.__doc__ = """Differentiable PowerNorm (engine op) with the official approximate
 backward: returns ``(y, new_state)``; see :func:`power_norm_forward`. The backward's new
-``ema_gz`` is returned by :func:`power_norm_backward` only."""
+``ema_gz`` is returned by :func:`power_norm_backward`, and passed to
+``on_backward_state(fields)`` when given (:class:`refnorm.nn.Norm` keeps it as its state)."""
 
 
 def power_norm_composite(x, weight=None, bias=None, training=False, eps=1e-5, *, running_phi,

@@ -344,7 +344,8 @@ unified_norm = custom_vjp(unified_norm_forward, unified_norm_backward, ("x", "we
                           stateful=True)
 unified_norm.__doc__ = """Differentiable Unified Normalization (engine op) with the official
 backward: returns ``(y, new_state)``; see :func:`unified_norm_forward`. The backward's new
-``ema_gz`` and ``buffer_gz`` are returned by :func:`unified_norm_backward` only."""
+``ema_gz`` and ``buffer_gz`` are returned by :func:`unified_norm_backward`, and passed to
+``on_backward_state(fields)`` when given (:class:`refnorm.nn.Norm` keeps it as its state)."""
 
 
 def _schedule(t, wf, warmup_iters, outlier_filtration, q, buffer_x2, running_var):
