@@ -425,12 +425,15 @@ def accepts(fn, name) -> bool:
 # ------------------------------------------------------------------------------------------
 # Non-finite inputs: which outputs depend on which input element
 # ------------------------------------------------------------------------------------------
-def dependency_cone(spec, sample, dy, slot, index) -> dict:
+def dependency_cone(spec, sample, dy, slot, index, *, to_the_limit=False) -> dict:
     """``{output: bool mask}`` of the output elements that change when the input element
     ``index`` of ``slot`` changes (finite perturbations: an increase and a halving, and two
     extreme moves; a move the variant rejects, e.g. a negative running variance, is skipped).
     Computed in extended precision, so that a dependency is not lost to the rounding of a
-    low-precision dtype."""
+    low-precision dtype. ``to_the_limit`` adds moves to the largest finite values of the
+    element's dtype: an injected inf is the limit beyond them, and a selection can switch only
+    there (FRN's TLU when a learned eps of 1e300 drives every normalized value to 0)."""
+    limit = float(np.finfo(get_slot(sample, slot).dtype).max)
     sample = cast(spec, resolve_dtype_defaults(spec, sample, sample.arrays[0].dtype),
                   np.longdouble)
     dy = None if dy is None else dy.astype(np.longdouble)
@@ -442,8 +445,9 @@ def dependency_cone(spec, sample, dy, slot, index) -> dict:
     # stands for a value beyond any finite one, and a selection (FRN's TLU, EvoNorm-B0's max)
     # switches sides only for values far enough out
     big = 1e6 * (abs(a[index]) + scale)
-    for new in (a[index] + 0.5 * (abs(a[index]) + scale), a[index] * 0.5 - 0.25 * scale,
-                a[index] + big, a[index] - big):
+    moves = [a[index] + 0.5 * (abs(a[index]) + scale), a[index] * 0.5 - 0.25 * scale,
+             a[index] + big, a[index] - big]
+    for new in moves + ([limit, -limit] if to_the_limit else []):
         b = a.copy()
         b[index] = new
         res = execute(spec, replace_slots(sample, {slot: b}), dy)

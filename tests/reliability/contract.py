@@ -260,17 +260,20 @@ def check_nonfinite(call, injected) -> list[Failure]:
     # Two cones per injected element. `local`: the outputs that change when it changes, at this
     # very call; an injected NaN must reach all of them. `allowed`: where a non-finite value may
     # appear at all: `local`, the same at a generic point (x standard normal, eps 0.5: away from
-    # the degenerate groups of one or two elements, where y or dx is constant in x), and the NaN
-    # pattern of the engine composite on the injected call (the textbook formula propagates a NaN
-    # through the statistics of its group even where the exact function does not depend on it:
-    # 0 * NaN is NaN). Everything outside `allowed` must be bit-identical to the clean call.
+    # the degenerate groups of one or two elements, where y or dx is constant in x), the outputs
+    # that change when the element goes to its dtype's largest finite values (an inf is their
+    # limit), and the NaN pattern of the engine composite on the injected call (the textbook
+    # formula propagates a NaN through the statistics of its group even where the exact function
+    # does not depend on it: 0 * NaN is NaN). Everything outside `allowed` must be bit-identical
+    # to the clean call.
     generic = _benign(spec, sample)
     if isinstance(generic.kwargs.get("eps"), float):
         generic = generic._replace(kwargs={**generic.kwargs, "eps": 0.5})
     local = [dependency_cone(spec, sample, dy, slot, index) for slot, index, _ in injected]
     allowed = {}
     for (slot, index, _), cone in zip(injected, local):
-        for source in (cone, dependency_cone(spec, generic, dy, slot, index)):
+        for source in (cone, dependency_cone(spec, generic, dy, slot, index),
+                       dependency_cone(spec, sample, dy, slot, index, to_the_limit=True)):
             for k, m in source.items():
                 allowed[k] = allowed[k] | m if k in allowed and allowed[k].shape == m.shape else \
                     allowed.get(k, m.copy())
