@@ -63,7 +63,9 @@ Paper vs code, and code bugs (``formulas_transformer.md`` section 3.6):
 
 **Dtypes**: ``y`` and ``dx`` have the dtype of ``x``; the statistics are computed in float64
 (longdouble for longdouble input) from values scaled by a power of two, so they neither
-overflow nor underflow (:mod:`refnorm.norms._tokens`).
+overflow nor underflow (:mod:`refnorm.norms._tokens`); where :math:`1/\mathrm{RMS}` itself
+exceeds float64 (``eps = 0`` and a row of subnormal values), it is kept as :math:`r\,2^{-e}`
+and applied to the scaled values, exactly.
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ _OP = "crms_norm"
 
 class CRMSNormCache(NamedTuple):
     x: np.ndarray           # z, the compressed input (not a copy)
-    rstd: np.ndarray        # r, keepdims over the last axis, in the wide dtype
+    rstd: np.ndarray        # r, keepdims over the last axis, in the wide dtype: 1/RMS is
+    shift: np.ndarray       # r 2^-shift, shift = 0 except where 1/RMS exceeds the wide dtype
 
 
 class CRMSNormGrads(NamedTuple):
@@ -113,24 +116,29 @@ def crms_norm_forward(x, eps=1e-5):
     qs = (np.sum(np.square(zs), axis=-1, keepdims=True)
           + np.square(np.sum(zs, axis=-1, keepdims=True))) / d
     rstd, _ = rsqrt_scaled(qs, e, eps)
-    with np.errstate(invalid="ignore", over="ignore"):
-        y = (xw * rstd).astype(x.dtype)
-    return y, CRMSNormCache(x, rstd)
+    # where r = 1/RMS itself exceeds the dtype (eps = 0 and a subnormal row), it is kept as
+    # r = rs 2^-shift with rs = qs^-1/2, and every product by r is formed from zs = z 2^-e
+    over = np.isinf(rstd) & (qs > 0)
+    shift = np.where(over, e, 0)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        rstd = np.where(over, 1.0 / np.sqrt(qs), rstd)
+        y = (np.ldexp(xw, -shift) * rstd).astype(x.dtype)
+    return y, CRMSNormCache(x, rstd, shift)
 
 
 def crms_norm_backward(dy, cache):
     r"""Hand-derived VJP of :func:`crms_norm_forward`:
     :math:`\mathrm{d}z = r\,(g - (\hat z + \hat s)\,\sum_j g_j\hat z_j / d)`."""
-    x, r = cache
+    x, r, shift = cache                  # 1/RMS = r 2^-shift (shift = 0 but in subnormal rows)
     d = x.shape[-1] + 1
     wide = r.dtype
-    z = x.astype(wide, copy=False)
+    z = np.ldexp(x.astype(wide, copy=False), -shift)
     g = dy.astype(wide, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):
         zhat = z * r
         shat = np.sum(zhat, axis=-1, keepdims=True)
         k = np.sum(g * zhat, axis=-1, keepdims=True) / d
-        dx = r * (g - (zhat + shat) * k)
+        dx = np.ldexp(r * (g - (zhat + shat) * k), -shift)
     return CRMSNormGrads(dx.astype(x.dtype))
 
 

@@ -36,7 +36,9 @@ Conventions, as PyTorch: :math:`\epsilon` is a **clamp** (not added), default ``
 defaults to 1 (``F.normalize``'s default; embeddings usually pass ``dim=-1``). Only ``p = 2`` is
 implemented (the argument is there so that the signature is ``F.normalize``'s). The norm is
 computed with a rescaling where its squares over- or underflow
-(:func:`refnorm.norms._stats.vector_norm`), so tiny and huge vectors give unit vectors.
+(:func:`refnorm.norms._stats.vector_norm`), so tiny and huge vectors give unit vectors; a norm
+that is itself subnormal (and so has lost bits) is taken of the vector scaled by a power of two
+instead, exactly (:func:`refnorm.norms._tokens.pow2_scale`).
 A zero vector with ``eps = 0`` is 0/0: its ``y`` is NaN (undefined), as in PyTorch. float16 is
 computed in float32 and rounded once.
 """
@@ -50,6 +52,7 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import accumulation_dtype, check_array, check_eps, vector_norm
+from refnorm.norms._tokens import pow2_scale
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "l2_norm"
@@ -62,6 +65,8 @@ class L2NormCache(NamedTuple):
     axes: tuple[int, ...]           # (dim,), nonnegative
     x_shape: tuple[int, ...]        # the shape of x (dx has it; zero beyond m)
     x_dtype: np.dtype
+    norm_scaled: np.ndarray | None = None   # rho = norm_scaled 2^shift exactly; norm itself
+    shift: np.ndarray | None = None         # but where rho is subnormal (shift 0 elsewhere)
 
 
 class L2NormGrads(NamedTuple):
@@ -129,19 +134,30 @@ def l2_norm_forward(x, p=2.0, dim=1, eps=1e-12, truncate_dim=None):
     norm = vector_norm(xt, (axis,))
     clamped = norm < eps
     rho = np.maximum(norm, np.asarray(eps, acc)) if eps > 0 else norm
+    # a subnormal norm has lost significant bits: there, rho = rho_s 2^shift, rho_s the norm of
+    # the vector scaled by 2^-shift (exact), and x 2^-shift / rho_s = x / rho
+    rho_s, shift = rho, np.zeros(rho.shape, np.int32)
+    tiny = (rho < np.finfo(acc).smallest_normal) & (rho > 0) & ~clamped
+    if tiny.any():
+        xs, e = pow2_scale(xt, axis)
+        shift = np.where(tiny, e, 0)
+        rho_s = np.where(tiny, vector_norm(xs, (axis,)), rho)
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 with eps=0: NaN, documented
-        y = xt / rho
-    cache = L2NormCache(y, rho, clamped, (axis,), x.shape, x.dtype)
+        y = np.ldexp(xt, -shift) / rho_s
+    cache = L2NormCache(y, rho, clamped, (axis,), x.shape, x.dtype, rho_s, shift)
     return y.astype(x.dtype), cache
 
 
 def l2_norm_backward(dy, cache):
     r"""Hand-derived VJP of :func:`l2_norm_forward`: ``(dy, cache) -> L2NormGrads``."""
-    y, rho, clamped, axes, x_shape, x_dtype = cache
+    y, rho, clamped, axes, x_shape, x_dtype, rho_s, shift = cache
+    if rho_s is None:
+        rho_s, shift = rho, 0
     g = dy.astype(y.dtype, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):
         radial = np.sum(y * g, axis=axes, keepdims=True)        # <y, g> per vector
-        dxt = (g - np.where(clamped, 0, y * radial)) / rho
+        # / rho = / rho_s, then 2^-shift exactly (1/rho of a subnormal rho may overflow alone)
+        dxt = np.ldexp((g - np.where(clamped, 0, y * radial)) / rho_s, -shift)
     dx = np.zeros(x_shape, x_dtype)
     index = [slice(None)] * len(x_shape)
     index[axes[0]] = slice(0, y.shape[axes[0]])

@@ -92,7 +92,12 @@ update with :math:`\nu = (1-\alpha_b)\tilde\nu`.
 
 **Dtypes**: ``y`` and ``dx`` have the dtype of ``x``, each other gradient that of its input,
 the new state the dtypes of the given state; statistics are computed in float64 (longdouble for
-longdouble input) without overflow or underflow (:mod:`refnorm.norms._tokens`).
+longdouble input) without overflow or underflow (:mod:`refnorm.norms._tokens`). A float64 call
+whose ``x`` lies outside about :math:`[10^{-77}, 10^{77}]`
+(:func:`refnorm.norms._stats.out_of_range`), or has a token group whose GroupScaling factor
+:math:`\rho` exceeds float64 (its RMS is subnormal, with ``eps = 0``), is computed entirely in
+``np.longdouble`` where that is wider, and rounded once; its backward follows
+(:class:`refnorm.norms._stats.WideCache`).
 """
 from __future__ import annotations
 
@@ -102,7 +107,8 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import check_eps, check_flag, check_num_groups, check_param
+from refnorm.norms._stats import (WideCache, check_eps, check_flag, check_num_groups,
+                                  check_param, narrow, out_of_range, wider_dtype)
 from refnorm.norms._tokens import (as_tokens, channel_sum, check_int, check_state, check_tokens,
                                    check_unit, rsqrt_quadratic_mean, token_axes, wide_dtype)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
@@ -158,6 +164,16 @@ def group_scaling(x2, group_num, eps):
         return (xg * rho).reshape(m, c), rho
 
 
+def _rho_overflows(x2, rho):
+    r"""Whether a GroupScaling factor is inf for a group that is not all zero (its RMS below
+    about :math:`5.6\cdot 10^{-309}`: subnormal values with ``eps = 0``)."""
+    with np.errstate(invalid="ignore"):
+        m, c = x2.shape
+        groups = rho.shape[1]
+        nonzero = np.any(x2.reshape(m, groups, c // groups) != 0, axis=2)
+        return bool(np.any((rho[..., 0] == np.inf) & nonzero))
+
+
 def power_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *, running_phi,
                        ema_gz, iters=0, group_num=1, alpha_fwd=0.9, alpha_bkw=0.9,
                        warmup_iters=10000):
@@ -197,6 +213,20 @@ def power_norm_forward(x, weight=None, bias=None, training=False, eps=1e-5, *, r
                          f"{x.shape}")
     xt, rho = group_scaling(x2, group_num, eps)
     wide = xt.dtype
+    wider = wider_dtype(wide)
+    if wider is not None and (out_of_range(x2.astype(wide, copy=False))
+                              or _rho_overflows(x2, rho)):
+        # 1/RMS beyond float64 (a subnormal token with eps = 0), or squares out of range: the
+        # whole call in the wider dtype, rounded once
+        y, state, cache = power_norm_forward(
+            x.astype(wider), *(None if a is None else a.astype(wider) for a in (weight, bias)),
+            training, eps, running_phi=running_phi.astype(wider), ema_gz=ema_gz.astype(wider),
+            iters=t, group_num=group_num, alpha_fwd=alpha_fwd, alpha_bkw=alpha_bkw,
+            warmup_iters=warmup_iters)
+        state = PowerNormState(narrow(state.running_phi, running_phi.dtype), ema_gz,
+                               state.iters)
+        dtypes = [x.dtype] + [x.dtype if a is None else a.dtype for a in (weight, bias)]
+        return narrow(y, x.dtype), state, WideCache(cache, dtypes + [ema_gz.dtype], wider)
     phi = running_phi.astype(wide)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         running_rstd = (1.0 / np.sqrt(phi + eps))[None, :]
@@ -226,6 +256,8 @@ def power_norm_backward(dy, cache):
     r"""The official backward of :func:`power_norm_forward`: the approximate backpropagation
     in training (a surrogate, see the module docstring), exact in evaluation. Returns
     :class:`PowerNormGrads`, whose last field is the new :math:`\tilde\nu`."""
+    if isinstance(cache, WideCache):
+        return cache.narrow(power_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
     x, rho, rstd, batch_rstd, weight, bias_dtype, ema_gz, alpha_bkw = cache
     x2 = as_tokens(x)
     m, c = x2.shape

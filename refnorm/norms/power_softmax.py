@@ -45,9 +45,13 @@ method section and the authors' code (a paper supplement) could not be read
   regularizer.
 
 Numerics: computed as :math:`(s/c)^p / (\epsilon_L c^{-p} + \sum (s/c)^p)` with :math:`c =
-\max_j |s_j|`, an exact identity (for any :math:`c > 0`) whose powers cannot overflow. A row
-that is all zero (or all masked) with :math:`\epsilon = 0` is :math:`0/0`: NaN (undefined).
-float16 is computed in float32 and rounded once.
+2^e` the power of two at or just above :math:`\max_j |s_j|`, an exact identity (for any
+:math:`c > 0`) whose powers cannot overflow; :math:`s/c` and every product by :math:`c^{\pm 1}`
+only move exponents (``np.ldexp``), so nothing
+overflows or underflows that the result does not, subnormal scores included (where
+:math:`1/\max|s|` itself exceeds float64). A row that is all zero (or all masked) with
+:math:`\epsilon = 0` is :math:`0/0`: NaN (undefined). float16 is computed in float32 and
+rounded once.
 """
 from __future__ import annotations
 
@@ -68,12 +72,18 @@ _OP = "power_softmax"
 class PowerSoftmaxCache(NamedTuple):
     ratio: np.ndarray               # s / c, in [-1, 1], accumulation dtype (0 where masked)
     y: np.ndarray                   # the output, accumulation dtype
-    c: np.ndarray                   # max |s| per row (1 for an all-zero row), keepdims
+    e: np.ndarray                   # c = 2**e >= max |s| per row (e = 0: all-zero row), keepdims
     denom: np.ndarray               # eps_L c^-p + sum (s/c)^p, keepdims, float64
     mask: np.ndarray | None
     p: int
     axes: tuple[int, ...]
     x_dtype: np.dtype
+
+    @property
+    def c(self):
+        """The row scale :math:`c = 2^e` as float64 (``inf`` where :math:`2^e` exceeds it)."""
+        with np.errstate(over="ignore"):
+            return np.ldexp(1.0, self.e)
 
 
 class PowerSoftmaxGrads(NamedTuple):
@@ -140,30 +150,33 @@ def power_softmax_forward(x, p, dim=-1, eps=0.0, mask=None, length_agnostic=Fals
     if mask is not None:
         s = np.where(mask, s, 0).astype(acc, copy=False)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
-        c = np.max(np.abs(s), axis=axis, keepdims=True) if s.size else \
-            np.ones(tuple(1 if a == axis else n for a, n in enumerate(s.shape)), acc)
-        c = np.where(c == 0, 1, c).astype(acc)   # an all-zero row: any c; inf and NaN stay
-        ratio = s / c
+        # c = 2^e > max |s| (e = 0 for an all-zero row): s / c = ldexp(s, -e), exact; a row
+        # with an inf or NaN keeps s / max|s| (NaN, as the formula gives)
+        c = np.max(np.abs(s), axis=axis, keepdims=True, initial=0)
+        finite = np.isfinite(c)
+        e = np.frexp(np.where(finite, c, 1))[1]
+        ratio = np.where(finite, np.ldexp(s, -e), s / c).astype(acc, copy=False)
         z = ratio ** p
         # the denominator eps_L c^-p + sum (s/c)^p in float64, one number per row: eps_L c^-p
         # may exceed the accumulation format (a row of tiny scores with eps > 0), where y,
         # about s^p / eps, is still representable
-        extra = (eps_l * np.asarray(c, np.float64) ** -p) if eps_l > 0 else 0.0
+        extra = np.ldexp(eps_l, -p * e.astype(np.int64)) if eps_l > 0 else 0.0
         denom = np.sum(z, axis=axis, keepdims=True, dtype=np.float64) + extra
         y = (z / denom).astype(acc, copy=False)
-    cache = PowerSoftmaxCache(ratio, y, c, denom, mask, p, (axis,), x.dtype)
+    cache = PowerSoftmaxCache(ratio, y, e, denom, mask, p, (axis,), x.dtype)
     return y.astype(x.dtype, copy=False), cache
 
 
 def power_softmax_backward(dy, cache):
     r"""Hand-derived VJP of :func:`power_softmax_forward`: ``(dy, cache) -> Grads``."""
-    ratio, y, c, denom, mask, p, axes, x_dtype = cache
+    ratio, y, e, denom, mask, p, axes, x_dtype = cache
     g = dy.astype(y.dtype, copy=False)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         d = np.sum(g * y, axis=axes, keepdims=True)          # D = <dy, y> per row
-        # p s^{p-1} / Z = p (s/c)^{p-1} / (c (Z / c^p)): no power of s itself
-        k = (p * ratio ** (p - 1)) / (c * denom)               # float64: denom's range
-        dx = (k * (g - d)).astype(y.dtype)
+        # p s^{p-1} / Z = p (s/c)^{p-1} / (c (Z / c^p)): no power of s itself, and 1/c = 2^-e
+        # applied last, exactly, to the product (1/c alone may exceed the dtype)
+        k = (p * ratio ** (p - 1)) / denom                     # float64: denom's range
+        dx = np.ldexp(k * (g - d), -e).astype(y.dtype)
     if mask is not None:
         dx = np.where(mask, dx, 0)
     return PowerSoftmaxGrads(dx.astype(x_dtype, copy=False))

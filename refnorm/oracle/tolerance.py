@@ -668,11 +668,10 @@ class _PowerSoftmax:
         axes = tuple(cache.axes)
         self.y = np.abs(np.asarray(ref.outputs["y"], np.float64))
         ratio = np.asarray(cache.ratio, np.float64)
-        c = np.asarray(cache.c, np.float64)
         denom = np.asarray(cache.denom, np.float64)
         p = int(cache.p)
-        with np.errstate(all="ignore"):
-            self.k = np.abs(p * ratio ** (p - 1) / (c * denom))
+        with np.errstate(all="ignore"):   # K = p r^{p-1} / (c Z~), c = 2^e applied exactly
+            self.k = np.abs(np.ldexp(p * ratio ** (p - 1) / denom, -np.asarray(cache.e)))
         self.p = p
         n = ratio.shape[axes[0]] if ratio.ndim else 1
         self.gn = float(growth(n))
@@ -684,7 +683,7 @@ class _PowerSoftmax:
     @staticmethod
     def applies(spec, case, ref):
         cache = ref.cache
-        return all(hasattr(cache, k) for k in ("ratio", "denom", "c", "p", "axes")) \
+        return all(hasattr(cache, k) for k in ("ratio", "denom", "e", "p", "axes")) \
             and set(ref.outputs) == {"y", "dx"}
 
     def terms(self, uA):

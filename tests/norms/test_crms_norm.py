@@ -133,3 +133,28 @@ def test_recenter_producer_makes_outputs_zero_mean(rng):
 def test_helpers_reject_bad_input(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def test_subnormal_rows_with_eps_0_are_their_scaled_copies(rng):
+    """With eps = 0, CRMSNorm is invariant to each row's scale: rows of subnormal values
+    (where 1/RMS exceeds float64; y was inf) give the outputs of the same values scaled by
+    2^1040 (exact), and dx is 2^1040 times theirs: 0 for a one-element row (y = sign(z)),
+    inf of the right sign where that exceeds float64. The reliability test's failure:
+    x = [[1.257302210933935e-309]], eps = 0."""
+    from refnorm.norms.crms_norm import crms_norm_backward
+    ints = rng.integers(1, 9, (3, 5)).astype(np.float64) * rng.choice([-1.0, 1.0], (3, 5))
+    normal = np.vstack([ints, rng.standard_normal((2, 5))])
+    tiny = normal.copy()
+    tiny[:3] = np.ldexp(ints, -1040)                      # |z| < 2^-1022: subnormal
+    dy = rng.standard_normal(normal.shape)
+    y, cache = crms_norm_forward(tiny, 0.0)
+    y_ref, cache_ref = crms_norm_forward(normal, 0.0)
+    np.testing.assert_array_equal(y, y_ref)
+    dx, dx_ref = crms_norm_backward(dy, cache).dx, crms_norm_backward(dy, cache_ref).dx
+    np.testing.assert_array_equal(dx[3:], dx_ref[3:])
+    big = np.abs(dx_ref[:3]) > 1e-6 * np.abs(dx_ref[:3]).max()
+    assert np.isinf(dx[:3][big]).all()
+    assert (np.sign(dx[:3][big]) == np.sign(dx_ref[:3][big])).all()
+    one = np.array([[1.257302210933935e-309]])
+    y1, cache1 = crms_norm_forward(one, 0.0)
+    assert y1[0, 0] == 1.0 and crms_norm_backward(np.array([[0.7]]), cache1).dx[0, 0] == 0.0

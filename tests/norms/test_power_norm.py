@@ -96,3 +96,42 @@ def test_composite_state_equals_forward_state():
         _, cstate = SPEC.composite(**SPEC.arguments(sample))
         for a, b in zip(state, cstate):
             np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-13)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_subnormal_token_group_with_eps_0_is_its_scaled_copy(rng, training):
+    """GroupScaling with eps = 0 is invariant to the scale of each token group: a group of
+    subnormal values (1/RMS beyond float64; was NaN) gives the outputs of the same values
+    scaled by 2^1040 (exact), and its dx is 2^1040 times theirs (beyond float64 here: inf of
+    the right sign, where not a cancellation residue). The whole call then runs in long
+    double."""
+    if np.finfo(np.longdouble).maxexp <= np.finfo(np.float64).maxexp:
+        pytest.skip("no long double wider than float64 on this platform")
+    ints = rng.integers(-8, 9, (3, 4)).astype(np.float64)
+    ints[:, 0] = 3.0                                         # no all-zero group
+    x = rng.standard_normal((2, 3, 4))
+    tiny, normal = x.copy(), x.copy()
+    tiny[1, :, 2:] = np.ldexp(ints[:, 2:], -1040)           # subnormal: |x| < 2^-1022
+    normal[1, :, 2:] = ints[:, 2:]
+    weight, bias = rng.standard_normal(4) + 1, rng.standard_normal(4)
+    kw = dict(training=training, eps=0.0, running_phi=rng.uniform(0.5, 2, 4),
+              ema_gz=rng.standard_normal(4), iters=2, group_num=2, warmup_iters=10)
+    dy = rng.standard_normal(x.shape)
+    y, state, cache = power_norm_forward(tiny, weight, bias, **kw)
+    grads = power_norm_backward(dy, cache)
+    y_ref, state_ref, cache_ref = power_norm_forward(normal, weight, bias, **kw)
+    grads_ref = power_norm_backward(dy, cache_ref)
+    assert np.isfinite(y).all() and np.isfinite(state.running_phi).all()
+    np.testing.assert_allclose(y, y_ref, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(state.running_phi, state_ref.running_phi, rtol=1e-14)
+    for name in ("dweight", "dbias", "ema_gz"):
+        np.testing.assert_allclose(getattr(grads, name), getattr(grads_ref, name), rtol=1e-13,
+                                   atol=1e-14)
+    keep = np.ones(x.shape, bool)
+    keep[1, :, 2:] = False
+    np.testing.assert_allclose(grads.dx[keep], grads_ref.dx[keep], rtol=1e-13, atol=1e-14)
+    scaled, ref = grads.dx[1, :, 2:], grads_ref.dx[1, :, 2:]
+    big = np.abs(ref) > 1e-6 * np.abs(ref).max()       # not a cancellation residue
+    assert big.sum() >= 3 and np.isinf(scaled[big]).all()
+    assert (np.sign(scaled[big]) == np.sign(ref[big])).all()
+    assert grads.dx.dtype == y.dtype == state.running_phi.dtype == np.float64

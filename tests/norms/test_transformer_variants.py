@@ -92,7 +92,7 @@ def _power_softmax_missing_mean_term(out, inputs, dy, kwargs):
     """dx = p s^{p-1} / Z dy (the - <dy, y> term forgotten)."""
     spec = BY_NAME["power_softmax"]
     _, cache = spec.forward(inputs["x"], **kwargs)
-    k = cache.p * cache.ratio ** (cache.p - 1) / (cache.c * cache.denom)
+    k = np.ldexp(cache.p * cache.ratio ** (cache.p - 1) / cache.denom, -cache.e)
     dx = k * dy
     out["dx"] = dx if cache.mask is None else np.where(cache.mask, dx, 0)
 
