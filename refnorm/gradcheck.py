@@ -36,6 +36,9 @@ __all__ = ["check_vjp", "numerical_jacobian", "directional_derivative", "Gradche
 
 _EPS = np.finfo(np.float64).eps
 _LEVELS = 4          # steps t, t/2, t/4, t/8: 2 * _LEVELS evaluations of f per derivative
+_FAST_LEVELS = 3     # a fast-mode projection: steps t, t/2, t/4 (6 evaluations of f)
+_FIRST_LEVELS = 2    # slow mode, first pass per element: steps t, t/2 (4 evaluations of f)
+_DIAGNOSIS = 3       # projections drawn in all, after a failure by projection, to name a factor
 _SAFETY = 4.0        # slack, in units of the estimated finite-difference error
 _NOISE = 16.0        # f is trusted to about this many ulps of its magnitude
 _KINK_FACTOR = 10.0  # one-sided slopes must differ by this many of their error estimates ...
@@ -235,14 +238,20 @@ def _scale(x: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(x), typical if typical > 0 else 1.0)
 
 
-def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list[_Estimate]:
-    """Derivative of each output of ``fn`` along ``directions`` (one per input; None: fixed).
+def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0, levels=_LEVELS,
+           samples=None) -> list[_Estimate]:
+    r"""Derivative of each output of ``fn`` along ``directions`` (one per input; None: fixed).
 
     The step is relative: the largest moves no element by more than ``step * scales``. With
     ``weights`` (one cotangent per output) each difference quotient is projected on its
     cotangent before extrapolating, so the table works on the very number that is compared.
     Differences come before projections: outputs that do not move then cancel exactly, instead
     of drowning a small change in the rounding of a large sum.
+
+    ``levels`` steps :math:`t, t/2, \dots` are used (two evaluations of ``fn`` each).
+    ``samples``, a list, keeps the evaluations ``(f(x + t v), f(x - t v))`` level by level:
+    the levels it already holds (from an earlier call along the same direction at the same
+    ``step``) are reused, not evaluated again, and the new ones are appended to it.
     """
     reach = max((float(np.max(np.abs(v) / s)) for s, v in zip(scales, directions)
                  if v is not None and v.size), default=0.0)
@@ -253,16 +262,19 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
     if reach == 0.0:  # nothing moves: the derivative is exactly zero
         zeros = [project(o, np.zeros_like(y)) for o, y in enumerate(f0)]
         return [_Estimate(z, z, z, z, z, np.zeros_like(z, bool)) for z in zeros]
-    steps = (step / reach) * 0.5 ** np.arange(_LEVELS)
+    steps = (step / reach) * 0.5 ** np.arange(levels)
+    samples = [] if samples is None else samples
     central, forward, backward = [], [], []
     moved = [np.zeros(y.shape, bool) for y in f0]
     # An output element that changes at one step but is bit-identical at another has a
     # quantum (f rounds to a coarser grid inside, e.g. float16): its largest change.
     stuck = [np.zeros(y.shape, bool) for y in f0]
     jump = [np.zeros(y.shape) for y in f0]
-    for t in steps:
-        up = fn([x if v is None else x + t * v for x, v in zip(xs, directions)])
-        down = fn([x if v is None else x - t * v for x, v in zip(xs, directions)])
+    for level, t in enumerate(steps):
+        if level == len(samples):
+            samples.append((fn([x if v is None else x + t * v for x, v in zip(xs, directions)]),
+                            fn([x if v is None else x - t * v for x, v in zip(xs, directions)])))
+        up, down = samples[level]
         for changed, p, b, m in zip(moved, up, f0, down):
             changed |= (p != b) | (m != b)
         for s_, j_, p, b, m in zip(stuck, jump, up, f0, down):
@@ -536,6 +548,7 @@ class _Checker:
         self.searched = self.rescued = 0  # comparisons given a step search; resolved by it
         self.jitter = 0.0  # how far two calls of f at the same point differ (0: deterministic)
         self.steps_tried = {step}
+        self.refined = 0  # elements whose two-step estimate needed the full Richardson table
 
     def draw(self, rng):
         """Random cotangents, and the analytic J_o^T u_o of each output o (one vjp call each)."""
@@ -557,9 +570,10 @@ class _Checker:
                 steps.append(step)
         return steps
 
-    def _estimate(self, moved, cotangents, analytic, input, index, scales, step):
+    def _estimate(self, moved, cotangents, analytic, input, index, scales, step,
+                  levels=_LEVELS, samples=None):
         estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, step, cotangents,
-                           self.atol)
+                           self.atol, levels, samples)
         return [_compare(est, a, input, o, index, self.rtol, self.atol, s, step)
                 for o, (est, a, s) in enumerate(zip(estimates, analytic, scales))]
 
@@ -599,24 +613,55 @@ class _Checker:
         return out
 
     def projection(self, cotangents, grads, directions: dict, input=None) -> list[_Comparison]:
-        r"""Compare :math:`u^T (J v)`, by finite differences, with :math:`(J^T u)^T v`."""
+        r"""Compare :math:`u^T (J v)`, by finite differences (steps :math:`t, t/2, t/4`: 6
+        evaluations of ``f``), with :math:`(J^T u)^T v`; then a step search if unresolved."""
         moved = [directions.get(k) for k in range(len(self.xs))]
         analytic = [sum(float(np.sum(g[k] * v)) for k, v in directions.items()) for g in grads]
         terms = [sum(float(np.sum(np.abs(g[k] * v))) for k, v in directions.items())
                  for g in grads]
-        found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step)
+        found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step,
+                               _FAST_LEVELS)
         where = (moved, cotangents, analytic, input, None)
         return self.search([c._replace(direction=where) for c in found], {})
 
+    def settled(self, c: _Comparison, scale: float) -> bool:
+        """Whether a first, two-step estimate already decides a comparison: it is smooth, f
+        moved, and the analytic value agrees with it within ``atol + rtol |n|`` alone (no
+        allowance for the finite-difference error) at a resolved error estimate."""
+        return not c.troubled and not (c.still and c.analytic != 0) and \
+            abs(c.analytic - c.numerical) <= self.atol + self.rtol * abs(c.numerical) and \
+            c.resolved(self.resolution, self.atol, scale)
+
     def elements(self, k, cotangents, grads) -> list[_Comparison]:
-        """Compare (J^T u)[j] with its finite difference, one element j of input k at a time;
-        then a step search for those that could not resolve the tolerance."""
+        r"""Compare :math:`(J^T u)_j` with its finite difference, one element :math:`j` of input
+        :math:`k` at a time.
+
+        First at two steps :math:`t, t/2` (4 evaluations of ``f``): the extrapolation
+        :math:`(4 D(t/2) - D(t)) / 3` has an error :math:`O(t^4)`, while its estimate,
+        :math:`|D(t/2) - D(t)|`, is the size of the :math:`O(t^2)` term that it removed: an
+        overestimate by a factor of about :math:`1 / t^2` wherever :math:`f` is smooth at the
+        scale of the step. An element whose analytic value agrees within ``atol + rtol |n|``
+        (no allowance for that error), at a resolved estimate, and with no kink, is settled:
+        a right gradient passes there with the same tolerance as after a full table, and a
+        wrong one cannot hide (it would have to equal an estimate that is far more precise
+        than the tolerance). Every other element (a failure, a kink, an agreement that needs
+        the error allowance, an unresolved estimate) gets Richardson/Ridders refinement: the
+        steps :math:`t/4, t/8` are added (4 more evaluations) and the full table decides, as
+        before. Then a step search for those that still could not resolve the tolerance.
+        """
         comparisons = []
+        scales = [float(np.max(np.abs(g[k]), initial=0.0, where=np.isfinite(g[k])))
+                  for g in grads]
         for j in np.ndindex(self.xs[k].shape):
             moved = [_one_hot(self.xs[k], j) if i == k else None for i in range(len(self.xs))]
             analytic = [g[k][j] for g in grads]
+            samples: list = []
             found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
-                                   self.step)
+                                   self.step, _FIRST_LEVELS, samples)
+            if not all(self.settled(c, s) for c, s in zip(found, scales)):
+                self.refined += 1
+                found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
+                                       self.step, _LEVELS, samples)
             where = (moved, cotangents, analytic, k, j)
             comparisons += [c._replace(direction=where) for c in found]
         return self.search(comparisons)
@@ -627,7 +672,13 @@ class _Checker:
 
     def fast(self, rng, n_projections, max_fallback_size) -> list[_Comparison]:
         comparisons, checked = [], set()  # checked: inputs already checked element by element
-        for _ in range(n_projections):
+        drawn = 0
+        # After a failure that only projections can show (an input too large to check element
+        # by element), up to _DIAGNOSIS projections in all, so that a constant factor can be
+        # recognised: evaluations spent only once the gradient is known to be wrong.
+        while drawn < n_projections or (drawn < _DIAGNOSIS and any(
+                c.bad and c.index is None for c in comparisons)):
+            drawn += 1
             cotangents, grads = self.draw(rng)
             directions = {k: rng.standard_normal(self.xs[k].shape) for k in self.movable}
             joint = self.projection(cotangents, grads, directions)
@@ -665,7 +716,7 @@ class _Checker:
 
 
 def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode: str = "fast",
-              rng=None, rtol: float = 1e-7, atol: float = 1e-9, n_projections: int = 3,
+              rng=None, rtol: float = 1e-7, atol: float = 1e-9, n_projections: int = 1,
               raise_on_failure: bool = False, diff_argnums: Sequence[int] | None = None,
               step: float = 1e-4, max_fallback_size: int = 2000) -> GradcheckReport:
     r"""Check an analytic vector-Jacobian product against finite differences.

@@ -178,7 +178,9 @@ def test_large_input_fails_by_projection_and_names_the_factor(rng):
     report = check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: 2 * g), (x,))
     assert not report.passed and report.worst.index is None
     assert report.pattern == "off by a constant factor 2.0"
-    assert report.n_evals == 1 + 3 * 8 + 1  # + 1: f again at x, to be sure it is deterministic
+    # one projection (6 evaluations) finds the failure; two more, drawn only after it, name the
+    # factor; + 1: f again at x, to be sure it is deterministic
+    assert report.n_evals == 1 + 3 * 6 + 1
 
 
 # --------------------------------------------------------------------------- evaluation counts
@@ -187,13 +189,14 @@ def test_fast_mode_cost_does_not_depend_on_size(rng):
     small = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),))
     large = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10_000),))
     assert small.passed and large.passed
-    assert small.n_evals == large.n_evals == 1 + 3 * 8
-    assert check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),), n_projections=5).n_evals == 41
+    assert small.n_evals == large.n_evals == 1 + 6 <= 8  # issue 16: at most 8 by default
+    assert check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),), n_projections=5).n_evals == 31
 
 
 def test_slow_mode_moves_every_element(rng):
     report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal((2, 3)),), mode="slow")
-    assert report.n_evals == 1 + 6 * 8 and report.n_vjp_calls == 1
+    # smooth f: two steps per element settle every one of them (issue 16: at most 4 each)
+    assert report.n_evals == 1 + 6 * 4 and report.n_vjp_calls == 1
 
 
 # --------------------------------------------------------------------------- kinks
@@ -240,7 +243,7 @@ def test_kinks_of_a_large_input_are_inconclusive_not_failures(rng):
     assert report.kinks and report.kinks[0].index is None
     assert any("inconclusive" in note for note in report.notes)
     assert any("mode='slow'" in note for note in report.notes), str(report)
-    assert report.n_evals == 1 + 3 * 8  # no step search on a kink
+    assert report.n_evals == 1 + 6  # no step search on a kink
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -274,7 +277,7 @@ def test_report_is_bool_like_and_printable(rng):
     report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(4),))
     assert isinstance(report, GradcheckReport) and report
     text = str(report)
-    assert text.startswith("gradcheck passed (fast mode, 25 evaluations of f")
+    assert text.startswith("gradcheck passed (fast mode, 7 evaluations of f")
     assert "max relative error" in text and "worst" in text
 
 
@@ -310,7 +313,7 @@ def test_float32_inputs_are_checked_in_float64(rng):
         return tanh_vjp(c, x)
 
     report = check_vjp(np.tanh, vjp, (x,))
-    assert report.passed and dtypes == [np.float64] * 3
+    assert report.passed and dtypes == [np.float64]
     assert any("float32" in note and "float64" in note for note in report.notes)
 
 
