@@ -87,6 +87,14 @@ class GradcheckReport:
     mode : {"fast", "slow"}
     n_evals, n_vjp_calls : int
         How many times ``f`` and ``vjp`` were called.
+    n_evals_to_failure : int or None
+        How many evaluations of ``f`` had been spent when the first failure was found (None:
+        none was); the rest went to localising and diagnosing it (the inputs, then the
+        elements, of a failed projection; more projections to recognise a constant factor).
+    n_refined : int
+        Elements checked one by one (slow mode, or fast mode's fallback) whose first estimate,
+        at two steps, did not decide them, so that the full Richardson table was computed
+        (4 more evaluations each); see :func:`check_vjp`.
     max_rel_error : float
         Largest :math:`|a - n| / \max(|a|, |n|)` over the failures and the values large enough
         for ``rtol`` to govern (:math:`|n| \ge atol / rtol`); near zero, ``atol`` judges.
@@ -116,6 +124,8 @@ class GradcheckReport:
     atol: float = 1e-9
     verdict: str = ""
     n_unresolved: int = 0   # comparisons left unresolved (INCONCLUSIVE when > 0 and no failure)
+    n_refined: int = 0      # elements whose first, two-step estimate needed the full table
+    n_evals_to_failure: int | None = None  # evaluations of f spent when a failure was found
 
     def __post_init__(self):
         if not self.verdict:
@@ -133,8 +143,13 @@ class GradcheckReport:
         return bool(self.passed)
 
     def __str__(self) -> str:
+        refined = f", {self.n_refined} element(s) refined" if self.n_refined else ""
+        if self.mode == "fast" and self.n_evals_to_failure is not None and \
+                self.n_evals_to_failure < self.n_evals:
+            refined += f"; the first failure was found after {self.n_evals_to_failure} " \
+                "evaluations, the rest localised it"
         lines = [f"gradcheck {self.verdict} ({self.mode} mode, "
-                 f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp)",
+                 f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp{refined})",
                  f"  max relative error: {self.max_rel_error:.3e} (rtol={self.rtol:g}, "
                  f"atol={self.atol:g}, plus {_SAFETY:g}x the finite-difference error estimate)",
                  f"  normwise error (max |a - n| / max |n|): {self.normwise_error:.3e}"]
@@ -549,6 +564,13 @@ class _Checker:
         self.jitter = 0.0  # how far two calls of f at the same point differ (0: deterministic)
         self.steps_tried = {step}
         self.refined = 0  # elements whose two-step estimate needed the full Richardson table
+        self.first_failure = None  # evaluations of f spent when the first failure was found
+
+    def found(self, comparisons) -> list[_Comparison]:
+        """Note how many evaluations it took to find the first failure."""
+        if self.first_failure is None and any(c.bad for c in comparisons):
+            self.first_failure = self.fn.n_evals
+        return comparisons
 
     def draw(self, rng):
         """Random cotangents, and the analytic J_o^T u_o of each output o (one vjp call each)."""
@@ -622,7 +644,7 @@ class _Checker:
         found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step,
                                _FAST_LEVELS)
         where = (moved, cotangents, analytic, input, None)
-        return self.search([c._replace(direction=where) for c in found], {})
+        return self.found(self.search([c._replace(direction=where) for c in found], {}))
 
     def settled(self, c: _Comparison, scale: float) -> bool:
         """Whether a first, two-step estimate already decides a comparison: it is smooth, f
@@ -663,7 +685,7 @@ class _Checker:
                 found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
                                        self.step, _LEVELS, samples)
             where = (moved, cotangents, analytic, k, j)
-            comparisons += [c._replace(direction=where) for c in found]
+            comparisons += self.found([c._replace(direction=where) for c in found])
         return self.search(comparisons)
 
     def slow(self, rng) -> list[_Comparison]:
@@ -899,7 +921,8 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
         kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
                for c in comparisons if c.kink],
         pattern=_diagnose(comparisons, worst) if failed else "", notes=notes, rtol=rtol,
-        atol=atol, verdict=verdict, n_unresolved=len(open_))
+        atol=atol, verdict=verdict, n_unresolved=len(open_), n_refined=checker.refined,
+        n_evals_to_failure=checker.first_failure if failed else None)
 
 
 # --------------------------------------------------------------------------- public helpers
