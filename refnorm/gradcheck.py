@@ -440,6 +440,10 @@ class _Comparison(NamedTuple):
     def bad(self) -> bool:  # written so that NaN fails
         return not abs(self.analytic - self.numerical) <= self.tolerance
 
+    def blind(self, atol: float) -> bool:
+        """``f`` did not change at all at the step, yet the analytic value exceeds ``atol``."""
+        return self.still and not abs(self.analytic) <= atol
+
     @property
     def troubled(self) -> bool:
         return self.bad or self.kink
@@ -456,15 +460,22 @@ class _Comparison(NamedTuple):
         gradient, as the normwise error is). Also resolved: an error within a few times the
         rounding noise that an exact float64 ``f`` gives at that step (the best finite
         differences can do: a gradient that is zero, or tiny next to the outputs, is then
-        judged by ``atol`` and that error, as before). A failure is resolved (it is outside
-        even its error); a kink of a random projection is not (no slope was compared)."""
+        judged by ``atol`` and that error, as before), provided that error is below the
+        gradient's scale :math:`S` (else even zero would pass: issue 16's tiny-scale batch
+        norm, whose outputs moved by rounding only). A failure is resolved (it is outside
+        even its error); a kink of a random projection is not (no slope was compared); nor is
+        an analytic value beyond ``atol`` where ``f`` did not change at all (nothing was
+        measured: its change at the step is below the rounding of its outputs)."""
         if self.bad:
             return True
         if self.kink:
             return self.index is not None
-        if self.error <= _FLOOR * self.floor:  # as precise as float64 finite differences get
-            return True
+        if self.blind(atol):
+            return False
         s = max(abs(self.analytic), abs(self.numerical), self.scale, scale)
+        # as precise as float64 finite differences get, and able to tell the gradient from 0
+        if self.error <= _FLOOR * self.floor and _SAFETY * self.error <= atol + s:
+            return True
         return _SAFETY * self.error <= atol + resolution * s
 
 
@@ -484,9 +495,11 @@ def _compare(est: _Estimate, analytic, input, output, index, rtol, atol, scale=0
         n = a if index is None else min(max(a, min(left, right)), max(left, right))
         error = float(est.kink_error)
     tolerance = atol + rtol * abs(n) + _SAFETY * error
+    still = bool(np.all(est.still))
+    if still and not abs(a) <= atol and math.isfinite(a):
+        tolerance = math.inf  # f did not move: neither a failure nor a pass (unresolved)
     return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right, error,
-                       float(scale), float(step), None, bool(np.all(est.still)),
-                       float(est.floor))
+                       float(scale), float(step), None, still, float(est.floor))
 
 
 def _group_scales(comparisons) -> dict:
