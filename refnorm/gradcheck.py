@@ -461,8 +461,9 @@ class _Comparison(NamedTuple):
         rounding noise that an exact float64 ``f`` gives at that step (the best finite
         differences can do: a gradient that is zero, or tiny next to the outputs, is then
         judged by ``atol`` and that error, as before), provided that error is below the
-        gradient's scale :math:`S` (else even zero would pass: issue 16's tiny-scale batch
-        norm, whose outputs moved by rounding only). A failure is resolved (it is outside
+        gradient's scale :math:`S` or the analytic gradient is zero to ``atol`` over its group
+        (else a gradient of any size hidden in the noise would pass: the tiny-scale batch norm
+        of issue 16, whose outputs moved by rounding only). A failure is resolved (it is outside
         even its error); a kink of a random projection is not (no slope was compared); nor is
         an analytic value beyond ``atol`` where ``f`` did not change at all (nothing was
         measured: its change at the step is below the rounding of its outputs)."""
@@ -473,8 +474,11 @@ class _Comparison(NamedTuple):
         if self.blind(atol):
             return False
         s = max(abs(self.analytic), abs(self.numerical), self.scale, scale)
-        # as precise as float64 finite differences get, and able to tell the gradient from 0
-        if self.error <= _FLOOR * self.floor and _SAFETY * self.error <= atol + s:
+        # as precise as float64 finite differences get, and either able to tell the gradient
+        # from zero or the analytic gradient is zero (to atol) over its whole group
+        if self.error <= _FLOOR * self.floor and (
+                _SAFETY * self.error <= atol + s
+                or max(abs(self.analytic), self.scale, scale) <= atol):
             return True
         return _SAFETY * self.error <= atol + resolution * s
 

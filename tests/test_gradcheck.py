@@ -564,3 +564,22 @@ def test_a_nondeterministic_f_is_never_failed_nor_passed(mode, rng):
     wrong = check_vjp(lambda x: np.tanh(x), corrupted_tanh_vjp(lambda g: 1.01 * g), (x,),
                       mode=mode)
     assert wrong.verdict == "FAILED", str(wrong)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gradient_hidden_in_the_rounding_of_f_is_not_passed(mode, rng):
+    """Issue 16: at inputs of scale 1e-20 the step moves a layer norm's outputs (about 1, the
+    bias) by less than their rounding; the estimate is 0 within an error larger than the
+    gradient. Neither the right gradient nor a wrong one may pass there."""
+    x = 1e-20 * rng.standard_normal((2, 7))
+    w, b = np.ones(7), np.ones(7)
+
+    def f(x):
+        return layer_norm_forward(x, (7,), w, b)[0]
+
+    def vjp(cts, x):
+        return (_layer_norm_vjp(cts, x, w, b)[0],)
+
+    for scale in (1.0, 2.0):
+        report = check_vjp(f, lambda c, x: (scale * vjp(c, x)[0],), (x,), mode=mode)
+        assert not report and report.verdict == "INCONCLUSIVE", str(report)
