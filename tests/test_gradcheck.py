@@ -583,3 +583,101 @@ def test_a_gradient_hidden_in_the_rounding_of_f_is_not_passed(mode, rng):
     for scale in (1.0, 2.0):
         report = check_vjp(f, lambda c, x: (scale * vjp(c, x)[0],), (x,), mode=mode)
         assert not report and report.verdict == "INCONCLUSIVE", str(report)
+
+
+# --------------------------------------------------------------------------- the mistake catalogue
+# Every wrong backward of the oracle's catalogue (refnorm.oracle.mistakes), as a wrong vjp of
+# the variant's own float64 forward, is rejected by fast mode within its default budget of
+# evaluations (issue 16). A new mistake is covered automatically.
+
+#: kinds whose mistake is in the running statistics only: dx, dweight and dbias are right
+FORWARD_ONLY = {"running-variance-biased", "running-momentum-convention"}
+
+
+def _catalogue_cases(variant):
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle import generate
+    cases, _ = generate(BY_NAME[variant], "float64", size="ci")
+    return [c for c in cases if "oracle" in c.tags and not c.nonfinite]
+
+
+def _catalogue_problem(variant, case, flags):
+    """``f`` (the record's forward), the student's vjp with ``flags``, and the inputs."""
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle import student
+    spec = BY_NAME[variant]
+    present = [i for i, a in enumerate(case.arrays) if a is not None]
+    names = [case.argnames[i] for i in present]
+
+    def f(*arrays):
+        full = list(case.arrays)
+        for i, a in zip(present, arrays):
+            full[i] = a
+        return spec.run(case.sample._replace(arrays=tuple(full)))[0]
+
+    def vjp(cts, *arrays):
+        out = student(variant, dict(zip(names, arrays)), cts[0], case.kwargs, dtype="float64",
+                      **flags)
+        return tuple(out["d" + n] for n in names)
+
+    return f, vjp, [case.arrays[i] for i in present]
+
+
+def _backward_changed(mistake, case):
+    """Whether the mistake changes dx/dweight/dbias on the case (normwise, beyond 1e-6)."""
+    from refnorm.oracle import student
+    right = student(mistake.variant, case.inputs, case.dy, case.kwargs, dtype="float64")
+    try:  # (instance_norm's wrong axis cannot update running statistics: not this case)
+        wrong = mistake(mistake.variant, case.inputs, case.dy, case.kwargs, dtype="float64")
+    except ValueError:
+        return False
+    for n in case.inputs:
+        a, b = np.asarray(right["d" + n]), np.asarray(wrong["d" + n])
+        if a.shape != b.shape or not np.max(np.abs(a - b), initial=0.0) <= \
+                1e-6 * np.max(np.abs(a), initial=0.0):
+            return True
+    return False
+
+
+_CONTROLS: dict = {}
+
+
+def _control_passes(variant, case):
+    """The correct student's vjp passes fast mode on the case: gradcheck can judge there."""
+    key = (variant, case.name)
+    if key not in _CONTROLS:
+        f, vjp, inputs = _catalogue_problem(variant, case, {})
+        _CONTROLS[key] = check_vjp(f, vjp, inputs, max_fallback_size=0)
+    return _CONTROLS[key]
+
+
+def _mistake_ids():
+    from refnorm.oracle.mistakes import MISTAKES
+    return [m.id for m in MISTAKES]
+
+
+@pytest.mark.parametrize("mistake_id", _mistake_ids())
+def test_fast_mode_rejects_every_wrong_backward_of_the_mistake_catalogue(mistake_id):
+    from refnorm.oracle.mistakes import MISTAKES
+    mistake = next(m for m in MISTAKES if m.id == mistake_id)
+    cases = _catalogue_cases(mistake.variant)
+    changed = [c for c in cases if _backward_changed(mistake, c)]
+    if mistake.kind in FORWARD_ONLY:  # the list cannot hide a wrong backward
+        assert not changed, f"{mistake.id} changes the backward on {changed[0].name}"
+        return
+    assert changed, f"{mistake.id}: no oracle case where its backward differs"
+    # the first such case where the right backward passes (tiny-scale or zero-row cases can
+    # leave gradcheck unable to decide: it then says INCONCLUSIVE, not passed)
+    case = next((c for c in changed if _control_passes(mistake.variant, c)), None)
+    assert case is not None, f"{mistake.id}: the right backward passes on none of {changed}"
+    control = _control_passes(mistake.variant, case)
+    assert control.n_evals <= 8, str(control)
+    f, vjp, inputs = _catalogue_problem(mistake.variant, case, mistake.flags)
+    if mistake.kind == "dweight-not-reduced":  # dweight shaped like x: rejected by its shape
+        with pytest.raises(ValueError, match="vjp returned a gradient of shape"):
+            check_vjp(f, vjp, inputs, max_fallback_size=0)
+        return
+    report = check_vjp(f, vjp, inputs, max_fallback_size=0)
+    assert report.verdict == "FAILED", f"{mistake.id} on {case.name}:\n{report}"
+    # found by the default budget (one projection), before any localisation
+    assert report.n_evals_to_failure <= 8, str(report)
