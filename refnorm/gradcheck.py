@@ -771,19 +771,50 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         integer and boolean inputs are passed through.
     mode : {"fast", "slow"}
         ``"slow"``: each element of each differentiable input is moved on its own, which gives
-        the full Jacobian by central differences (8 evaluations of ``f`` per element); each
-        column, projected on a random cotangent :math:`u`, is compared with the element of
-        ``vjp``'s :math:`J^T u`. ``"fast"``: ``n_projections`` random projections. For a random
-        cotangent :math:`u` and a random direction :math:`v`,
+        the full Jacobian by central differences; each column, projected on a random cotangent
+        :math:`u`, is compared with the element of ``vjp``'s :math:`J^T u`. Each element costs
+        4 evaluations of ``f`` (steps :math:`t, t/2`); only the elements that this does not
+        decide (a failure, a kink, an agreement that needs the error allowance, an unresolved
+        estimate) get 4 more for the full Richardson table (``report.n_refined`` counts them;
+        see ``_Checker.elements``). ``"fast"``: ``n_projections`` random projections. For a
+        random cotangent :math:`u` and a random direction :math:`v`,
 
         .. math::
             u^T (J v) = (J^T u)^T v,
 
-        the left side is one directional derivative of ``f`` (8 evaluations of ``f`` whatever
-        the size of the inputs), the right side one ``vjp`` call dotted with :math:`v`. When a
-        projection fails or meets a kink, the direction is restricted to one input at a time to
-        find the culprit, and an input of at most ``max_fallback_size`` elements is then checked
-        element by element to name the worst element; the report says so.
+        the left side is one directional derivative of ``f`` (central differences at steps
+        :math:`t, t/2, t/4` extrapolated by Richardson/Ridders: 6 evaluations of ``f`` whatever
+        the size of the inputs, 7 in all with :math:`f(x)`), the right side one ``vjp`` call
+        dotted with :math:`v`. When a projection fails or meets a kink, the direction is
+        restricted to one input at a time to find the culprit, and an input of at most
+        ``max_fallback_size`` elements is then checked element by element to name the worst
+        element; the report says so, and ``report.n_evals_to_failure`` says how many
+        evaluations had found the failure before that localisation began. A failure that only
+        projections can show gets up to 3 projections in all, to recognise a constant factor.
+
+        *Why one projection at 7 evaluations is enough.* False negatives: a wrong ``vjp``
+        gives :math:`J'^T u` with :math:`J' \ne J`; it passes only if
+        :math:`|u^T (J' - J) v|` is within the tolerance :math:`\tau = atol + rtol|n| + 4e`.
+        For Gaussian :math:`u, v` this is a random variable of spread
+        :math:`\|J' - J\|_F`, so a pass has a probability of about
+        :math:`\tau / \|J' - J\|_F`: about ``rtol`` divided by the mistake's relative size,
+        since :math:`e` (near :math:`10^{-10}` relative in float64) is below ``rtol``. A
+        mistake of relative size :math:`10^{-4}` passes one projection with a probability of
+        order :math:`10^{-3}`, the classic ones (a missing term, a wrong axis, a mean for a
+        sum: :math:`10^{-2}` to 1) of order :math:`10^{-5}` to :math:`10^{-7}`; a constant
+        factor :math:`c` is seen whenever :math:`|c - 1| >` ``rtol`` (the error is then
+        proportional to :math:`n` itself). Each further projection (``n_projections``)
+        multiplies that probability again: ask for more to catch smaller mistakes.
+        Every wrong backward of the oracle's mistake catalogue is rejected by this one
+        projection (``tests/test_gradcheck.py``). False positives: a right ``vjp`` fails only if the finite-difference error exceeds
+        :math:`4 e` (plus ``atol + rtol |n|``), with :math:`e` Ridders' estimate, how far the
+        chosen Richardson entry moved from its parents: in the asymptotic regime that is the
+        size of the :math:`O(t^2)` or :math:`O(t^4)` term that was removed, an overestimate of
+        the remaining error. Three steps also allow the ratio test of ``_richardson``
+        (successive differences must shrink by about 4 per halving): where they do not (a
+        kink crossed, noise), the error becomes the spread of the quotients, and the one-sided
+        slopes flag kinks; either makes the comparison unresolved (a step search, then the
+        per-input and element fallbacks), never a failure by itself.
     rng : numpy.random.Generator or int, optional
         Source of the random cotangents and directions; default ``np.random.default_rng(0)``.
     rtol, atol : float
@@ -793,7 +824,8 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         by :math:`10^{-4}` relative fails while finite-difference noise does not. Gradients
         below ``atol / rtol`` in magnitude are judged by ``atol``.
     n_projections : int
-        Number of random projections in fast mode.
+        Number of random projections (random directions and cotangents) in fast mode, 6
+        evaluations of ``f`` each; default 1 (7 evaluations in all).
     raise_on_failure : bool
         Raise :class:`GradcheckError` (message: the report) instead of returning a failed report,
         and :class:`GradcheckInconclusive` (a subclass, with its own message) instead of an
