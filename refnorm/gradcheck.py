@@ -36,6 +36,9 @@ __all__ = ["check_vjp", "numerical_jacobian", "directional_derivative", "Gradche
 
 _EPS = np.finfo(np.float64).eps
 _LEVELS = 4          # steps t, t/2, t/4, t/8: 2 * _LEVELS evaluations of f per derivative
+_FAST_LEVELS = 3     # a fast-mode projection: steps t, t/2, t/4 (6 evaluations of f)
+_FIRST_LEVELS = 2    # slow mode, first pass per element: steps t, t/2 (4 evaluations of f)
+_DIAGNOSIS = 3       # projections drawn in all, after a failure by projection, to name a factor
 _SAFETY = 4.0        # slack, in units of the estimated finite-difference error
 _NOISE = 16.0        # f is trusted to about this many ulps of its magnitude
 _KINK_FACTOR = 10.0  # one-sided slopes must differ by this many of their error estimates ...
@@ -84,6 +87,14 @@ class GradcheckReport:
     mode : {"fast", "slow"}
     n_evals, n_vjp_calls : int
         How many times ``f`` and ``vjp`` were called.
+    n_evals_to_failure : int or None
+        How many evaluations of ``f`` had been spent when the first failure was found (None:
+        none was); the rest went to localising and diagnosing it (the inputs, then the
+        elements, of a failed projection; more projections to recognise a constant factor).
+    n_refined : int
+        Elements checked one by one (slow mode, or fast mode's fallback) whose first estimate,
+        at two steps, did not decide them, so that the full Richardson table was computed
+        (4 more evaluations each); see :func:`check_vjp`.
     max_rel_error : float
         Largest :math:`|a - n| / \max(|a|, |n|)` over the failures and the values large enough
         for ``rtol`` to govern (:math:`|n| \ge atol / rtol`); near zero, ``atol`` judges.
@@ -113,6 +124,8 @@ class GradcheckReport:
     atol: float = 1e-9
     verdict: str = ""
     n_unresolved: int = 0   # comparisons left unresolved (INCONCLUSIVE when > 0 and no failure)
+    n_refined: int = 0      # elements whose first, two-step estimate needed the full table
+    n_evals_to_failure: int | None = None  # evaluations of f spent when a failure was found
 
     def __post_init__(self):
         if not self.verdict:
@@ -130,8 +143,13 @@ class GradcheckReport:
         return bool(self.passed)
 
     def __str__(self) -> str:
+        refined = f", {self.n_refined} element(s) refined" if self.n_refined else ""
+        if self.mode == "fast" and self.n_evals_to_failure is not None and \
+                self.n_evals_to_failure < self.n_evals:
+            refined += f"; the first failure was found after {self.n_evals_to_failure} " \
+                "evaluations, the rest localised it"
         lines = [f"gradcheck {self.verdict} ({self.mode} mode, "
-                 f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp)",
+                 f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp{refined})",
                  f"  max relative error: {self.max_rel_error:.3e} (rtol={self.rtol:g}, "
                  f"atol={self.atol:g}, plus {_SAFETY:g}x the finite-difference error estimate)",
                  f"  normwise error (max |a - n| / max |n|): {self.normwise_error:.3e}"]
@@ -235,14 +253,20 @@ def _scale(x: np.ndarray) -> np.ndarray:
     return np.maximum(np.abs(x), typical if typical > 0 else 1.0)
 
 
-def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list[_Estimate]:
-    """Derivative of each output of ``fn`` along ``directions`` (one per input; None: fixed).
+def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0, levels=_LEVELS,
+           samples=None) -> list[_Estimate]:
+    r"""Derivative of each output of ``fn`` along ``directions`` (one per input; None: fixed).
 
     The step is relative: the largest moves no element by more than ``step * scales``. With
     ``weights`` (one cotangent per output) each difference quotient is projected on its
     cotangent before extrapolating, so the table works on the very number that is compared.
     Differences come before projections: outputs that do not move then cancel exactly, instead
     of drowning a small change in the rounding of a large sum.
+
+    ``levels`` steps :math:`t, t/2, \dots` are used (two evaluations of ``fn`` each).
+    ``samples``, a list, keeps the evaluations ``(f(x + t v), f(x - t v))`` level by level:
+    the levels it already holds (from an earlier call along the same direction at the same
+    ``step``) are reused, not evaluated again, and the new ones are appended to it.
     """
     reach = max((float(np.max(np.abs(v) / s)) for s, v in zip(scales, directions)
                  if v is not None and v.size), default=0.0)
@@ -253,16 +277,19 @@ def _along(fn, xs, scales, directions, f0, step, weights=None, atol=0.0) -> list
     if reach == 0.0:  # nothing moves: the derivative is exactly zero
         zeros = [project(o, np.zeros_like(y)) for o, y in enumerate(f0)]
         return [_Estimate(z, z, z, z, z, np.zeros_like(z, bool)) for z in zeros]
-    steps = (step / reach) * 0.5 ** np.arange(_LEVELS)
+    steps = (step / reach) * 0.5 ** np.arange(levels)
+    samples = [] if samples is None else samples
     central, forward, backward = [], [], []
     moved = [np.zeros(y.shape, bool) for y in f0]
     # An output element that changes at one step but is bit-identical at another has a
     # quantum (f rounds to a coarser grid inside, e.g. float16): its largest change.
     stuck = [np.zeros(y.shape, bool) for y in f0]
     jump = [np.zeros(y.shape) for y in f0]
-    for t in steps:
-        up = fn([x if v is None else x + t * v for x, v in zip(xs, directions)])
-        down = fn([x if v is None else x - t * v for x, v in zip(xs, directions)])
+    for level, t in enumerate(steps):
+        if level == len(samples):
+            samples.append((fn([x if v is None else x + t * v for x, v in zip(xs, directions)]),
+                            fn([x if v is None else x - t * v for x, v in zip(xs, directions)])))
+        up, down = samples[level]
         for changed, p, b, m in zip(moved, up, f0, down):
             changed |= (p != b) | (m != b)
         for s_, j_, p, b, m in zip(stuck, jump, up, f0, down):
@@ -413,6 +440,10 @@ class _Comparison(NamedTuple):
     def bad(self) -> bool:  # written so that NaN fails
         return not abs(self.analytic - self.numerical) <= self.tolerance
 
+    def blind(self, atol: float) -> bool:
+        """``f`` did not change at all at the step, yet the analytic value exceeds ``atol``."""
+        return self.still and not abs(self.analytic) <= atol
+
     @property
     def troubled(self) -> bool:
         return self.bad or self.kink
@@ -429,15 +460,26 @@ class _Comparison(NamedTuple):
         gradient, as the normwise error is). Also resolved: an error within a few times the
         rounding noise that an exact float64 ``f`` gives at that step (the best finite
         differences can do: a gradient that is zero, or tiny next to the outputs, is then
-        judged by ``atol`` and that error, as before). A failure is resolved (it is outside
-        even its error); a kink of a random projection is not (no slope was compared)."""
+        judged by ``atol`` and that error, as before), provided that error is below the
+        gradient's scale :math:`S` or the analytic gradient is zero to ``atol`` over its group
+        (else a gradient of any size hidden in the noise would pass: the tiny-scale batch norm
+        of issue 16, whose outputs moved by rounding only). A failure is resolved (it is outside
+        even its error); a kink of a random projection is not (no slope was compared); nor is
+        an analytic value beyond ``atol`` where ``f`` did not change at all (nothing was
+        measured: its change at the step is below the rounding of its outputs)."""
         if self.bad:
             return True
         if self.kink:
             return self.index is not None
-        if self.error <= _FLOOR * self.floor:  # as precise as float64 finite differences get
-            return True
+        if self.blind(atol):
+            return False
         s = max(abs(self.analytic), abs(self.numerical), self.scale, scale)
+        # as precise as float64 finite differences get, and either able to tell the gradient
+        # from zero or the analytic gradient is zero (to atol) over its whole group
+        if self.error <= _FLOOR * self.floor and (
+                _SAFETY * self.error <= atol + s
+                or max(abs(self.analytic), self.scale, scale) <= atol):
+            return True
         return _SAFETY * self.error <= atol + resolution * s
 
 
@@ -457,9 +499,11 @@ def _compare(est: _Estimate, analytic, input, output, index, rtol, atol, scale=0
         n = a if index is None else min(max(a, min(left, right)), max(left, right))
         error = float(est.kink_error)
     tolerance = atol + rtol * abs(n) + _SAFETY * error
+    still = bool(np.all(est.still))
+    if still and not abs(a) <= atol and math.isfinite(a):
+        tolerance = math.inf  # f did not move: neither a failure nor a pass (unresolved)
     return _Comparison(input, output, index, a, n, tolerance, bool(est.kink), left, right, error,
-                       float(scale), float(step), None, bool(np.all(est.still)),
-                       float(est.floor))
+                       float(scale), float(step), None, still, float(est.floor))
 
 
 def _group_scales(comparisons) -> dict:
@@ -536,6 +580,14 @@ class _Checker:
         self.searched = self.rescued = 0  # comparisons given a step search; resolved by it
         self.jitter = 0.0  # how far two calls of f at the same point differ (0: deterministic)
         self.steps_tried = {step}
+        self.refined = 0  # elements whose two-step estimate needed the full Richardson table
+        self.first_failure = None  # evaluations of f spent when the first failure was found
+
+    def found(self, comparisons) -> list[_Comparison]:
+        """Note how many evaluations it took to find the first failure."""
+        if self.first_failure is None and any(c.bad for c in comparisons):
+            self.first_failure = self.fn.n_evals
+        return comparisons
 
     def draw(self, rng):
         """Random cotangents, and the analytic J_o^T u_o of each output o (one vjp call each)."""
@@ -557,9 +609,10 @@ class _Checker:
                 steps.append(step)
         return steps
 
-    def _estimate(self, moved, cotangents, analytic, input, index, scales, step):
+    def _estimate(self, moved, cotangents, analytic, input, index, scales, step,
+                  levels=_LEVELS, samples=None):
         estimates = _along(self.fn, self.xs, self.scales, moved, self.f0, step, cotangents,
-                           self.atol)
+                           self.atol, levels, samples)
         return [_compare(est, a, input, o, index, self.rtol, self.atol, s, step)
                 for o, (est, a, s) in enumerate(zip(estimates, analytic, scales))]
 
@@ -599,26 +652,57 @@ class _Checker:
         return out
 
     def projection(self, cotangents, grads, directions: dict, input=None) -> list[_Comparison]:
-        r"""Compare :math:`u^T (J v)`, by finite differences, with :math:`(J^T u)^T v`."""
+        r"""Compare :math:`u^T (J v)`, by finite differences (steps :math:`t, t/2, t/4`: 6
+        evaluations of ``f``), with :math:`(J^T u)^T v`; then a step search if unresolved."""
         moved = [directions.get(k) for k in range(len(self.xs))]
         analytic = [sum(float(np.sum(g[k] * v)) for k, v in directions.items()) for g in grads]
         terms = [sum(float(np.sum(np.abs(g[k] * v))) for k, v in directions.items())
                  for g in grads]
-        found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step)
+        found = self._estimate(moved, cotangents, analytic, input, None, terms, self.step,
+                               _FAST_LEVELS)
         where = (moved, cotangents, analytic, input, None)
-        return self.search([c._replace(direction=where) for c in found], {})
+        return self.found(self.search([c._replace(direction=where) for c in found], {}))
+
+    def settled(self, c: _Comparison, scale: float) -> bool:
+        """Whether a first, two-step estimate already decides a comparison: it is smooth, f
+        moved, and the analytic value agrees with it within ``atol + rtol |n|`` alone (no
+        allowance for the finite-difference error) at a resolved error estimate."""
+        return not c.troubled and not (c.still and c.analytic != 0) and \
+            abs(c.analytic - c.numerical) <= self.atol + self.rtol * abs(c.numerical) and \
+            c.resolved(self.resolution, self.atol, scale)
 
     def elements(self, k, cotangents, grads) -> list[_Comparison]:
-        """Compare (J^T u)[j] with its finite difference, one element j of input k at a time;
-        then a step search for those that could not resolve the tolerance."""
+        r"""Compare :math:`(J^T u)_j` with its finite difference, one element :math:`j` of input
+        :math:`k` at a time.
+
+        First at two steps :math:`t, t/2` (4 evaluations of ``f``): the extrapolation
+        :math:`(4 D(t/2) - D(t)) / 3` has an error :math:`O(t^4)`, while its estimate,
+        :math:`|D(t/2) - D(t)|`, is the size of the :math:`O(t^2)` term that it removed: an
+        overestimate by a factor of about :math:`1 / t^2` wherever :math:`f` is smooth at the
+        scale of the step. An element whose analytic value agrees within ``atol + rtol |n|``
+        (no allowance for that error), at a resolved estimate, and with no kink, is settled:
+        a right gradient passes there with the same tolerance as after a full table, and a
+        wrong one cannot hide (it would have to equal an estimate that is far more precise
+        than the tolerance). Every other element (a failure, a kink, an agreement that needs
+        the error allowance, an unresolved estimate) gets Richardson/Ridders refinement: the
+        steps :math:`t/4, t/8` are added (4 more evaluations) and the full table decides, as
+        before. Then a step search for those that still could not resolve the tolerance.
+        """
         comparisons = []
+        scales = [float(np.max(np.abs(g[k]), initial=0.0, where=np.isfinite(g[k])))
+                  for g in grads]
         for j in np.ndindex(self.xs[k].shape):
             moved = [_one_hot(self.xs[k], j) if i == k else None for i in range(len(self.xs))]
             analytic = [g[k][j] for g in grads]
+            samples: list = []
             found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
-                                   self.step)
+                                   self.step, _FIRST_LEVELS, samples)
+            if not all(self.settled(c, s) for c, s in zip(found, scales)):
+                self.refined += 1
+                found = self._estimate(moved, cotangents, analytic, k, j, [0.0] * len(grads),
+                                       self.step, _LEVELS, samples)
             where = (moved, cotangents, analytic, k, j)
-            comparisons += [c._replace(direction=where) for c in found]
+            comparisons += self.found([c._replace(direction=where) for c in found])
         return self.search(comparisons)
 
     def slow(self, rng) -> list[_Comparison]:
@@ -627,7 +711,13 @@ class _Checker:
 
     def fast(self, rng, n_projections, max_fallback_size) -> list[_Comparison]:
         comparisons, checked = [], set()  # checked: inputs already checked element by element
-        for _ in range(n_projections):
+        drawn = 0
+        # After a failure that only projections can show (an input too large to check element
+        # by element), up to _DIAGNOSIS projections in all, so that a constant factor can be
+        # recognised: evaluations spent only once the gradient is known to be wrong.
+        while drawn < n_projections or (drawn < _DIAGNOSIS and any(
+                c.bad and c.index is None for c in comparisons)):
+            drawn += 1
             cotangents, grads = self.draw(rng)
             directions = {k: rng.standard_normal(self.xs[k].shape) for k in self.movable}
             joint = self.projection(cotangents, grads, directions)
@@ -665,7 +755,7 @@ class _Checker:
 
 
 def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode: str = "fast",
-              rng=None, rtol: float = 1e-7, atol: float = 1e-9, n_projections: int = 3,
+              rng=None, rtol: float = 1e-7, atol: float = 1e-9, n_projections: int = 1,
               raise_on_failure: bool = False, diff_argnums: Sequence[int] | None = None,
               step: float = 1e-4, max_fallback_size: int = 2000) -> GradcheckReport:
     r"""Check an analytic vector-Jacobian product against finite differences.
@@ -681,19 +771,51 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         integer and boolean inputs are passed through.
     mode : {"fast", "slow"}
         ``"slow"``: each element of each differentiable input is moved on its own, which gives
-        the full Jacobian by central differences (8 evaluations of ``f`` per element); each
-        column, projected on a random cotangent :math:`u`, is compared with the element of
-        ``vjp``'s :math:`J^T u`. ``"fast"``: ``n_projections`` random projections. For a random
-        cotangent :math:`u` and a random direction :math:`v`,
+        the full Jacobian by central differences; each column, projected on a random cotangent
+        :math:`u`, is compared with the element of ``vjp``'s :math:`J^T u`. Each element costs
+        4 evaluations of ``f`` (steps :math:`t, t/2`); only the elements that this does not
+        decide (a failure, a kink, an agreement that needs the error allowance, an unresolved
+        estimate) get 4 more for the full Richardson table (``report.n_refined`` counts them;
+        see ``_Checker.elements``). ``"fast"``: ``n_projections`` random projections. For a
+        random cotangent :math:`u` and a random direction :math:`v`,
 
         .. math::
             u^T (J v) = (J^T u)^T v,
 
-        the left side is one directional derivative of ``f`` (8 evaluations of ``f`` whatever
-        the size of the inputs), the right side one ``vjp`` call dotted with :math:`v`. When a
-        projection fails or meets a kink, the direction is restricted to one input at a time to
-        find the culprit, and an input of at most ``max_fallback_size`` elements is then checked
-        element by element to name the worst element; the report says so.
+        the left side is one directional derivative of ``f`` (central differences at steps
+        :math:`t, t/2, t/4` extrapolated by Richardson/Ridders: 6 evaluations of ``f`` whatever
+        the size of the inputs, 7 in all with :math:`f(x)`), the right side one ``vjp`` call
+        dotted with :math:`v`. When a projection fails or meets a kink, the direction is
+        restricted to one input at a time to find the culprit, and an input of at most
+        ``max_fallback_size`` elements is then checked element by element to name the worst
+        element; the report says so, and ``report.n_evals_to_failure`` says how many
+        evaluations had found the failure before that localisation began. A failure that only
+        projections can show gets up to 3 projections in all, to recognise a constant factor.
+
+        *Why one projection at 7 evaluations is enough.* False negatives: a wrong ``vjp``
+        gives :math:`J'^T u` with :math:`J' \ne J`; it passes only if
+        :math:`|u^T (J' - J) v|` is within the tolerance :math:`\tau = atol + rtol|n| + 4e`.
+        For Gaussian :math:`u, v` this is a random variable of spread
+        :math:`\|J' - J\|_F`, so a pass has a probability of about
+        :math:`\tau / \|J' - J\|_F`: about ``rtol`` divided by the mistake's relative size,
+        since :math:`e` (near :math:`10^{-10}` relative in float64) is below ``rtol``. A
+        mistake of relative size :math:`10^{-4}` passes one projection with a probability of
+        order :math:`10^{-3}`, the classic ones (a missing term, a wrong axis, a mean for a
+        sum: :math:`10^{-2}` to 1) of order :math:`10^{-5}` to :math:`10^{-7}`; a constant
+        factor :math:`c` is seen whenever :math:`|c - 1| >` ``rtol`` (the error is then
+        proportional to :math:`n` itself). Each further projection (``n_projections``)
+        multiplies that probability again: ask for more to catch smaller mistakes.
+        Every wrong backward of the oracle's mistake catalogue is rejected by this one
+        projection (``tests/test_gradcheck.py``). False positives: a right ``vjp`` fails
+        only if the finite-difference error exceeds :math:`4 e` (plus ``atol + rtol |n|``),
+        with :math:`e` Ridders' estimate, how far the chosen Richardson entry moved from its
+        parents: in the asymptotic regime that is the size of the :math:`O(t^2)` or
+        :math:`O(t^4)` term that was removed, an overestimate of the remaining error. Three
+        steps also allow the ratio test of ``_richardson``
+        (successive differences must shrink by about 4 per halving): where they do not (a
+        kink crossed, noise), the error becomes the spread of the quotients, and the one-sided
+        slopes flag kinks; either makes the comparison unresolved (a step search, then the
+        per-input and element fallbacks), never a failure by itself.
     rng : numpy.random.Generator or int, optional
         Source of the random cotangents and directions; default ``np.random.default_rng(0)``.
     rtol, atol : float
@@ -703,7 +825,8 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         by :math:`10^{-4}` relative fails while finite-difference noise does not. Gradients
         below ``atol / rtol`` in magnitude are judged by ``atol``.
     n_projections : int
-        Number of random projections in fast mode.
+        Number of random projections (random directions and cotangents) in fast mode, 6
+        evaluations of ``f`` each; default 1 (7 evaluations in all).
     raise_on_failure : bool
         Raise :class:`GradcheckError` (message: the report) instead of returning a failed report,
         and :class:`GradcheckInconclusive` (a subclass, with its own message) instead of an
@@ -848,7 +971,8 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
         kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
                for c in comparisons if c.kink],
         pattern=_diagnose(comparisons, worst) if failed else "", notes=notes, rtol=rtol,
-        atol=atol, verdict=verdict, n_unresolved=len(open_))
+        atol=atol, verdict=verdict, n_unresolved=len(open_), n_refined=checker.refined,
+        n_evals_to_failure=checker.first_failure if failed else None)
 
 
 # --------------------------------------------------------------------------- public helpers

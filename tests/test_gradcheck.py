@@ -178,7 +178,9 @@ def test_large_input_fails_by_projection_and_names_the_factor(rng):
     report = check_vjp(np.tanh, corrupted_tanh_vjp(lambda g: 2 * g), (x,))
     assert not report.passed and report.worst.index is None
     assert report.pattern == "off by a constant factor 2.0"
-    assert report.n_evals == 1 + 3 * 8 + 1  # + 1: f again at x, to be sure it is deterministic
+    # one projection (6 evaluations) finds the failure; two more, drawn only after it, name the
+    # factor; + 1: f again at x, to be sure it is deterministic
+    assert report.n_evals == 1 + 3 * 6 + 1
 
 
 # --------------------------------------------------------------------------- evaluation counts
@@ -187,13 +189,14 @@ def test_fast_mode_cost_does_not_depend_on_size(rng):
     small = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),))
     large = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10_000),))
     assert small.passed and large.passed
-    assert small.n_evals == large.n_evals == 1 + 3 * 8
-    assert check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),), n_projections=5).n_evals == 41
+    assert small.n_evals == large.n_evals == 1 + 6 <= 8  # issue 16: at most 8 by default
+    assert check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(10),), n_projections=5).n_evals == 31
 
 
 def test_slow_mode_moves_every_element(rng):
     report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal((2, 3)),), mode="slow")
-    assert report.n_evals == 1 + 6 * 8 and report.n_vjp_calls == 1
+    # smooth f: two steps per element settle every one of them (issue 16: at most 4 each)
+    assert report.n_evals == 1 + 6 * 4 and report.n_vjp_calls == 1
 
 
 # --------------------------------------------------------------------------- kinks
@@ -240,7 +243,7 @@ def test_kinks_of_a_large_input_are_inconclusive_not_failures(rng):
     assert report.kinks and report.kinks[0].index is None
     assert any("inconclusive" in note for note in report.notes)
     assert any("mode='slow'" in note for note in report.notes), str(report)
-    assert report.n_evals == 1 + 3 * 8  # no step search on a kink
+    assert report.n_evals == 1 + 6  # no step search on a kink
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -274,7 +277,7 @@ def test_report_is_bool_like_and_printable(rng):
     report = check_vjp(np.tanh, tanh_vjp, (rng.standard_normal(4),))
     assert isinstance(report, GradcheckReport) and report
     text = str(report)
-    assert text.startswith("gradcheck passed (fast mode, 25 evaluations of f")
+    assert text.startswith("gradcheck passed (fast mode, 7 evaluations of f")
     assert "max relative error" in text and "worst" in text
 
 
@@ -310,7 +313,7 @@ def test_float32_inputs_are_checked_in_float64(rng):
         return tanh_vjp(c, x)
 
     report = check_vjp(np.tanh, vjp, (x,))
-    assert report.passed and dtypes == [np.float64] * 3
+    assert report.passed and dtypes == [np.float64]
     assert any("float32" in note and "float64" in note for note in report.notes)
 
 
@@ -561,3 +564,120 @@ def test_a_nondeterministic_f_is_never_failed_nor_passed(mode, rng):
     wrong = check_vjp(lambda x: np.tanh(x), corrupted_tanh_vjp(lambda g: 1.01 * g), (x,),
                       mode=mode)
     assert wrong.verdict == "FAILED", str(wrong)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_gradient_hidden_in_the_rounding_of_f_is_not_passed(mode, rng):
+    """Issue 16: at inputs of scale 1e-20 the step moves a layer norm's outputs (about 1, the
+    bias) by less than their rounding; the estimate is 0 within an error larger than the
+    gradient. Neither the right gradient nor a wrong one may pass there."""
+    x = 1e-20 * rng.standard_normal((2, 7))
+    w, b = np.ones(7), np.ones(7)
+
+    def f(x):
+        return layer_norm_forward(x, (7,), w, b)[0]
+
+    def vjp(cts, x):
+        return (_layer_norm_vjp(cts, x, w, b)[0],)
+
+    for scale in (1.0, 2.0):
+        report = check_vjp(f, lambda c, x: (scale * vjp(c, x)[0],), (x,), mode=mode)
+        assert not report and report.verdict == "INCONCLUSIVE", str(report)
+
+
+# --------------------------------------------------------------------------- the mistake catalogue
+# Every wrong backward of the oracle's catalogue (refnorm.oracle.mistakes), as a wrong vjp of
+# the variant's own float64 forward, is rejected by fast mode within its default budget of
+# evaluations (issue 16). A new mistake is covered automatically.
+
+#: kinds whose mistake is in the running statistics only: dx, dweight and dbias are right
+FORWARD_ONLY = {"running-variance-biased", "running-momentum-convention"}
+
+
+def _catalogue_cases(variant):
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle import generate
+    cases, _ = generate(BY_NAME[variant], "float64", size="ci")
+    return [c for c in cases if "oracle" in c.tags and not c.nonfinite]
+
+
+def _catalogue_problem(variant, case, flags):
+    """``f`` (the record's forward), the student's vjp with ``flags``, and the inputs."""
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle import student
+    spec = BY_NAME[variant]
+    present = [i for i, a in enumerate(case.arrays) if a is not None]
+    names = [case.argnames[i] for i in present]
+
+    def f(*arrays):
+        full = list(case.arrays)
+        for i, a in zip(present, arrays):
+            full[i] = a
+        return spec.run(case.sample._replace(arrays=tuple(full)))[0]
+
+    def vjp(cts, *arrays):
+        out = student(variant, dict(zip(names, arrays)), cts[0], case.kwargs, dtype="float64",
+                      **flags)
+        return tuple(out["d" + n] for n in names)
+
+    return f, vjp, [case.arrays[i] for i in present]
+
+
+def _backward_changed(mistake, case):
+    """Whether the mistake changes dx/dweight/dbias on the case (normwise, beyond 1e-6)."""
+    from refnorm.oracle import student
+    right = student(mistake.variant, case.inputs, case.dy, case.kwargs, dtype="float64")
+    try:  # (instance_norm's wrong axis cannot update running statistics: not this case)
+        wrong = mistake(mistake.variant, case.inputs, case.dy, case.kwargs, dtype="float64")
+    except ValueError:
+        return False
+    for n in case.inputs:
+        a, b = np.asarray(right["d" + n]), np.asarray(wrong["d" + n])
+        if a.shape != b.shape or not np.max(np.abs(a - b), initial=0.0) <= \
+                1e-6 * np.max(np.abs(a), initial=0.0):
+            return True
+    return False
+
+
+_CONTROLS: dict = {}
+
+
+def _control_passes(variant, case):
+    """The correct student's vjp passes fast mode on the case: gradcheck can judge there."""
+    key = (variant, case.name)
+    if key not in _CONTROLS:
+        f, vjp, inputs = _catalogue_problem(variant, case, {})
+        _CONTROLS[key] = check_vjp(f, vjp, inputs, max_fallback_size=0)
+    return _CONTROLS[key]
+
+
+def _mistake_ids():
+    from refnorm.oracle.mistakes import MISTAKES
+    return [m.id for m in MISTAKES]
+
+
+@pytest.mark.parametrize("mistake_id", _mistake_ids())
+def test_fast_mode_rejects_every_wrong_backward_of_the_mistake_catalogue(mistake_id):
+    from refnorm.oracle.mistakes import MISTAKES
+    mistake = next(m for m in MISTAKES if m.id == mistake_id)
+    cases = _catalogue_cases(mistake.variant)
+    changed = [c for c in cases if _backward_changed(mistake, c)]
+    if mistake.kind in FORWARD_ONLY:  # the list cannot hide a wrong backward
+        assert not changed, f"{mistake.id} changes the backward on {changed[0].name}"
+        return
+    assert changed, f"{mistake.id}: no oracle case where its backward differs"
+    # the first such case where the right backward passes (tiny-scale or zero-row cases can
+    # leave gradcheck unable to decide: it then says INCONCLUSIVE, not passed)
+    case = next((c for c in changed if _control_passes(mistake.variant, c)), None)
+    assert case is not None, f"{mistake.id}: the right backward passes on none of {changed}"
+    control = _control_passes(mistake.variant, case)
+    assert control.n_evals <= 8, str(control)
+    f, vjp, inputs = _catalogue_problem(mistake.variant, case, mistake.flags)
+    if mistake.kind == "dweight-not-reduced":  # dweight shaped like x: rejected by its shape
+        with pytest.raises(ValueError, match="vjp returned a gradient of shape"):
+            check_vjp(f, vjp, inputs, max_fallback_size=0)
+        return
+    report = check_vjp(f, vjp, inputs, max_fallback_size=0)
+    assert report.verdict == "FAILED", f"{mistake.id} on {case.name}:\n{report}"
+    # found by the default budget (one projection), before any localisation
+    assert report.n_evals_to_failure <= 8, str(report)

@@ -130,10 +130,12 @@ print(f"full Jacobian ({2 * x.size} evaluations): max |dx - J^T dy| = "
 # .. math::
 #     u^T (J v) = (J^T u)^T v ,
 #
-# the left side is **one** directional derivative of the forward (8 evaluations with
-# Richardson), the right side one backward call dotted with :math:`v`. Three projections make
-# 24 evaluations, whatever :math:`n`. A wrong backward passes a random projection only by a
-# measure-zero accident. Counting the evaluations of both modes:
+# the left side is **one** directional derivative of the forward (6 evaluations: central
+# differences at three steps, with Richardson), the right side one backward call dotted with
+# :math:`v`. With the evaluation at :math:`x` itself that makes 7, whatever :math:`n`. A wrong
+# backward passes a random projection only by a measure-zero accident. Slow mode spends 4
+# evaluations per element (two steps), and the full Richardson table only on the elements that
+# this does not decide. Counting the evaluations of both modes:
 
 
 def ln_vjp(cts, x):
