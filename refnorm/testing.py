@@ -136,6 +136,7 @@ def cases(variant, dtype="float32", size="ci", **check_kwargs) -> list:
         if k in check_kwargs:
             raise TypeError(f"cases() got the keyword {k!r}, which it sets itself")
     seed = check_kwargs.pop("seed", 0)
+    listing = {k: v for k, v in check_kwargs.items() if k not in ("diagnose", "progress")}
     dtypes = [dtype] if isinstance(dtype, str) else list(dtype)
     variants = variant if variant is None or isinstance(variant, str) else list(variant)
     params = []
@@ -143,7 +144,7 @@ def cases(variant, dtype="float32", size="ci", **check_kwargs) -> list:
         d = get_format(d).name
         # the oracle's own check lists the cases: a candidate that declines every one
         report = check(_null_candidate, variants, dtype=d, seed=seed, size=size,
-                       diagnose=False, **check_kwargs)
+                       diagnose=False, **listing)
         entries = {}
         for r in report.results:
             entries.setdefault(r.variant, []).append((r.case, r.shape))

@@ -162,6 +162,9 @@ def test_cases_pass_check_keywords_through():
     with pytest.raises(AssertionError, match="dweight not computed by the candidate"):
         assert_case(lora_rms, plain[case.name])
     assert assert_case(lora_rms, plain[case.name], frozen="weight")      # over cases()'s
+    seeded = cases("rms_norm", "float32", seed=7, diagnose=False)[0].values[0]
+    assert seeded.seed == 7 and "seed=7" in repr(seeded)
+    assert assert_case(student, seeded).seed == 7
 
 
 def test_a_declined_case_is_a_skip():
