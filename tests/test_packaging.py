@@ -44,6 +44,9 @@ def test_engine_imports_only_numpy():
 #: Optional backends: imported only inside functions, under ``try/except ImportError``, or by the
 #: example kernels in ``refnorm/oracle/examples/`` (which document that they need them).
 OPTIONAL_MODULES = {"torch", "jax", "jaxlib", "triton"}
+#: Test tools, in the test extras only: imported inside the functions of ``refnorm/testing.py``
+#: that need them (``refnorm.testing.cases`` builds pytest parameters), nowhere else.
+TEST_TOOL_MODULES = {"pytest"}
 
 
 def _requirement_name(line):
@@ -59,6 +62,13 @@ def _install_requires():
     cfg.read(ROOT / "setup.cfg")
     return [_requirement_name(line) for line in cfg["options"]["install_requires"].splitlines()
             if line.strip()]
+
+
+def _test_requires():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return [_requirement_name(line)
+            for line in cfg["options.extras_require"]["test"].splitlines() if line.strip()]
 
 
 def _imports(path):
@@ -141,6 +151,11 @@ def test_every_third_party_import_of_refnorm_is_declared():
             bare = [f for f, guarded in where
                     if not guarded and not f.startswith("refnorm/oracle/examples/")]
             assert not bare, f"optional {module!r} imported unguarded in {bare}"
+        elif module in TEST_TOOL_MODULES:
+            assert _distribution_of(module) in _test_requires(), module
+            bad = [f for f, guarded in where if not guarded or f != "refnorm/testing.py"]
+            assert not bad, f"test tool {module!r} imported outside a function of " \
+                f"refnorm/testing.py: {bad}"
         else:
             assert _distribution_of(module) in declared, (
                 f"refnorm/ imports {module!r} ({where[0][0]}) but setup.cfg's install_requires "

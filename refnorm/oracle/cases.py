@@ -37,6 +37,7 @@ range, and no correct kernel in that precision can be held to the bound.
 from __future__ import annotations
 
 import inspect
+import re
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
@@ -47,7 +48,8 @@ from refnorm.oracle.formats import get_format, round_to
 from refnorm.oracle.structure import groups_of
 from refnorm.registry import SampleInput
 
-__all__ = ["Case", "Skipped", "generate", "REGIMES", "CI_MAX_ELEMENTS", "case_rng"]
+__all__ = ["Case", "Skipped", "generate", "REGIMES", "CI_MAX_ELEMENTS", "case_rng", "case_shape",
+           "case_ids", "format_shape"]
 
 CI_MAX_ELEMENTS = 2 ** 17 + 2 ** 12
 REGIMES = ("mean1e4-std1e-3", "mean1e3-std1", "constant-groups", "tiny-scale", "huge-scale",
@@ -91,6 +93,63 @@ class Skipped:
     name: str
     dtype: str
     reason: str
+    shape: tuple | None = None          # of the case's first input, as :func:`case_shape`
+
+
+def case_shape(case) -> tuple | None:
+    """The shape of the first input present in a case (``x`` for most variants), or None."""
+    arrays = case.arrays if isinstance(case, (Case, SampleInput)) else case
+    for a in arrays:
+        if a is not None:
+            return tuple(int(n) for n in np.shape(a))
+    return None
+
+
+def format_shape(shape) -> str:
+    """``(37,1000)``, ``(5,)``, ``()``; ``?`` for an unknown shape."""
+    if shape is None:
+        return "?"
+    shape = tuple(shape)
+    return "(" + ",".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def case_ids(variant, dtype, entries) -> dict:
+    """Readable, unique ids for the cases of one variant and dtype: ``{name: id}``.
+
+    ``entries`` are ``(name, shape)`` pairs, one per case (run or skipped). An id is
+    ``variant-dtype-shape``, such as ``layer_norm-bfloat16-(37,1000)``; where several cases
+    share that, the case's name follows (without the shape it repeats:
+    ``layer_norm-float32-(4,6)-regime:nan``), then ``#k`` if even that repeats. Ids depend on
+    the set of names, not on their order: :func:`refnorm.testing.cases` and
+    ``refnorm compare --junit`` give a case the same id.
+    """
+    entries = list(dict(entries).items())
+    base = {name: f"{variant}-{dtype}-{format_shape(shape)}" for name, shape in entries}
+    counts = {}
+    for b in base.values():
+        counts[b] = counts.get(b, 0) + 1
+    ids = {}
+    for name, shape in entries:
+        b = base[name]
+        if counts[b] > 1:
+            b += "-" + (_short_name(name, shape) or name)
+        ids[name] = b
+    seen = {}
+    for name in sorted(ids):
+        seen.setdefault(ids[name], []).append(name)
+    for i, names in seen.items():
+        if len(names) > 1:
+            for k, name in enumerate(names, 1):
+                ids[name] = f"{i}-#{k}"
+    return ids
+
+
+def _short_name(name, shape):
+    """A case's name without the shape it repeats, its spaces turned into dashes."""
+    text = name.replace(format_shape(shape), " ") if shape is not None else name
+    text = re.sub(r"\s+", "-", text.strip())
+    text = re.sub(r":-", ":", re.sub(r"-{2,}", "-", text))
+    return text.strip("-:")
 
 
 def case_rng(seed, *parts) -> np.random.Generator:
@@ -231,7 +290,7 @@ def generate(spec, dtype="float32", seed=0, size="full"):
         seen.add(name)
         case, reason = _make_case(spec, sample, fmt, seed, name, tags)
         if case is None:
-            skipped.append(Skipped(spec.name, name, fmt.name, reason))
+            skipped.append(Skipped(spec.name, name, fmt.name, reason, case_shape(sample)))
         else:
             cases.append(case)
 

@@ -12,6 +12,7 @@ Examples (with their exit status on PyTorch 2.13 CPU)::
     refnorm compare --impl torch --variant layer_norm rms_norm --dtype bfloat16   # exit 0
     refnorm compare --impl torch --device cuda --dtype float32 float16 bfloat16 \\
         --report out/report.txt --json out/report.json
+    refnorm compare --impl torch --variant layer_norm --dtype bfloat16 --junit out/junit.xml
     refnorm compare --impl mypkg.kernels:candidate --variant layer_norm --dtype bfloat16
     refnorm compare --impl mypkg.kernels:lora_rms --variant rms_norm --frozen weight
     refnorm goldens export goldens/ --variant layer_norm --dtype bfloat16 float32
@@ -99,6 +100,10 @@ def cmd_compare(args):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=1,
                                               sort_keys=True) + "\n")
+    if args.junit:
+        from refnorm.oracle.junit import write_junit
+
+        write_junit(reports, args.junit)
     return 0 if ok else 1
 
 
@@ -214,6 +219,10 @@ def add_commands(subparsers):
                    help="use the cases of a golden directory instead of generating them")
     p.add_argument("--report", metavar="FILE", help="also write the full text report here")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
+    p.add_argument("--junit", metavar="FILE",
+                   help="also write JUnit XML here, for CI: one test case per oracle case "
+                   "(classname: the variant; name: the id refnorm.testing.cases gives it), "
+                   "with the oracle's text of each failure")
     p.add_argument("--brief", action="store_true", help="tables only, no failure details")
     p.set_defaults(func=cmd_compare)
 

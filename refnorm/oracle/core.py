@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import traceback
 import warnings
 from collections import OrderedDict
@@ -197,13 +198,14 @@ def _prepared_cases(spec, dtype, seed, size, strict, ftz=False):
         except Exception as exc:  # noqa: BLE001 - a broken reference must not hide the others
             skipped.append(_cases.Skipped(spec.name, c.name, c.dtype,
                                           f"BUG in refnorm: its reference raised "
-                                          f"{type(exc).__name__}: {exc}"))
+                                          f"{type(exc).__name__}: {exc}", _cases.case_shape(c)))
             continue
         reason = out_of_range(spec, prep) or _nonfinite_reference(prep)
         prep.raw = None  # only the range check needs these two
         prep.ref.cache = None
         if reason:
-            skipped.append(_cases.Skipped(spec.name, c.name, c.dtype, reason))
+            skipped.append(_cases.Skipped(spec.name, c.name, c.dtype, reason,
+                                          _cases.case_shape(c)))
         else:
             preps.append(prep)
     value = (preps, skipped)
@@ -242,7 +244,17 @@ def run_case(adapter, prep: Prepared, frozen=()):
 
     The candidate gets copies; afterwards they are compared with the case's own arrays, and a
     write into any of them (or one the adapter saw in its own tensors) fails the case.
-    ``frozen`` names the inputs whose gradient the candidate is declared not to compute."""
+    ``frozen`` names the inputs whose gradient the candidate is declared not to compute. The
+    result carries the case's shape (:func:`refnorm.oracle.cases.case_shape`) and the seconds
+    the call and the comparison took."""
+    start = time.perf_counter()
+    result, got = _run_case(adapter, prep, frozen)
+    result.shape = _cases.case_shape(prep.case)
+    result.seconds = time.perf_counter() - start
+    return result, got
+
+
+def _run_case(adapter, prep, frozen):
     from refnorm.norms import BY_NAME
 
     case = prep.case
@@ -346,7 +358,7 @@ def _residual(adapter, spec, prep):
 
 def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="full",
           strict=False, ftz=None, cases=None, diagnose=True, progress=None,
-          frozen=None) -> Report:
+          frozen=None, only=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
     Every case also checks that the candidate wrote into none of the arrays it was given
@@ -387,6 +399,12 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         Inputs whose gradient the candidate does not compute (a frozen parameter:
         ``("weight",)``): their gradient is reported "not computed (frozen)" and the rest is
         judged. Added to the candidate's own ``frozen`` attribute.
+    only : str or collection of str, optional
+        Run only the cases of these names (``Case.name``, such as ``"oracle:(37,1000)"``);
+        the others are neither run nor listed as skipped. Everything else is as for the full
+        run: the same preparation, bounds and skips, and the residual block is run when the
+        variant's first case is among them. :func:`refnorm.testing.assert_case` checks one
+        case this way. A name that no selected variant has raises ``ValueError``.
 
     """
     adapter = _adapters.resolve(impl, device)
@@ -404,20 +422,24 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         ftz = bool(getattr(adapter, "ftz", False))
     report = Report(adapter.name, fmt.name, getattr(adapter, "device", device), seed, size,
                     strict, ftz=ftz, frozen=frozen)
-    work = []
+    wanted = None if only is None else ({only} if isinstance(only, str) else set(only))
+    work, found = [], set()
     if cases is not None:
         by_variant = {}
         for c in cases:
             c = c.case if isinstance(getattr(c, "case", None), _cases.Case) else c
             by_variant.setdefault(c.variant, []).append(c)
-        wanted = {s.name for s in specs}
         for spec in specs:
-            if spec.name not in by_variant or spec.name not in wanted:
+            if spec.name not in by_variant:
                 continue
             if not adapter.supports(spec):
                 report.unsupported.append(spec.name)
                 continue
-            work.append((spec, [prepare(spec, c, strict, ftz) for c in by_variant[spec.name]]))
+            given = [c for c in by_variant[spec.name] if wanted is None or c.name in wanted]
+            found.update(c.name for c in given)
+            preps = [prepare(spec, c, strict, ftz) for c in given]
+            first = preps[0] if preps and given[0] is by_variant[spec.name][0] else None
+            work.append((spec, preps, first))
         if by_variant:
             report.dtype = ",".join(sorted({c.dtype for cs in by_variant.values() for c in cs}))
         report.size = "given cases"
@@ -427,9 +449,18 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
                 report.unsupported.append(spec.name)
                 continue
             preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz)
+            first = preps[0] if preps else None
+            if wanted is not None:
+                preps = [p for p in preps if p.case.name in wanted]
+                skipped = [s for s in skipped if s.name in wanted]
+                found.update([p.case.name for p in preps] + [s.name for s in skipped])
             report.skipped.extend(skipped)
-            work.append((spec, preps))
-    for spec, preps in work:
+            work.append((spec, preps, first))
+    if wanted is not None and work and wanted - found:
+        raise ValueError(f"only: no case named {', '.join(map(repr, sorted(wanted - found)))} "
+                         f"in {', '.join(s.name for s, _, _ in work)} ({fmt.name}, seed {seed}, "
+                         f"size {size!r})")
+    for spec, preps, first in work:
         failing, writes, missing = [], {}, {}
         for prep in preps:
             result, got = run_case(adapter, prep, frozen)
@@ -444,8 +475,9 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
                 failing.append((prep, result, got))
             if progress is not None:
                 progress(f"{spec.name} {prep.case.name}")
-        if isinstance(adapter, _adapters.TorchAdapter) and adapter.fn is not None and preps:
-            res = _residual(adapter, spec, preps[0])
+        if isinstance(adapter, _adapters.TorchAdapter) and adapter.fn is not None and \
+                first is not None and any(p is first for p in preps):
+            res = _residual(adapter, spec, first)
             if res is not None:
                 report.residual[spec.name] = res
         said = [d for d in (write_diagnosis(writes), missing_diagnosis(missing)) if d]

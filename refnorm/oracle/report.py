@@ -28,6 +28,7 @@ and keeps every case's results (:class:`CaseResult`) and every output's (:class:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,8 @@ class CaseResult:
     hint: str = ""                       # of an error that looks like a signature mismatch
     writes: dict = field(default_factory=dict)   # name -> how the candidate wrote into it
     known: str = ""                      # why this failure is the library's known behaviour
+    shape: tuple | None = None           # the shape of the case's first input (its id)
+    seconds: float = 0.0                 # the time the candidate's call and the comparison took
 
     @property
     def passed(self) -> bool:
@@ -317,6 +320,21 @@ class Report:
         out["cases"] = out["pass"] + out["fail"] + out["skipped"]
         out["known"] = sum(bool(r.known) for r in rs if r.status == "FAIL")
         return out
+
+    def only(self, variant, case) -> "Report":
+        """The report of one case of ``variant`` (named ``case``): its result or its skip, the
+        residual block when it ran on this case, and the variant's diagnosis when the case
+        failed. ``refnorm compare --junit`` writes this text for each failing case."""
+        results = [r for r in self.results if r.variant == variant and r.case == case]
+        residual = {v: rc for v, rc in self.residual.items() if v == variant and rc[0] == case}
+        failed = not all(r.passed for r in results) or \
+            not all(o.passed for _, o in residual.values())
+        return dataclasses.replace(
+            self, results=results, residual=residual,
+            skipped=[s for s in self.skipped if s.variant == variant and s.name == case],
+            diagnoses={v: d for v, d in self.diagnoses.items() if v == variant and failed},
+            matched={v: m for v, m in self.matched.items() if v == variant and failed},
+            unsupported=[])
 
     def format(self, *, details=True, max_failures=12) -> str:
         lines = [f"refnorm oracle: impl={self.impl} device={self.device} dtype={self.dtype} "
