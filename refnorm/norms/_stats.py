@@ -67,8 +67,10 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import numbers
+import os
 import threading
 
 import numpy as np
@@ -366,16 +368,75 @@ def out_of_range(*arrays):
     return False
 
 
-def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
-    """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks of about
-    ``block_bytes`` (1 MiB; at least one row each), for work on independent rows.
+_L2_FALLBACK = 1 << 20  # bytes: where the cache size cannot be read
+_cache_size = None
+
+
+def l2_cache_bytes():
+    """The size in bytes of the CPU's per-core cache of level 2 (the largest one private to a
+    core, where blocks of rows are kept between passes), read once from Linux's
+    ``/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}``; the environment variable
+    ``REFNORM_L2_BYTES`` overrides it (for benchmarks), and 1 MiB is assumed where neither
+    says (another OS, a container without ``/sys``)."""
+    global _cache_size
+    if _cache_size is None:
+        _cache_size = _read_l2_bytes()
+    return _cache_size
+
+
+def _read_l2_bytes():
+    env = os.environ.get("REFNORM_L2_BYTES", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size:
+            number, unit = (size[:-1], size[-1]) if size[-1] in units else (size, "")
+            if number.isdigit() and int(number) > 0:
+                return int(number) * units.get(unit, 1)
+    return _L2_FALLBACK
+
+
+def row_blocks(n_rows, row_bytes, block_bytes=None, *, live=4):
+    """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks (at least one row
+    each) for work on independent rows: by default sized so that ``live`` arrays of a block's
+    size (the arrays that the passes over a block touch: ``x``, ``dy``, ``dx`` and a temporary
+    for the backwards) fill the L2 cache together (:func:`l2_cache_bytes`), or of about
+    ``block_bytes`` each if given.
 
     Every NumPy operation is one pass over its arrays; arrays much larger than the CPU cache
-    come from main memory on each pass, while a block of rows stays in the cache across
-    all the passes made over it.
+    come from main memory on each pass, while a block of rows stays in the cache across all
+    the passes made over it. Each block costs a few microseconds of Python per operation, so
+    blocks much smaller than the cache are slower too (``docs/notes/performance.rst`` has the
+    sweep of block sizes).
     """
+    if block_bytes is None:
+        block_bytes = l2_cache_bytes() // max(1, live)
     step = max(1, block_bytes // max(1, row_bytes))
     return [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
+def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
+    """``[body(blk) for blk in row_blocks(n_rows, row_bytes, live=live)]``, inside one
+    :func:`row_broadcasting` context for rows of ``row_length`` elements.
+
+    The one loop of the blocked forwards and backwards (LayerNorm, GroupNorm, BatchNorm,
+    InstanceNorm): ``body`` does the variant's math on the rows of one block, writing its
+    outputs' slices in place, and returns what the caller combines: per-row statistics
+    (concatenated) or the block's part of a sum over rows (added up block after block, so that
+    a parameter gradient is a sum of per-block sums, as accurate as a pairwise sum of that
+    depth). Sizing and the NumPy buffer are set once here, not in every block."""
+    with row_broadcasting(row_length):
+        return [body(blk) for blk in row_blocks(n_rows, row_bytes, live=live)]
 
 
 @contextlib.contextmanager
