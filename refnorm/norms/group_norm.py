@@ -65,10 +65,10 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  correction_first, extreme_groups, group_view, row_blocks,
-                                  row_broadcasting, row_dots, row_sums, saved_mean,
-                                  shifted_moments, wider_dtype, widen)
+from refnorm.norms._stats import (by_row_blocks, check_array, check_eps, check_num_groups,
+                                  check_param, correction_first, extreme_groups, group_view,
+                                  row_dots, row_sums, saved_mean, shifted_moments, wider_dtype,
+                                  widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -163,10 +163,24 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def _forward(x, groups, weight, bias, eps):
-    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1)."""
+    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1), a block of samples at
+    a time (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block find it in the
+    cache)."""
+    y = np.empty(x.shape, dtype=x.dtype)
+    parts = by_row_blocks(lambda blk: _normalize(x[blk], groups, weight, bias, eps, y[blk]),
+                          x.shape[0], _sample_bytes(x), _ncl(x).shape[2], live=2)
+    return y, tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _sample_bytes(x):
+    return x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))
+
+
+def _normalize(x, groups, weight, bias, eps, y):
+    """``y = (x - mu) r gamma + beta`` on samples ``x``, in ``y``; returns their
+    ``(shift, c, var, rstd)``, of shape (N, G, 1)."""
     n, channels = x.shape[:2]
     per_channel = channels // groups
-    y = np.empty(x.shape, dtype=x.dtype)
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
     rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
@@ -191,12 +205,11 @@ def _forward(x, groups, weight, bias, eps):
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
-    with row_broadcasting(y3.shape[2]):
-        if unfold.any():
-            y3 -= c_spread
-        y3 *= scale
-        y3 += offset
-    return y, (shift, c, var, rstd)
+    if unfold.any():
+        y3 -= c_spread
+    y3 *= scale
+    y3 += offset
+    return shift, c, var, rstd
 
 
 def group_norm_backward(dy, cache):
@@ -215,8 +228,8 @@ def group_norm_backward(dy, cache):
 
     four passes with per-(sample, channel) coefficients. The samples are independent but for
     the sums over the batch (``dweight``, ``dbias``), so they are done a block of samples at a
-    time (:func:`~refnorm.norms._stats.row_blocks`, about 1 MiB): :math:`d` is then one block,
-    not an array of the size of ``x``.
+    time (:func:`~refnorm.norms._stats.by_row_blocks`, sized to the L2 cache): :math:`d` is
+    then one block, not an array of the size of ``x``.
     """
     x, shift, c, r, weight, has_bias = cache[:6]
     if cache.wide is None:
@@ -252,31 +265,32 @@ def _channels(g, per_channel):
 def _sum_dy(dy, x):
     """Per channel, the sum of ``dy`` over all samples, in the blocks and order of
     :func:`_backward` (bit-identical to its ``sum_dy``)."""
-    n, channels = x.shape[:2]
     acc = np.promote_types(x.dtype, np.float32)
-    total = np.zeros(channels, acc)
-    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-        total += row_sums(_ncl(dy[blk].astype(acc if x.dtype == np.float16 else x.dtype,
-                                               copy=False))).sum(axis=0)
-    return total
+    dt = acc if x.dtype == np.float16 else x.dtype
+    parts = by_row_blocks(
+        lambda blk: row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),
+        x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+    return sum(parts, np.zeros(x.shape[1], acc))
 
 
 def _backward(dy, x, shift, c, r, weight):
-    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype. float16 is
-    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
-    n, channels = x.shape[:2]
+    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype, a block of
+    samples at a time. float16 is worked in float32 (the terms of dx cancel: a float16 residue
+    times r overflows)."""
+    channels = x.shape[1]
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
     sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
     if not x.size:
         return dx.astype(x.dtype), sum_dyx, sum_dy
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
-        for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-            a, b = _backward_samples(dy[blk].astype(dx.dtype, copy=False),
-                                     x[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
-                                     r[blk], weight, dx[blk])
-            sum_dyx += a
-            sum_dy += b
+        parts = by_row_blocks(
+            lambda blk: _backward_samples(dy[blk].astype(dx.dtype, copy=False),
+                                          x[blk].astype(dx.dtype, copy=False), shift[blk],
+                                          c[blk], r[blk], weight, dx[blk]),
+            x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+    sum_dyx = sum((part[0] for part in parts), sum_dyx)
+    sum_dy = sum((part[1] for part in parts), sum_dy)
     return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
 
@@ -294,8 +308,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
         return np.repeat(v, per_channel, axis=1)
 
-    with row_broadcasting(per_group):
-        d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
+    d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
     b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
     a = spread(r) * (row_dots(dy3, d3)[..., None] - spread(c) * b)    # A_nc = sum_* dy xhat
@@ -321,17 +334,16 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
                   | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
         centre = correction_first(c, r)
     c_first = np.where(centre, c, 0)
-    with row_broadcasting(spatial):
-        np.multiply(dy3, r_gamma, out=dx3)
-        if centre.any():
-            d3 -= spread(c_first)
-        if split.any():
-            d3 *= spread(np.where(split, r, rk))
-            d3 *= spread(np.where(split, k, 1))
-        else:
-            d3 *= spread(rk)
-        dx3 -= d3
-        dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
+    np.multiply(dy3, r_gamma, out=dx3)
+    if centre.any():
+        d3 -= spread(c_first)
+    if split.any():
+        d3 *= spread(np.where(split, r, rk))
+        d3 *= spread(np.where(split, k, 1))
+    else:
+        d3 *= spread(rk)
+    dx3 -= d3
+    dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
     return sums
 
 
