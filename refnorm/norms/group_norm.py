@@ -138,7 +138,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
             x, stats, stats.copy(), stats.astype(np.promote_types(x.dtype, np.float32)), weight,
             bias is not None, None if bias is None else bias.dtype)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
-        y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
+        y, (shift, c, var, rstd) = normalize_groups(x, groups, weight, bias, eps)
     wide = None
     extreme = extreme_groups(var, rstd, x.dtype)
     wider = wider_dtype(x.dtype)
@@ -162,10 +162,13 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
                              None if bias is None else bias.dtype, wide)
 
 
-def _forward(x, groups, weight, bias, eps):
-    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1), a block of samples at
-    a time (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block find it in the
-    cache)."""
+def normalize_groups(x, groups, weight, bias, eps):
+    """``(y, (shift, c, var, rstd))`` of GroupNorm's math on a non-empty ``x`` of shape
+    (N, C, ...) with ``groups`` groups, the statistics of shape (N, G, 1), without the input
+    checks and the groups that need a wider dtype (:func:`group_norm_forward` adds them);
+    InstanceNorm's forward with input statistics is this with one group per channel. A block
+    of samples at a time (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block
+    find it in the cache)."""
     y = np.empty(x.shape, dtype=x.dtype)
     parts = by_row_blocks(lambda blk: _normalize(x[blk], groups, weight, bias, eps, y[blk]),
                           x.shape[0], _sample_bytes(x), _ncl(x).shape[2], live=2)
@@ -233,7 +236,7 @@ def group_norm_backward(dy, cache):
     """
     x, shift, c, r, weight, has_bias = cache[:6]
     if cache.wide is None:
-        dx, sum_dyx, sum_dy = _backward(dy, x, shift, c, r, weight)
+        dx, sum_dyx, sum_dy = normalize_groups_backward(dy, x, shift, c, r, weight)
     else:  # the groups done in a wider dtype by the forward: their backward too. The others as
         # usual, with those groups' dy and rstd set to 0 (their terms of the sums are exactly 0)
         per_channel = x.shape[1] // r.shape[1]
@@ -242,7 +245,7 @@ def group_norm_backward(dy, cache):
         for g, sel, _ in cache.wide:
             dy0[sel, _channels(g, per_channel)] = 0
             r0[sel, g], shift0[sel, g], c0[sel, g] = 0, 0, 0
-        dx, sum_dyx, sum_dy = _backward(dy0, x, shift0, c0, r0, weight)
+        dx, sum_dyx, sum_dy = normalize_groups_backward(dy0, x, shift0, c0, r0, weight)
         for g, sel, sub in cache.wide:
             ch = _channels(g, per_channel)
             grads = group_norm_backward(dy[sel][:, ch].astype(sub.x.dtype), sub)
@@ -273,10 +276,11 @@ def _sum_dy(dy, x):
     return sum(parts, np.zeros(x.shape[1], acc))
 
 
-def _backward(dy, x, shift, c, r, weight):
-    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype, a block of
-    samples at a time. float16 is worked in float32 (the terms of dx cancel: a float16 residue
-    times r overflows)."""
+def normalize_groups_backward(dy, x, shift, c, r, weight):
+    """The backward of :func:`normalize_groups`: ``(dx, sum_dyx, sum_dy)``, the per-channel
+    sums (``dweight`` and ``dbias``) in the accumulation dtype, a block of samples at a time.
+    float16 is worked in float32 (the terms of dx cancel: a float16 residue times r
+    overflows)."""
     channels = x.shape[1]
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
