@@ -126,19 +126,28 @@ def shifted_moments(x3, out, eps):
     in the accumulation dtype (:func:`accumulation_dtype`: float32 for float16 input, where
     :math:`r` may exceed the float16 range while :math:`(d - c)\,r` does not). Then
     :math:`x - \mu = d - c`, right to about one ULP. Layouts: LayerNorm rows are
-    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)``, BatchNorm ``(N, C, H*W)``.
+    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)`` (both called on one block of rows at a
+    time), BatchNorm ``(N, C, H*W)``, whose passes after the first (:math:`m_0`) go by blocks
+    along axis 0 (:func:`by_row_blocks`).
 
     ``var`` may overflow the dtype (float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; it is then
     ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
     """
     count = x3.shape[0] * x3.shape[2]
     shift = (row_sums(x3).sum(axis=0)[:, None] / count).astype(x3.dtype, copy=False)  # m0
-    with row_broadcasting(x3.shape[2]):
-        d = np.subtract(x3, shift, out=out)  # exact where x is within a factor 2 of m0 (Sterbenz)
+
+    def block(blk):  # d = x - m0 and its row sums, a block along axis 0 (BatchNorm's samples)
+        d = np.subtract(x3[blk], shift, out=out[blk])  # exact where x is within a factor 2 of
+        return row_sums(d), row_dots(d, d)             # m0 (Sterbenz)
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
-        c = row_sums(d).sum(axis=0)[:, None] / count
+        parts = by_row_blocks(block, x3.shape[0], x3.nbytes // max(1, x3.shape[0]), x3.shape[2],
+                              live=2)
+        sum_d, sum_dd = (np.concatenate(p).sum(axis=0)[:, None] for p in zip(*parts))
+        d = out
+        c = sum_d / count
         # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
-        var = row_dots(d, d).sum(axis=0)[:, None] / count - c * c
+        var = sum_dd / count - c * c
         var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
         rstd = 1.0 / np.sqrt(var + eps)
     bad = needs_rescaling(var, eps)
@@ -434,9 +443,11 @@ def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
     outputs' slices in place, and returns what the caller combines: per-row statistics
     (concatenated) or the block's part of a sum over rows (added up block after block, so that
     a parameter gradient is a sum of per-block sums, as accurate as a pairwise sum of that
-    depth). Sizing and the NumPy buffer are set once here, not in every block."""
-    with row_broadcasting(row_length):
-        return [body(blk) for blk in row_blocks(n_rows, row_bytes, live=live)]
+    depth). Sizing and the NumPy buffer are set once here, not in every block. With no rows,
+    ``body`` is called once on the empty block, so that the results have their shapes."""
+    blocks = row_blocks(n_rows, row_bytes, live=live) or [slice(0, 0)]  # no rows: one empty
+    with row_broadcasting(row_length):                                   # block, for the shapes
+        return [body(blk) for blk in blocks]
 
 
 @contextlib.contextmanager
