@@ -238,11 +238,20 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
             unfold = correction_first(c, a)
             ca = c * a
+            c_first = None
             if unfold.any():
-                y -= np.where(unfold, c, 0)  # 0: subtracting it changes nothing
+                c_first = np.where(unfold, c, 0)  # 0: subtracting it changes nothing
                 ca = np.where(unfold, 0, ca)
-            y *= a
-            y += bias.reshape(-1, 1) - ca if bias is not None else -ca
+            offset = bias.reshape(-1, 1) - ca if bias is not None else -ca
+
+            def affine(blk):  # a block of samples at a time, in the cache
+                if c_first is not None:
+                    y[blk] -= c_first
+                y[blk] *= a
+                y[blk] += offset
+
+            by_row_blocks(affine, x3.shape[0], y.nbytes // max(1, x3.shape[0]), spatial,
+                          live=2)
         else:  # ((x - running mean) r) gamma + beta, rounded as InstanceNorm rounds it
             y *= rstd
             if weight is not None:
