@@ -46,6 +46,12 @@ Backward (derivation: ``docs/derivations/instance_norm.rst``). With input statis
 the per-instance sums :math:`\sum_A` being computed once for both. With running statistics,
 :math:`\mathrm{d}x = \gamma_c\,r_c\,\mathrm{d}y`.
 
+With input statistics this is also GroupNorm with one group per channel (Wu & He 2018), and
+the code is GroupNorm's (:func:`refnorm.norms.group_norm.normalize_groups` and its backward):
+the statistics of :mod:`refnorm.norms._stats` (two passes and a correction), ``x`` itself in
+the cache rather than :math:`\hat x` (``cache.xhat`` is recomputed on access), and the passes
+made a block of samples at a time, in the cache.
+
 Conventions, as in ``torch.nn.functional.instance_norm``: biased variance in the forward,
 per-instance unbiased variance in the running one, ``eps`` inside the square root,
 ``eps = 1e-5``, ``momentum = 0.1`` (weight of the new value). ``nn.InstanceNorm{1,2,3}d``'s
