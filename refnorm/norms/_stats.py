@@ -362,7 +362,11 @@ def out_of_range(*arrays):
     variants that are not per-group (weight reparametrizations, LocalResponseNorm) or whose
     groups span the batch (BatchNorm, InstanceNorm); those then do the whole call in
     :func:`wider_dtype` and return a :class:`WideCache`. (A float32 or float64 call whose
-    largest element sits at the edge of the window can still flip when a NaN replaces it.)"""
+    largest element sits at the edge of the window can still flip when a NaN replaces it.)
+    A finite array costs two reductions (its maximum and minimum), no temporary: this check
+    runs on every call of those variants, and the masked form (``np.where(np.isfinite(a),
+    np.abs(a), 0)``: three temporaries of the array's size) is kept for arrays with a NaN or
+    an infinity."""
     if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
         return True  # always: its range is too narrow for a decision by value (see above)
     for a in arrays:
@@ -370,7 +374,11 @@ def out_of_range(*arrays):
             continue
         a = np.asarray(a)
         with np.errstate(invalid="ignore"):
-            m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
+            hi, lo = np.max(a), np.min(a)  # two passes without temporaries, for finite arrays
+            if np.isfinite(hi) and np.isfinite(lo):
+                m = max(abs(hi), abs(lo))
+            else:  # a NaN or an infinity: the largest finite magnitude, the long way
+                m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
         info = np.finfo(a.dtype)
         if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
             return True
