@@ -44,9 +44,9 @@ from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward  # 
 # ufunc such as ``y *= r`` reads and writes y; ``dx = dy * d`` reads two and writes one.
 PASSES = {
     "LN": (13, 21),   # fwd: 4 sums/differences + 4 affine passes; bwd: 12 operations
-    "BN": (11, 14),
+    "BN": (13, 14),   # fwd: 2 reads of the range check (_stats.out_of_range) + 11
     "GN": (11, 14),
-    "IN": (11, 14),   # GroupNorm's code with one group per channel
+    "IN": (13, 14),   # the range check + GroupNorm's code with one group per channel
 }
 
 
