@@ -67,8 +67,10 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import numbers
+import os
 import threading
 
 import numpy as np
@@ -124,19 +126,28 @@ def shifted_moments(x3, out, eps):
     in the accumulation dtype (:func:`accumulation_dtype`: float32 for float16 input, where
     :math:`r` may exceed the float16 range while :math:`(d - c)\,r` does not). Then
     :math:`x - \mu = d - c`, right to about one ULP. Layouts: LayerNorm rows are
-    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)``, BatchNorm ``(N, C, H*W)``.
+    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)`` (both called on one block of rows at a
+    time), BatchNorm ``(N, C, H*W)``, whose passes after the first (:math:`m_0`) go by blocks
+    along axis 0 (:func:`by_row_blocks`).
 
     ``var`` may overflow the dtype (float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; it is then
     ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
     """
     count = x3.shape[0] * x3.shape[2]
     shift = (row_sums(x3).sum(axis=0)[:, None] / count).astype(x3.dtype, copy=False)  # m0
-    with row_broadcasting(x3.shape[2]):
-        d = np.subtract(x3, shift, out=out)  # exact where x is within a factor 2 of m0 (Sterbenz)
+
+    def block(blk):  # d = x - m0 and its row sums, a block along axis 0 (BatchNorm's samples)
+        d = np.subtract(x3[blk], shift, out=out[blk])  # exact where x is within a factor 2 of
+        return row_sums(d), row_dots(d, d)             # m0 (Sterbenz)
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
-        c = row_sums(d).sum(axis=0)[:, None] / count
+        parts = by_row_blocks(block, x3.shape[0], x3.nbytes // max(1, x3.shape[0]), x3.shape[2],
+                              live=2)
+        sum_d, sum_dd = (np.concatenate(p).sum(axis=0)[:, None] for p in zip(*parts))
+        d = out
+        c = sum_d / count
         # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
-        var = row_dots(d, d).sum(axis=0)[:, None] / count - c * c
+        var = sum_dd / count - c * c
         var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
         rstd = 1.0 / np.sqrt(var + eps)
     bad = needs_rescaling(var, eps)
@@ -351,7 +362,11 @@ def out_of_range(*arrays):
     variants that are not per-group (weight reparametrizations, LocalResponseNorm) or whose
     groups span the batch (BatchNorm, InstanceNorm); those then do the whole call in
     :func:`wider_dtype` and return a :class:`WideCache`. (A float32 or float64 call whose
-    largest element sits at the edge of the window can still flip when a NaN replaces it.)"""
+    largest element sits at the edge of the window can still flip when a NaN replaces it.)
+    A finite array costs two reductions (its maximum and minimum), no temporary: this check
+    runs on every call of those variants, and the masked form (``np.where(np.isfinite(a),
+    np.abs(a), 0)``: three temporaries of the array's size) is kept for arrays with a NaN or
+    an infinity."""
     if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
         return True  # always: its range is too narrow for a decision by value (see above)
     for a in arrays:
@@ -359,23 +374,88 @@ def out_of_range(*arrays):
             continue
         a = np.asarray(a)
         with np.errstate(invalid="ignore"):
-            m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
+            hi, lo = np.max(a), np.min(a)  # two passes without temporaries, for finite arrays
+            if np.isfinite(hi) and np.isfinite(lo):
+                m = max(abs(hi), abs(lo))
+            else:  # a NaN or an infinity: the largest finite magnitude, the long way
+                m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
         info = np.finfo(a.dtype)
         if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
             return True
     return False
 
 
-def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
-    """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks of about
-    ``block_bytes`` (1 MiB; at least one row each), for work on independent rows.
+_L2_FALLBACK = 1 << 20  # bytes: where the cache size cannot be read
+_cache_size = None
+
+
+def l2_cache_bytes():
+    """The size in bytes of the CPU's per-core cache of level 2 (the largest one private to a
+    core, where blocks of rows are kept between passes), read once from Linux's
+    ``/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}``; the environment variable
+    ``REFNORM_L2_BYTES`` overrides it (for benchmarks), and 1 MiB is assumed where neither
+    says (another OS, a container without ``/sys``)."""
+    global _cache_size
+    if _cache_size is None:
+        _cache_size = _read_l2_bytes()
+    return _cache_size
+
+
+def _read_l2_bytes():
+    env = os.environ.get("REFNORM_L2_BYTES", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size:
+            number, unit = (size[:-1], size[-1]) if size[-1] in units else (size, "")
+            if number.isdigit() and int(number) > 0:
+                return int(number) * units.get(unit, 1)
+    return _L2_FALLBACK
+
+
+def row_blocks(n_rows, row_bytes, block_bytes=None, *, live=4):
+    """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks (at least one row
+    each) for work on independent rows: by default sized so that ``live`` arrays of a block's
+    size (the arrays that the passes over a block touch: ``x``, ``dy``, ``dx`` and a temporary
+    for the backwards) fill the L2 cache together (:func:`l2_cache_bytes`), or of about
+    ``block_bytes`` each if given.
 
     Every NumPy operation is one pass over its arrays; arrays much larger than the CPU cache
-    come from main memory on each pass, while a block of rows stays in the cache across
-    all the passes made over it.
+    come from main memory on each pass, while a block of rows stays in the cache across all
+    the passes made over it. Each block costs a few microseconds of Python per operation, so
+    blocks much smaller than the cache are slower too (``docs/notes/performance.rst`` has the
+    sweep of block sizes).
     """
+    if block_bytes is None:
+        block_bytes = l2_cache_bytes() // max(1, live)
     step = max(1, block_bytes // max(1, row_bytes))
     return [slice(start, start + step) for start in range(0, n_rows, step)]
+
+
+def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
+    """``[body(blk) for blk in row_blocks(n_rows, row_bytes, live=live)]``, inside one
+    :func:`row_broadcasting` context for rows of ``row_length`` elements.
+
+    The one loop of the blocked forwards and backwards (LayerNorm, GroupNorm, BatchNorm,
+    InstanceNorm): ``body`` does the variant's math on the rows of one block, writing its
+    outputs' slices in place, and returns what the caller combines: per-row statistics
+    (concatenated) or the block's part of a sum over rows (added up block after block, so that
+    a parameter gradient is a sum of per-block sums, as accurate as a pairwise sum of that
+    depth). Sizing and the NumPy buffer are set once here, not in every block. With no rows,
+    ``body`` is called once on the empty block, so that the results have their shapes."""
+    blocks = row_blocks(n_rows, row_bytes, live=live) or [slice(0, 0)]  # no rows: one empty
+    with row_broadcasting(row_length):                                   # block, for the shapes
+        return [body(blk) for blk in blocks]
 
 
 @contextlib.contextmanager

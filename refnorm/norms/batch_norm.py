@@ -86,11 +86,11 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats, correction_first,
-                                  row_broadcasting, row_dots, row_sums, rsqrt, saved_mean,
-                                  saved_xhat, shifted_moments, update_running_stats, WideCache,
-                                  narrow, out_of_range, wider_dtype, widen)
+from refnorm.norms._stats import (axis_count, by_row_blocks, check_array, check_eps, check_flag,
+                                  check_momentum, check_param, check_running_stats,
+                                  correction_first, row_broadcasting, row_dots, row_sums, rsqrt,
+                                  saved_mean, saved_xhat, shifted_moments, update_running_stats,
+                                  WideCache, narrow, out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
@@ -238,11 +238,20 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
             unfold = correction_first(c, a)
             ca = c * a
+            c_first = None
             if unfold.any():
-                y -= np.where(unfold, c, 0)  # 0: subtracting it changes nothing
+                c_first = np.where(unfold, c, 0)  # 0: subtracting it changes nothing
                 ca = np.where(unfold, 0, ca)
-            y *= a
-            y += bias.reshape(-1, 1) - ca if bias is not None else -ca
+            offset = bias.reshape(-1, 1) - ca if bias is not None else -ca
+
+            def affine(blk):  # a block of samples at a time, in the cache
+                if c_first is not None:
+                    y[blk] -= c_first
+                y[blk] *= a
+                y[blk] += offset
+
+            by_row_blocks(affine, x3.shape[0], y.nbytes // max(1, x3.shape[0]), spatial,
+                          live=2)
         else:  # ((x - running mean) r) gamma + beta, rounded as InstanceNorm rounds it
             y *= rstd
             if weight is not None:
@@ -269,7 +278,10 @@ def batch_norm_backward(dy, cache):
 
     four passes with per-channel coefficients, in :math:`d`'s buffer, the only array of the
     size of ``x`` that is allocated. The sums are BLAS dot products over each (sample,
-    channel) row, so no array is formed for them either.
+    channel) row, so no array is formed for them either. Both phases (the sums, then
+    :math:`\mathrm{d}x`) go a block of samples at a time
+    (:func:`~refnorm.norms._stats.by_row_blocks`), so that their passes find the block in the
+    cache.
     """
     if isinstance(cache, WideCache):
         return cache.narrow(batch_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
@@ -278,26 +290,41 @@ def batch_norm_backward(dy, cache):
     n, spatial = x3.shape[0], x3.shape[2]
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
     a = r * weight.reshape(-1, 1) if weight is not None else r
-    sum_dy = row_sums(dy3).sum(axis=0)[:, None]  # per channel; (sample, channel) rows first
-    sum_dyx = None
     dx = np.empty(x3.shape, dtype=x.dtype)
-    with row_broadcasting(spatial):
-        if batch_stats or weight is not None:  # sum_S dy xhat = r (sum_S dy d - c sum_S dy)
-            np.subtract(x3, shift, out=dx)  # d = x - m0 again, exact as in the forward
-            sum_dyx = r * (row_dots(dy3, dx).sum(axis=0)[:, None] - c * sum_dy)
-        if batch_stats:
-            # dx = a (dy - <dy> - xhat <dy xhat>) = a (dy - d k - (<dy> - c k)), in d's buffer
-            k = r * sum_dyx / (n * spatial)  # r <dy xhat>
-            # where |c r| > 1 (a channel constant up to rounding) d k - c k would cancel
-            # catastrophically (or overflow): subtract c from d first, in one more pass
-            centre = correction_first(c, r)
-            if centre.any():
-                dx -= np.where(centre, c, 0)
-            dx *= -k
-            dx += dy3
-            dx -= sum_dy / (n * spatial) - np.where(centre, 0, c) * k
-            dx *= a
-        else:  # the statistics are constants: dx = a dy
+    sample = (n, x3.nbytes // max(1, n), spatial)  # blocks of samples, for by_row_blocks
+
+    def sums(blk):  # per (sample, channel): sum dy and sum dy d, d = x - m0 again (exact, as
+        d = np.subtract(x3[blk], shift, out=dx[blk])  # in the forward) in dx's buffer
+        return row_sums(dy3[blk]), row_dots(dy3[blk], d)
+
+    sum_dyx = None
+    if batch_stats or weight is not None:  # sum_S dy xhat = r (sum_S dy d - c sum_S dy)
+        parts = by_row_blocks(sums, *sample)
+        sum_dy, sum_dyd = (np.concatenate(p).sum(axis=0)[:, None] for p in zip(*parts))
+        sum_dyx = r * (sum_dyd - c * sum_dy)
+    else:
+        sum_dy = row_sums(dy3).sum(axis=0)[:, None]  # per channel; (sample, channel) rows first
+    if batch_stats:
+        # dx = a (dy - <dy> - xhat <dy xhat>) = a (dy - d k - (<dy> - c k)), in d's buffer
+        k = r * sum_dyx / (n * spatial)  # r <dy xhat>
+        # where |c r| > 1 (a channel constant up to rounding) d k - c k would cancel
+        # catastrophically (or overflow): subtract c from d first, in one more pass
+        centre = correction_first(c, r)
+        c_first = np.where(centre, c, 0) if centre.any() else None
+        offset = sum_dy / (n * spatial) - np.where(centre, 0, c) * k
+
+        def finish(blk):
+            d = dx[blk]
+            if c_first is not None:
+                d -= c_first
+            d *= -k
+            d += dy3[blk]
+            d -= offset
+            d *= a
+
+        by_row_blocks(finish, *sample)
+    else:  # the statistics are constants: dx = a dy
+        with row_broadcasting(spatial):
             np.multiply(dy3, a, out=dx)
     dweight = sum_dyx.ravel().astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.ravel().astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias \

@@ -65,10 +65,10 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  correction_first, extreme_groups, group_view, row_blocks,
-                                  row_broadcasting, row_dots, row_sums, saved_mean,
-                                  shifted_moments, wider_dtype, widen)
+from refnorm.norms._stats import (by_row_blocks, check_array, check_eps, check_num_groups,
+                                  check_param, correction_first, extreme_groups, group_view,
+                                  row_dots, row_sums, saved_mean, shifted_moments, wider_dtype,
+                                  widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -138,7 +138,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
             x, stats, stats.copy(), stats.astype(np.promote_types(x.dtype, np.float32)), weight,
             bias is not None, None if bias is None else bias.dtype)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
-        y, (shift, c, var, rstd) = _forward(x, groups, weight, bias, eps)
+        y, (shift, c, var, rstd) = normalize_groups(x, groups, weight, bias, eps)
     wide = None
     extreme = extreme_groups(var, rstd, x.dtype)
     wider = wider_dtype(x.dtype)
@@ -162,11 +162,28 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
                              None if bias is None else bias.dtype, wide)
 
 
-def _forward(x, groups, weight, bias, eps):
-    """``(y, (shift, c, var, rstd))``, the statistics of shape (N, G, 1)."""
+def normalize_groups(x, groups, weight, bias, eps):
+    """``(y, (shift, c, var, rstd))`` of GroupNorm's math on a non-empty ``x`` of shape
+    (N, C, ...) with ``groups`` groups, the statistics of shape (N, G, 1), without the input
+    checks and the groups that need a wider dtype (:func:`group_norm_forward` adds them);
+    InstanceNorm's forward with input statistics is this with one group per channel. A block
+    of samples at a time (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block
+    find it in the cache)."""
+    y = np.empty(x.shape, dtype=x.dtype)
+    parts = by_row_blocks(lambda blk: _normalize(x[blk], groups, weight, bias, eps, y[blk]),
+                          x.shape[0], _sample_bytes(x), _ncl(x).shape[2], live=2)
+    return y, tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _sample_bytes(x):
+    return x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))
+
+
+def _normalize(x, groups, weight, bias, eps, y):
+    """``y = (x - mu) r gamma + beta`` on samples ``x``, in ``y``; returns their
+    ``(shift, c, var, rstd)``, of shape (N, G, 1)."""
     n, channels = x.shape[:2]
     per_channel = channels // groups
-    y = np.empty(x.shape, dtype=x.dtype)
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
     rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
@@ -191,12 +208,11 @@ def _forward(x, groups, weight, bias, eps):
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
-    with row_broadcasting(y3.shape[2]):
-        if unfold.any():
-            y3 -= c_spread
-        y3 *= scale
-        y3 += offset
-    return y, (shift, c, var, rstd)
+    if unfold.any():
+        y3 -= c_spread
+    y3 *= scale
+    y3 += offset
+    return shift, c, var, rstd
 
 
 def group_norm_backward(dy, cache):
@@ -215,12 +231,12 @@ def group_norm_backward(dy, cache):
 
     four passes with per-(sample, channel) coefficients. The samples are independent but for
     the sums over the batch (``dweight``, ``dbias``), so they are done a block of samples at a
-    time (:func:`~refnorm.norms._stats.row_blocks`, about 1 MiB): :math:`d` is then one block,
-    not an array of the size of ``x``.
+    time (:func:`~refnorm.norms._stats.by_row_blocks`, sized to the L2 cache): :math:`d` is
+    then one block, not an array of the size of ``x``.
     """
     x, shift, c, r, weight, has_bias = cache[:6]
     if cache.wide is None:
-        dx, sum_dyx, sum_dy = _backward(dy, x, shift, c, r, weight)
+        dx, sum_dyx, sum_dy = normalize_groups_backward(dy, x, shift, c, r, weight)
     else:  # the groups done in a wider dtype by the forward: their backward too. The others as
         # usual, with those groups' dy and rstd set to 0 (their terms of the sums are exactly 0)
         per_channel = x.shape[1] // r.shape[1]
@@ -229,7 +245,7 @@ def group_norm_backward(dy, cache):
         for g, sel, _ in cache.wide:
             dy0[sel, _channels(g, per_channel)] = 0
             r0[sel, g], shift0[sel, g], c0[sel, g] = 0, 0, 0
-        dx, sum_dyx, sum_dy = _backward(dy0, x, shift0, c0, r0, weight)
+        dx, sum_dyx, sum_dy = normalize_groups_backward(dy0, x, shift0, c0, r0, weight)
         for g, sel, sub in cache.wide:
             ch = _channels(g, per_channel)
             grads = group_norm_backward(dy[sel][:, ch].astype(sub.x.dtype), sub)
@@ -252,31 +268,33 @@ def _channels(g, per_channel):
 def _sum_dy(dy, x):
     """Per channel, the sum of ``dy`` over all samples, in the blocks and order of
     :func:`_backward` (bit-identical to its ``sum_dy``)."""
-    n, channels = x.shape[:2]
     acc = np.promote_types(x.dtype, np.float32)
-    total = np.zeros(channels, acc)
-    for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-        total += row_sums(_ncl(dy[blk].astype(acc if x.dtype == np.float16 else x.dtype,
-                                               copy=False))).sum(axis=0)
-    return total
+    dt = acc if x.dtype == np.float16 else x.dtype
+    parts = by_row_blocks(
+        lambda blk: row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),
+        x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+    return sum(parts, np.zeros(x.shape[1], acc))
 
 
-def _backward(dy, x, shift, c, r, weight):
-    """``(dx, sum_dyx, sum_dy)``: the per-channel sums in the accumulation dtype. float16 is
-    worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
-    n, channels = x.shape[:2]
+def normalize_groups_backward(dy, x, shift, c, r, weight):
+    """The backward of :func:`normalize_groups`: ``(dx, sum_dyx, sum_dy)``, the per-channel
+    sums (``dweight`` and ``dbias``) in the accumulation dtype, a block of samples at a time.
+    float16 is worked in float32 (the terms of dx cancel: a float16 residue times r
+    overflows)."""
+    channels = x.shape[1]
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
     sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
     if not x.size:
         return dx.astype(x.dtype), sum_dyx, sum_dy
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
-        for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
-            a, b = _backward_samples(dy[blk].astype(dx.dtype, copy=False),
-                                     x[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
-                                     r[blk], weight, dx[blk])
-            sum_dyx += a
-            sum_dy += b
+        parts = by_row_blocks(
+            lambda blk: _backward_samples(dy[blk].astype(dx.dtype, copy=False),
+                                          x[blk].astype(dx.dtype, copy=False), shift[blk],
+                                          c[blk], r[blk], weight, dx[blk]),
+            x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+    sum_dyx = sum((part[0] for part in parts), sum_dyx)
+    sum_dy = sum((part[1] for part in parts), sum_dy)
     return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
 
@@ -294,8 +312,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
         return np.repeat(v, per_channel, axis=1)
 
-    with row_broadcasting(per_group):
-        d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
+    d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
     b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
     a = spread(r) * (row_dots(dy3, d3)[..., None] - spread(c) * b)    # A_nc = sum_* dy xhat
@@ -321,17 +338,16 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
                   | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
         centre = correction_first(c, r)
     c_first = np.where(centre, c, 0)
-    with row_broadcasting(spatial):
-        np.multiply(dy3, r_gamma, out=dx3)
-        if centre.any():
-            d3 -= spread(c_first)
-        if split.any():
-            d3 *= spread(np.where(split, r, rk))
-            d3 *= spread(np.where(split, k, 1))
-        else:
-            d3 *= spread(rk)
-        dx3 -= d3
-        dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
+    np.multiply(dy3, r_gamma, out=dx3)
+    if centre.any():
+        d3 -= spread(c_first)
+    if split.any():
+        d3 *= spread(np.where(split, r, rk))
+        d3 *= spread(np.where(split, k, 1))
+    else:
+        d3 *= spread(rk)
+    dx3 -= d3
+    dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
     return sums
 
 

@@ -46,6 +46,12 @@ Backward (derivation: ``docs/derivations/instance_norm.rst``). With input statis
 the per-instance sums :math:`\sum_A` being computed once for both. With running statistics,
 :math:`\mathrm{d}x = \gamma_c\,r_c\,\mathrm{d}y`.
 
+With input statistics this is also GroupNorm with one group per channel (Wu & He 2018), and
+the code is GroupNorm's (:func:`refnorm.norms.group_norm.normalize_groups` and its backward):
+the statistics of :mod:`refnorm.norms._stats` (two passes and a correction), ``x`` itself in
+the cache rather than :math:`\hat x` (``cache.xhat`` is recomputed on access), and the passes
+made a block of samples at a time, in the cache.
+
 Conventions, as in ``torch.nn.functional.instance_norm``: biased variance in the forward,
 per-instance unbiased variance in the running one, ``eps`` inside the square root,
 ``eps = 1e-5``, ``momentum = 0.1`` (weight of the new value). ``nn.InstanceNorm{1,2,3}d``'s
@@ -82,9 +88,10 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_flag, check_momentum,
-                                  check_param, check_running_stats, moments, needs_rescaling,
-                                  rescaled_rstd, rsqrt, update_running_stats, WideCache, narrow,
+                                  check_param, check_running_stats, rsqrt, saved_mean,
+                                  saved_xhat, update_running_stats, WideCache, narrow,
                                   out_of_range, wider_dtype, widen)
+from refnorm.norms.group_norm import normalize_groups, normalize_groups_backward
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "instance_norm"
@@ -96,14 +103,19 @@ class InstanceNormState(NamedTuple):
 
 
 class InstanceNormCache(NamedTuple):
-    xhat: np.ndarray                # \hat x, same shape as x
-    mean: np.ndarray                # the \mu used: (N, C, 1, ...) or running (1, C, 1, ...)
-    rstd: np.ndarray                # the r used, same shape as mean
+    x: np.ndarray                   # the input, not a copy (like PyTorch's saved tensors):
+    #                                 it must not be modified before the backward
+    shift: np.ndarray               # m0, the rounded mean: (N, C, 1, ...); running: (1, C, 1, ...)
+    correction: np.ndarray          # c = <x - m0>: the mean is m0 + c (see _stats); 0 running
+    rstd: np.ndarray                # the r used, same shape as shift
     weight: np.ndarray | None       # \gamma, or None
     has_bias: bool
     axes: tuple[int, ...]           # A: the spatial axes
     input_stats: bool               # whether \mu and r depend on x
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
+
+    mean = property(saved_mean)   # m0 + c, rounded to one float
+    xhat = property(saved_xhat)   # recomputed from x on access, not stored
 
 
 class InstanceNormGrads(NamedTuple):
@@ -171,65 +183,70 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
                              f"`x` of shape {x.shape}")
         if eps <= 0:
             raise ValueError(f"{_OP}: `eps` must be > 0 with input statistics, got {eps!r}")
-        with np.errstate(over="ignore", invalid="ignore"):  # checked below, per instance
-            xhat, mean, var = moments(x, axes)
-            rstd = rsqrt(var.astype(np.promote_types(x.dtype, np.float32)) + eps)
-        bad = needs_rescaling(var.astype(rstd.dtype), eps)
-        if bad.any():  # the squares overflowed: recompute those instances from xc / 2^e
-            flat = np.flatnonzero(bad)
-            rows = xhat.reshape(-1, m)  # a view: xhat is a fresh contiguous array
-            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-                v64, r64 = rescaled_rstd(rows[None, flat, :], np.zeros(flat.size), eps,
-                                         axes=(0, 2))
-                var.reshape(-1)[flat], rstd.reshape(-1)[flat] = v64, r64
-        xhat *= rstd  # the centred buffer becomes \hat x in place (same_kind for float16)
+        y, (shift, c, var, rstd) = _group_norm(x, weight, bias, eps)
         if tracking:
             with np.errstate(invalid="ignore"):  # no instance (N = 0): NaN, as PyTorch
                 n = x.shape[0]
                 running_mean, running_var = update_running_stats(
-                    running_mean, running_var, mean.reshape(x.shape[:2]).sum(axis=0) / n,
+                    running_mean, running_var, (shift + c).reshape(x.shape[:2]).sum(axis=0) / n,
                     var.reshape(x.shape[:2]).sum(axis=0) / n, m, momentum)
+        keep = x.shape[:2] + (1,) * len(axes)
+        shift, c, rstd = shift.reshape(keep), c.reshape(keep), rstd.reshape(keep)
     else:
         if not tracking:
             raise ValueError(f"{_OP}: `running_mean` and `running_var` must be given when "
                              f"`use_input_stats` is False")
-        mean = running_mean.reshape(shape).astype(x.dtype, copy=False)
+        shift = running_mean.reshape(shape).astype(x.dtype, copy=False)
+        c = np.zeros_like(shift)
         rstd = rsqrt(running_var.reshape(shape) + eps).astype(x.dtype, copy=False)
-        xhat = x - mean
-        xhat *= rstd
-    y = xhat * weight.reshape(shape) if weight is not None else xhat.copy()
-    if bias is not None:
-        y += bias.reshape(shape)
-    y = y.astype(x.dtype, copy=False)  # y like x, whatever the parameters' dtypes
+        y = x - shift
+        y *= rstd
+        if weight is not None:
+            y = y * weight.reshape(shape)
+        if bias is not None:
+            y += bias.reshape(shape)
+        y = y.astype(x.dtype, copy=False)  # y like x, whatever the parameters' dtypes
     return y, InstanceNormState(running_mean, running_var), \
-        InstanceNormCache(xhat, mean, rstd, weight, bias is not None, axes, use_input_stats,
+        InstanceNormCache(x, shift, c, rstd, weight, bias is not None, axes, use_input_stats,
                           None if bias is None else bias.dtype)
 
 
+def _group_norm(x, weight, bias, eps):
+    """``(y, (shift, c, var, rstd))``: with input statistics, InstanceNorm is GroupNorm with
+    one group per channel (Wu & He 2018, Fig. 2), so its forward is GroupNorm's
+    (:func:`~refnorm.norms.group_norm.normalize_groups`), statistics of shape (N, C, 1)."""
+    if not x.size:  # a size-0 axis: PyTorch's empty output (and zero gradients)
+        stats = np.zeros(x.shape[:2] + (1,), x.dtype)
+        acc = stats.astype(np.promote_types(x.dtype, np.float32))
+        return np.empty(x.shape, x.dtype), (stats, stats.copy(), acc, acc.copy())
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in an instance with an inf
+        return normalize_groups(x, x.shape[1], weight, bias, eps)
+
+
 def instance_norm_backward(dy, cache):
-    """Hand-derived VJP of :func:`instance_norm_forward`: ``(dy, cache) -> InstanceNormGrads``."""
+    r"""Hand-derived VJP of :func:`instance_norm_forward`: ``(dy, cache) -> InstanceNormGrads``.
+
+    With input statistics, GroupNorm's backward with one group per channel
+    (:func:`~refnorm.norms.group_norm.normalize_groups_backward`); with running statistics,
+    :math:`\mathrm{d}x = \gamma_c r_c\,\mathrm{d}y` and the parameter gradients summed over
+    every axis but 1."""
     if isinstance(cache, WideCache):
         return cache.narrow(instance_norm_backward(dy.astype(cache.wide_dtype), cache.inner))
-    xhat, _, rstd, weight, has_bias, axes, input_stats = cache[:7]
-    scale = rstd if weight is None else rstd * weight.reshape(_channel_shape(dy))
-    # Sums over A (input statistics) or over every axis but 1 (running statistics).
-    sum_axes = axes if input_stats else (0,) + axes
-    sum_dy = dy.sum(axis=sum_axes, keepdims=True) if input_stats or has_bias else None
-    dx = np.multiply(dy, xhat)  # first dy * xhat, then reused for dx (one buffer, not two)
-    sum_dyx = dx.sum(axis=sum_axes, keepdims=True) if input_stats or weight is not None else None
+    x, shift, c, rstd, weight, has_bias, axes, input_stats = cache[:8]
     if input_stats:
-        m = axis_count(dy.shape, axes)
-        np.multiply(xhat, sum_dyx / m, out=dx)
-        np.subtract(dy, dx, out=dx)
-        dx -= sum_dy / m
-        dx *= scale
+        stats = [v.reshape(x.shape[:2] + (1,)) for v in (shift, c, rstd)]
+        dx, sum_dyx, sum_dy = normalize_groups_backward(dy, x, *stats, weight)
     else:
-        np.multiply(dy, scale, out=dx)
-    dweight = sum_dyx.sum(axis=0).reshape(-1).astype(weight.dtype, copy=False) \
-        if weight is not None else None
-    dbias = sum_dy.sum(axis=0).reshape(-1).astype(cache.bias_dtype or dy.dtype, copy=False) \
-        if has_bias else None
-    return InstanceNormGrads(dx.astype(xhat.dtype, copy=False), dweight, dbias)
+        shape = _channel_shape(dy)
+        scale = rstd if weight is None else rstd * weight.reshape(shape)
+        dx = (dy * scale).astype(x.dtype, copy=False)
+        sum_axes = (0,) + axes
+        sum_dy = dy.sum(axis=sum_axes).reshape(-1) if has_bias else None
+        sum_dyx = (dy * cache.xhat).sum(axis=sum_axes).reshape(-1) if weight is not None \
+            else None
+    dweight = sum_dyx.astype(weight.dtype, copy=False) if weight is not None else None
+    dbias = sum_dy.astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias else None
+    return InstanceNormGrads(dx, dweight, dbias)
 
 
 instance_norm = custom_vjp(instance_norm_forward, instance_norm_backward, ("x", "weight", "bias"),

@@ -46,8 +46,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, correction_first, extreme_groups, row_blocks,
-                                  row_broadcasting, row_sums, saved_mean, saved_xhat,
+                                  check_param, correction_first, extreme_groups, by_row_blocks,
+                                  row_sums, saved_mean, saved_xhat,
                                   shifted_moments, trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -120,22 +120,33 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def _forward_rows(rows, weight, bias, eps):
-    """``(y, shift, c, var, rstd)`` of rows (rows, N)."""
+    """``(y, shift, c, var, rstd)`` of rows (rows, N), a block of rows at a time
+    (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block find it in the
+    cache)."""
     y = np.empty(rows.shape, dtype=rows.dtype)
     if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
         col = np.zeros((rows.shape[0], 1), rows.dtype)
         acc = col.astype(np.promote_types(rows.dtype, np.float32))
         return y, col, col.copy(), acc, acc.copy()
+    w = weight.reshape(-1) if weight is not None else None
+    b = bias.reshape(-1) if bias is not None else None
+    parts = by_row_blocks(lambda blk: _normalize(rows[blk], w, b, eps, y[blk]),
+                          rows.shape[0], rows.shape[1] * rows.itemsize, rows.shape[1], live=2)
+    return (y,) + tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _normalize(x, w, b, eps, y):
+    """``y = (x - mu) r gamma + beta`` on rows ``x`` (rows, N), in ``y``; returns the rows'
+    ``(shift, c, var, rstd)``."""
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
-    shift, c, var, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
-    with row_broadcasting(rows.shape[1]):  # y = (d - c) r gamma + beta, in y's own buffer
-        y -= c
-        y *= rstd
-        if weight is not None:
-            y *= weight.reshape(-1)  # same_kind casting: y keeps x's dtype
-        if bias is not None:
-            y += bias.reshape(-1)
-    return y, shift, c, var, rstd
+    shift, c, var, rstd = shifted_moments(x[None], out=y[None], eps=eps)
+    y -= c  # y = (d - c) r gamma + beta, in y's own buffer
+    y *= rstd
+    if w is not None:
+        y *= w  # same_kind casting: y keeps x's dtype
+    if b is not None:
+        y += b
+    return shift, c, var, rstd
 
 
 def layer_norm_backward(dy, cache):
@@ -151,10 +162,10 @@ def layer_norm_backward(dy, cache):
        k = r\,\langle g\odot\hat x\rangle .
 
     The rows are independent but for the sums over the batch (``dweight``, ``dbias``), so the
-    work is done a block of rows at a time (:func:`~refnorm.norms._stats.row_blocks`, about
-    1 MiB): the dozen passes over a block then find it in the CPU cache rather than in main
-    memory (a third faster on rows of 4096 here), and :math:`d` is one block, not an array of
-    the size of ``x``.
+    work is done a block of rows at a time (:func:`~refnorm.norms._stats.by_row_blocks`, four
+    arrays of a block filling the L2 cache): the dozen passes over a block then find it in
+    the CPU cache rather than in main memory, and :math:`d` is one block, not an array of the
+    size of ``x``.
     """
     x, shift, c, rstd, weight, has_bias, axes = cache[:7]
     rows = _rows(x, axes)
@@ -176,9 +187,8 @@ def layer_norm_backward(dy, cache):
             if weight is not None:
                 dweight += grads.dweight
         if has_bias:  # summed as without the wider rows: it does not depend on x
-            dbias = np.zeros_like(dbias)
-            for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-                dbias += row_sums(dy2[blk].T)  # as in _backward
+            dbias = sum(by_row_blocks(lambda blk: row_sums(dy2[blk].T), rows.shape[0],
+                                      rows.shape[1] * rows.itemsize, rows.shape[1]))
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
@@ -188,22 +198,25 @@ def layer_norm_backward(dy, cache):
 
 
 def _backward(dy2, rows, shift, c, r, w, has_bias):
-    """``(dx, dweight, dbias)`` of rows (rows, N), the sums in the accumulation dtype. float16
-    is worked in float32 (the terms of dx cancel: a float16 residue times r overflows)."""
+    """``(dx, dweight, dbias)`` of rows (rows, N), the sums in the accumulation dtype, a block
+    of rows at a time. float16 is worked in float32 (the terms of dx cancel: a float16 residue
+    times r overflows)."""
     acc = np.promote_types(rows.dtype, np.float32)  # float16 sums in float32, as in _stats
     dx = np.empty(rows.shape, dtype=acc if rows.dtype == np.float16 else rows.dtype)
-    dweight = np.zeros(rows.shape[1], acc) if w is not None else None
-    dbias = np.zeros(rows.shape[1], acc) if has_bias else None
+
+    def block(blk):
+        dy = dy2[blk].astype(dx.dtype, copy=False)
+        dweight = _backward_rows(dy, rows[blk].astype(dx.dtype, copy=False), shift[blk],
+                                 c[blk], r[blk], w, dx[blk])
+        return dweight, row_sums(dy2[blk].T) if has_bias else None  # sums over the rows
+
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
-        for blk in row_blocks(rows.shape[0], rows.shape[1] * rows.itemsize):
-            part = _backward_rows(dy2[blk].astype(dx.dtype, copy=False),
-                                  rows[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
-                                  r[blk], w, dx[blk])
-            if w is not None:
-                dweight += part
-            if has_bias:
-                dbias += row_sums(dy2[blk].T)  # the sum over the block's rows
-        return dx.astype(rows.dtype, copy=False), dweight, dbias
+        parts = by_row_blocks(block, rows.shape[0], rows.shape[1] * rows.itemsize,
+                              rows.shape[1])
+    zero = np.zeros(rows.shape[1], acc)
+    dweight = sum((part[0] for part in parts), zero) if w is not None else None
+    dbias = sum((part[1] for part in parts), zero) if has_bias else None
+    return dx.astype(rows.dtype, copy=False), dweight, dbias
 
 
 def _bias_dtype(cache, dy):
@@ -215,8 +228,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     ``shift``, ``c``, ``r``, and ``w`` the flat weight or None. Writes ``dx`` and returns the
     block's part of ``dweight``, the sum of ``dy * xhat`` over its rows (None without weight)."""
     n = x.shape[1]
-    with row_broadcasting(n):
-        d = np.subtract(x, shift)     # x - m0 again: exact, as in the forward
+    d = np.subtract(x, shift)         # x - m0 again: exact, as in the forward
     np.multiply(dy, d, out=dx)        # dy * d for the sums below; later dx itself
     sum_dyx = None
     if w is not None:  # sum over the rows of dy xhat = dy (d - c) r, as two BLAS products
@@ -229,17 +241,16 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     # (or overflow): subtract c from d first, in one more pass; per row
     centre = correction_first(c, r)
     c_k = np.where(centre, 0, c) * k
-    with row_broadcasting(n):
-        if w is not None:
-            np.multiply(dy, w, out=dx)         # g
-            dx -= mean_g - c_k
-        else:
-            np.subtract(dy, mean_g - c_k, out=dx)
-        if centre.any():
-            d -= np.where(centre, c, 0)
-        d *= k
-        dx -= d
-        dx *= r
+    if w is not None:
+        np.multiply(dy, w, out=dx)         # g
+        dx -= mean_g - c_k
+    else:
+        np.subtract(dy, mean_g - c_k, out=dx)
+    if centre.any():
+        d -= np.where(centre, c, 0)
+    d *= k
+    dx -= d
+    dx *= r
     return sum_dyx
 
 
