@@ -41,6 +41,22 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 4-ULP accuracy of the outputs on rows with mean :math:`10^4` and standard deviation 1 holds
 (``docs/notes/performance.rst``).
 
+**Small inputs** (a few thousand elements: tutorials, assignments, gradient checks) cost
+microseconds of arithmetic and, unless care is taken, tens of microseconds of Python: each NumPy
+call costs about a microsecond whatever its size, a reduction or a context manager
+(``np.errstate``, a buffer-size change) one to five. The helpers here keep the checks and the
+arithmetic of every call exactly as they are (bit for bit), and make their fixed cost small:
+
+* validation is O(1) Python operations on the common types (a plain ndarray, an int or a tuple
+  of ints, a float), falling back to the general checks, with their messages, for anything else;
+* facts of a dtype (its accumulation dtype, the limits of :func:`needs_rescaling`,
+  :func:`extreme_groups` and :func:`out_of_range`, :func:`wider_dtype`) and the vectors of
+  ones of :func:`row_sums` are computed once per dtype and length, not per call;
+* reductions over an axis of length one (LayerNorm's single block of rows in
+  :func:`shifted_moments`) are not made: the sum of one number is that number;
+* :func:`row_broadcasting` changes the ufunc buffer size only for arrays above
+  :data:`SMALL_SIZE` elements: below it, the change costs more than it saves.
+
 **The reliability helpers** (``docs/notes/reliability.rst``; every variant uses the same ones):
 
 * *The whole floating range* (subnormal inputs with ``eps = 0``, values near the largest
@@ -67,6 +83,7 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import threading
@@ -98,18 +115,36 @@ def row_sums(a, weights=None):
     float16 is summed in float32, as ``np.sum`` does (a float16 sum of many terms overflows),
     and the result is left in that dtype; float32, float64 and longdouble keep theirs.
     """
-    acc = np.promote_types(a.dtype, np.float32)
-    w = np.ones(a.shape[-1], acc) if weights is None else weights.astype(acc, copy=False)
+    acc = accumulation_dtype(a.dtype)
+    w = _ones(a.shape[-1], acc) if weights is None else weights.astype(acc, copy=False)
     return a.astype(acc, copy=False) @ w
+
+
+@functools.lru_cache(maxsize=64)
+def _ones_cached(n, dtype):
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False  # shared between calls
+    return ones
+
+
+def _ones(n, dtype):
+    """``np.ones(n, dtype)``, made once per length and dtype for lengths up to
+    :data:`SMALL_SIZE` (read-only)."""
+    return _ones_cached(n, dtype) if n <= SMALL_SIZE else np.ones(n, dtype)
 
 
 def row_dots(a, b):
     """``sum(a * b, axis=-1)`` as one BLAS dot product per row, without the temporary ``a * b``:
     a stack of (1, N) @ (N, 1) products, which is ``np.vecdot`` (NumPy 2) for NumPy 1.x too.
     float16 is summed in float32, as in :func:`row_sums`."""
-    acc = np.promote_types(a.dtype, np.float32)
+    acc = accumulation_dtype(a.dtype)
     a, b = a.astype(acc, copy=False), b.astype(acc, copy=False)
     return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+
+
+def _sum_first(s):
+    """``s.sum(axis=0)``; without a reduction when axis 0 has length one (the same numbers)."""
+    return s[0] if s.shape[0] == 1 else s.sum(axis=0)
 
 
 def shifted_moments(x3, out, eps):
@@ -130,13 +165,13 @@ def shifted_moments(x3, out, eps):
     ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
     """
     count = x3.shape[0] * x3.shape[2]
-    shift = (row_sums(x3).sum(axis=0)[:, None] / count).astype(x3.dtype, copy=False)  # m0
-    with row_broadcasting(x3.shape[2]):
+    shift = (_sum_first(row_sums(x3))[:, None] / count).astype(x3.dtype, copy=False)  # m0
+    with row_broadcasting(x3.shape[2], x3.size):
         d = np.subtract(x3, shift, out=out)  # exact where x is within a factor 2 of m0 (Sterbenz)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
-        c = row_sums(d).sum(axis=0)[:, None] / count
+        c = _sum_first(row_sums(d))[:, None] / count
         # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
-        var = row_dots(d, d).sum(axis=0)[:, None] / count - c * c
+        var = _sum_first(row_dots(d, d))[:, None] / count - c * c
         var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
         rstd = 1.0 / np.sqrt(var + eps)
     bad = needs_rescaling(var, eps)
@@ -150,9 +185,17 @@ def shifted_moments(x3, out, eps):
     return shift, c.astype(x3.dtype, copy=False), var, rstd
 
 
+@functools.lru_cache(maxsize=None)
 def accumulation_dtype(dtype):
     """The dtype the statistics are computed and kept in: float16 is promoted to float32."""
     return np.promote_types(dtype, np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _rescaling_limit(dtype):
+    """The bound of :func:`needs_rescaling` for ``dtype``."""
+    info = np.finfo(dtype)
+    return float(info.smallest_normal) * 2.0 ** (info.nmant + 2)
 
 
 def needs_rescaling(var, eps):
@@ -164,8 +207,7 @@ def needs_rescaling(var, eps):
     never holds; it flags the tiny groups only with ``eps = 0`` or an ``eps`` as tiny. A group
     with ``d`` zero or non-finite is flagged too and then left as it is by
     :func:`rescaled_rstd`. Cheap: one comparison per group."""
-    info = np.finfo(var.dtype)
-    limit = float(info.smallest_normal) * 2.0 ** (info.nmant + 2)
+    limit = _rescaling_limit(var.dtype)
     with np.errstate(invalid="ignore"):
         return ~((var + eps >= limit) & (var < np.inf)).ravel()
 
@@ -256,13 +298,20 @@ def extreme_groups(var, rstd, dtype=None):
     results back (they round to the dtype as the exact values do: inf only where the exact
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
     v, r = np.ravel(var), np.ravel(rstd)
-    info = np.finfo(r.dtype)
-    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
-    low = float(np.finfo(v.dtype).smallest_normal)
-    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
-        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
+    low, hi = _extreme_limits(v.dtype, r.dtype, None if dtype is None else np.dtype(dtype))
     with np.errstate(invalid="ignore"):
         return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
+
+
+@functools.lru_cache(maxsize=None)
+def _extreme_limits(var_dtype, rstd_dtype, dtype):
+    """``(low, hi)`` of :func:`extreme_groups` for these dtypes."""
+    info = np.finfo(rstd_dtype)
+    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
+    low = float(np.finfo(var_dtype).smallest_normal)
+    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
+        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
+    return low, hi
 
 
 _NATIVE = threading.local()
@@ -286,9 +335,13 @@ def wider_dtype(dtype):
     r"""The dtype that :func:`extreme_groups` are recomputed in: float64 for float16 and float32,
     ``np.longdouble`` for float64 where it has a wider exponent range (x86: 80-bit, up to
     :math:`10^{\pm 4932}`), else None (then those groups keep the dtype's own result)."""
-    dtype = np.dtype(dtype)
     if getattr(_NATIVE, "on", False):
         return None
+    return _wider(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _wider(dtype):
     if dtype.itemsize < 8:
         return np.dtype(np.float64)
     if dtype == np.float64 and np.finfo(np.longdouble).maxexp > np.finfo(np.float64).maxexp:
@@ -358,12 +411,21 @@ def out_of_range(*arrays):
         if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
             continue
         a = np.asarray(a)
-        with np.errstate(invalid="ignore"):
-            m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
-        info = np.finfo(a.dtype)
-        if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
+        m = np.max(np.abs(a))  # the largest finite magnitude, when it is finite
+        if not m < np.inf:  # an inf or NaN: the largest of the finite ones
+            with np.errstate(invalid="ignore"):
+                m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
+        low, high = _range_window(a.dtype)
+        if m > 0 and not low <= m <= high:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _range_window(dtype):
+    """The window of :func:`out_of_range` for ``dtype``."""
+    info = np.finfo(dtype)
+    return 2.0 ** (info.minexp / 4), 2.0 ** (info.maxexp / 4)
 
 
 def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
@@ -378,10 +440,19 @@ def row_blocks(n_rows, row_bytes, block_bytes=1 << 20):
     return [slice(start, start + step) for start in range(0, n_rows, step)]
 
 
-@contextlib.contextmanager
-def row_broadcasting(row_length):
+SMALL_SIZE = 4096
+"""Arrays of at most this many elements are "small" (:func:`row_broadcasting`, :func:`row_sums`):
+measured with NumPy 2.4 on rows of 64, a buffer-size change costs more than it saves up to
+about 64k elements, on rows of 2048 it pays from about 8k."""
+
+_UNCHANGED = contextlib.nullcontext()  # reusable, reentrant: a context that does nothing
+
+
+def row_broadcasting(row_length, size=None):
     """A context for elementwise operations that broadcast per-row values over rows of
-    ``row_length`` contiguous elements, such as ``y *= r`` with ``r`` of shape ``(rows, 1)``.
+    ``row_length`` contiguous elements, such as ``y *= r`` with ``r`` of shape ``(rows, 1)``;
+    ``size``, if given, is the number of elements of the arrays: up to :data:`SMALL_SIZE` the
+    context does nothing (changing the buffer size would cost more than it saves).
 
     A performance detail of NumPy, not of the math: when the rows are shorter than the ufunc
     buffer (``np.getbufsize()``, 8192 elements), the iterator copies the broadcast operand through
@@ -391,6 +462,13 @@ def row_broadcasting(row_length):
     setting of NumPy, restored on exit. Reductions are better left outside: they may use the
     buffer.
     """
+    if size is not None and size <= SMALL_SIZE:
+        return _UNCHANGED
+    return _row_buffer(row_length)
+
+
+@contextlib.contextmanager
+def _row_buffer(row_length):
     size = max(16, row_length - row_length % 16)  # NumPy wants a multiple of 16
     old = np.getbufsize()
     if size >= old:
@@ -415,7 +493,7 @@ def trailing_axes(ndim, count):
 
 def axis_count(shape, axes):
     """Number of elements reduced over ``axes`` of an array of ``shape``."""
-    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    return math.prod([shape[a] for a in axes])
 
 
 def check_array(value, name, op, *, ndim_min=0, dtype=None):
@@ -427,6 +505,8 @@ def check_array(value, name, op, *, ndim_min=0, dtype=None):
     masked arrays (reductions skip the masked elements). Other subclasses (``np.memmap``, a
     trivial subclass) are viewed as plain arrays (``np.asarray``, no copy): the result is the
     plain array's, and a plain array."""
+    if type(value) is np.ndarray and value.dtype.kind == "f" and value.ndim >= ndim_min:
+        return value  # the common case, in O(1): what the checks below return for it
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{op}: `{name}` must be a numpy.ndarray, got {type(value).__name__}")
     if isinstance(value, (np.matrix, np.ma.MaskedArray)):
@@ -463,6 +543,9 @@ def _finite_float(value):
 
 
 def check_eps(eps, op, name="eps"):
+    """``eps`` as a float, finite and >= 0; else a ValueError naming ``name``."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the common case, in O(1)
+        return eps
     value = _finite_float(eps) if isinstance(eps, (numbers.Real, np.floating)) \
         and not isinstance(eps, (bool, np.bool_)) else None
     if value is None or value < 0:
@@ -473,6 +556,15 @@ def check_eps(eps, op, name="eps"):
 def check_normalized_shape(normalized_shape, x, op):
     """``normalized_shape`` (an int or a tuple of ints) as a tuple, checked against ``x``'s
     trailing dimensions; raise a ValueError naming it otherwise."""
+    if type(normalized_shape) is int:  # the common cases, in O(1) (per axis) Python steps
+        shape = (normalized_shape,)
+        if x.ndim and x.shape[-1] == normalized_shape:
+            return shape
+    elif type(normalized_shape) is tuple and normalized_shape \
+            and all(type(n) is int for n in normalized_shape):
+        k = len(normalized_shape)
+        if k <= x.ndim and x.shape[x.ndim - k:] == normalized_shape:
+            return normalized_shape
     shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) \
         else tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else None
     if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)

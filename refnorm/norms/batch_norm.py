@@ -215,7 +215,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         shift = running_mean.reshape(-1, 1).astype(x.dtype, copy=False)
         c = np.zeros_like(shift)
         rstd = rsqrt(running_var.reshape(-1, 1) + eps).astype(x.dtype, copy=False)
-        with row_broadcasting(spatial):
+        with row_broadcasting(spatial, x.size):
             np.subtract(x3, shift, out=y)
     if training and tracking:
         t += 1
@@ -226,7 +226,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     else:
         state = BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
     # in y's own buffer, which holds d = x - m0 (or x - running mean)
-    with row_broadcasting(spatial):
+    with row_broadcasting(spatial, x.size):
         if batch_stats:
             # y = (d - c) r gamma + beta, with per channel a = r gamma: folded into two passes,
             # y = d a + (beta - c a), where c a is small (|c a| <= 1 on every channel: the
@@ -281,7 +281,7 @@ def batch_norm_backward(dy, cache):
     sum_dy = row_sums(dy3).sum(axis=0)[:, None]  # per channel; (sample, channel) rows first
     sum_dyx = None
     dx = np.empty(x3.shape, dtype=x.dtype)
-    with row_broadcasting(spatial):
+    with row_broadcasting(spatial, x.size):
         if batch_stats or weight is not None:  # sum_S dy xhat = r (sum_S dy d - c sum_S dy)
             np.subtract(x3, shift, out=dx)  # d = x - m0 again, exact as in the forward
             sum_dyx = r * (row_dots(dy3, dx).sum(axis=0)[:, None] - c * sum_dy)

@@ -191,7 +191,7 @@ def _forward(x, groups, weight, bias, eps):
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
-    with row_broadcasting(y3.shape[2]):
+    with row_broadcasting(y3.shape[2], y3.size):
         if unfold.any():
             y3 -= c_spread
         y3 *= scale
@@ -294,7 +294,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
         return np.repeat(v, per_channel, axis=1)
 
-    with row_broadcasting(per_group):
+    with row_broadcasting(per_group, x.size):
         d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
     b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
@@ -321,7 +321,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
                   | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
         centre = correction_first(c, r)
     c_first = np.where(centre, c, 0)
-    with row_broadcasting(spatial):
+    with row_broadcasting(spatial, x.size):
         np.multiply(dy3, r_gamma, out=dx3)
         if centre.any():
             d3 -= spread(c_first)

@@ -128,7 +128,7 @@ def _forward_rows(rows, weight, bias, eps):
         return y, col, col.copy(), acc, acc.copy()
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
     shift, c, var, rstd = shifted_moments(rows[None], out=y[None], eps=eps)
-    with row_broadcasting(rows.shape[1]):  # y = (d - c) r gamma + beta, in y's own buffer
+    with row_broadcasting(rows.shape[1], rows.size):  # y = (d - c) r gamma + beta, in y
         y -= c
         y *= rstd
         if weight is not None:
@@ -215,7 +215,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     ``shift``, ``c``, ``r``, and ``w`` the flat weight or None. Writes ``dx`` and returns the
     block's part of ``dweight``, the sum of ``dy * xhat`` over its rows (None without weight)."""
     n = x.shape[1]
-    with row_broadcasting(n):
+    with row_broadcasting(n, x.size):
         d = np.subtract(x, shift)     # x - m0 again: exact, as in the forward
     np.multiply(dy, d, out=dx)        # dy * d for the sums below; later dx itself
     sum_dyx = None
@@ -229,7 +229,7 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     # (or overflow): subtract c from d first, in one more pass; per row
     centre = correction_first(c, r)
     c_k = np.where(centre, 0, c) * k
-    with row_broadcasting(n):
+    with row_broadcasting(n, x.size):
         if w is not None:
             np.multiply(dy, w, out=dx)         # g
             dx -= mean_g - c_k
