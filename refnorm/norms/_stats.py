@@ -405,12 +405,13 @@ def out_of_range(*arrays):
     groups span the batch (BatchNorm, InstanceNorm); those then do the whole call in
     :func:`wider_dtype` and return a :class:`WideCache`. (A float32 or float64 call whose
     largest element sits at the edge of the window can still flip when a NaN replaces it.)"""
-    if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
-        return True  # always: its range is too narrow for a decision by value (see above)
+    arrays = [np.asarray(a) for a in arrays if a is not None]
     for a in arrays:
-        if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
+        if a.dtype == np.float16:
+            return True  # always: its range is too narrow for a decision by value (see above)
+    for a in arrays:
+        if not a.size or a.dtype.kind != "f":
             continue
-        a = np.asarray(a)
         m = np.max(np.abs(a))  # the largest finite magnitude, when it is finite
         if not m < np.inf:  # an inf or NaN: the largest of the finite ones
             with np.errstate(invalid="ignore"):
@@ -593,7 +594,7 @@ def group_view(x, num_groups):
     contiguous channels :math:`[gC/G, (g+1)C/G)` and all their spatial positions, so one
     reduction over the last axis gives the per-(sample, group) statistics. A view, no copy,
     when ``x`` is C-contiguous (NumPy copies otherwise)."""
-    per_group = x.shape[1] // num_groups * int(np.prod(x.shape[2:], dtype=np.int64))
+    per_group = x.shape[1] // num_groups * math.prod(x.shape[2:])
     return x.reshape(x.shape[0], num_groups, per_group)
 
 
@@ -609,6 +610,8 @@ def check_momentum(momentum, op, *, allow_none=False):
     """``momentum`` as a float (or None where ``allow_none``); raise a ValueError naming it."""
     if momentum is None and allow_none:
         return None
+    if type(momentum) is float and -math.inf < momentum < math.inf:  # the common case, O(1)
+        return momentum
     value = _finite_float(momentum) if isinstance(momentum, (numbers.Real, np.floating)) \
         and not isinstance(momentum, (bool, np.bool_)) else None
     if value is None:

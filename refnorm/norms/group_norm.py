@@ -59,6 +59,7 @@ is invariant to adding a constant to the group and to scaling it by :math:`a > 0
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -125,7 +126,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     weight = check_param(weight, "weight", "group_norm", (channels,))
     bias = check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
-    if x.shape[0] * (channels // num_groups) * int(np.prod(x.shape[2:])) == 1:
+    if x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
         # torch's test (_verify_batch_size on (N C/G, G, *spatial)): one value in each group
         # of a single sample, where the normalized output is just the bias
         raise ValueError(f"group_norm: Expected more than 1 value per channel when training, "
@@ -337,7 +338,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
 
 def _ncl(a):
     """``a`` of shape (N, C, *) as (N, C, L), L the product of the spatial axes."""
-    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
+    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
 group_norm = custom_vjp(group_norm_forward, group_norm_backward, ("x", "weight", "bias"))
