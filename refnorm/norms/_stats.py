@@ -208,8 +208,42 @@ def needs_rescaling(var, eps):
     with ``d`` zero or non-finite is flagged too and then left as it is by
     :func:`rescaled_rstd`. Cheap: one comparison per group."""
     limit = _rescaling_limit(var.dtype)
+    if var.size and _at_least(var + eps, limit) and _below(var, np.inf):
+        return _no_flags(var.size)  # the common case: none flagged, in three NumPy calls
     with np.errstate(invalid="ignore"):
         return ~((var + eps >= limit) & (var < np.inf)).ravel()
+
+
+def _at_least(a, low):
+    """Whether every element of the non-empty ``a`` is >= ``low``: False where one is NaN (a
+    NaN minimum compares false), so that the caller then runs its elementwise test."""
+    return bool(np.minimum.reduce(a, axis=None) >= low)
+
+
+def _below(a, high):
+    """Whether every element of the non-empty ``a`` is < ``high``; False with a NaN."""
+    return bool(np.maximum.reduce(a, axis=None) < high)
+
+
+def _at_most(a, high):
+    """Whether every element of the non-empty ``a`` is <= ``high``; False with a NaN."""
+    return bool(np.maximum.reduce(a, axis=None) <= high)
+
+
+_NO_GROUPS = np.empty(0, np.intp)  # extreme_groups' answer when there are none (read-only)
+_NO_GROUPS.flags.writeable = False
+
+
+@functools.lru_cache(maxsize=64)
+def _no_flags_cached(n):
+    flags = np.zeros(n, bool)
+    flags.flags.writeable = False
+    return flags
+
+
+def _no_flags(n):
+    """``np.zeros(n, bool)``, shared (read-only) for ``n`` up to :data:`SMALL_SIZE`."""
+    return _no_flags_cached(n) if n <= SMALL_SIZE else np.zeros(n, bool)
 
 
 def rescaled_rstd(d, c, eps, axes):
@@ -260,6 +294,24 @@ def correction_first(c, scale):
     return np.abs(c * scale) > 1.0
 
 
+def inexact_products(a, b, ab):
+    r"""Where the product ``ab`` (``a * b`` as computed, same shape) of finite factors lost
+    accuracy: it overflowed, or underflowed (it is subnormal, or 0 while neither factor is 0);
+    then ``(z a) b`` is the accurate form of ``z (a b)``. A bool array of ``ab``'s shape; in
+    three NumPy calls when no product is flagged (the common case)."""
+    tiny = _smallest_normal(ab.dtype)
+    m = np.abs(ab)
+    if m.size and _at_least(m, tiny) and _below(m, np.inf):
+        return np.zeros(ab.shape, bool)
+    return ~((m >= tiny) & (m < np.inf) | (ab == 0) & ((a == 0) | (b == 0))) \
+        & np.isfinite(a) & np.isfinite(b)
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_normal(dtype):
+    return np.finfo(dtype).smallest_normal
+
+
 def saved_mean(cache):
     """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
     (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""
@@ -299,6 +351,8 @@ def extreme_groups(var, rstd, dtype=None):
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
     v, r = np.ravel(var), np.ravel(rstd)
     low, hi = _extreme_limits(v.dtype, r.dtype, None if dtype is None else np.dtype(dtype))
+    if v.size and _at_least(v, low) and _at_least(r, 1.0 / hi) and _at_most(r, hi):
+        return _NO_GROUPS  # the common case: none, in three NumPy calls
     with np.errstate(invalid="ignore"):
         return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
 

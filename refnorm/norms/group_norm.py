@@ -67,8 +67,8 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (check_array, check_eps, check_num_groups, check_param,
-                                  correction_first, extreme_groups, group_view, row_blocks,
-                                  row_broadcasting, row_dots, row_sums, saved_mean,
+                                  correction_first, extreme_groups, group_view, inexact_products,
+                                  row_blocks, row_broadcasting, row_dots, row_sums, saved_mean,
                                   shifted_moments, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -299,7 +299,8 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
         d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
     b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
-    a = spread(r) * (row_dots(dy3, d3)[..., None] - spread(c) * b)    # A_nc = sum_* dy xhat
+    r_spread = spread(r)
+    a = r_spread * (row_dots(dy3, d3)[..., None] - spread(c) * b)     # A_nc = sum_* dy xhat
     sums = a.sum(axis=0).ravel(), b.sum(axis=0).ravel()
     if per_group == 1:  # a one-element group normalizes to 0 whatever x is: y = beta, dx = 0
         dx[...] = 0     # (exactly; the formula below rounds (r gamma) dy - r (gamma dy))
@@ -311,28 +312,27 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     mean_gx = a.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     k = r * mean_gx
-    r_gamma = spread(r) * weight[:, None] if weight is not None else spread(r)
+    r_gamma = r_spread * weight[:, None] if weight is not None else r_spread
     # Rare regimes, flagged per group (a group's dx does not depend on the others'), each
     # costing one more pass when it occurs: r k = r^2 <g xhat> overflows or underflows where r
     # and k do not (eps = 0 and tiny or huge groups): then (d r) k; and |c r| > 1 (a group
     # constant up to rounding): then (d - c) (r k), as d (r k) - c (r k) would cancel.
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         rk = r * k
-        split = ~((np.abs(rk) >= np.finfo(rk.dtype).smallest_normal) & (np.abs(rk) < np.inf)
-                  | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
+        split = inexact_products(r, k, rk)
         centre = correction_first(c, r)
-    c_first = np.where(centre, c, 0)
+    centred = centre.any()
     with row_broadcasting(spatial, x.size):
         np.multiply(dy3, r_gamma, out=dx3)
-        if centre.any():
-            d3 -= spread(c_first)
+        if centred:
+            d3 -= spread(np.where(centre, c, 0))
         if split.any():
             d3 *= spread(np.where(split, r, rk))
             d3 *= spread(np.where(split, k, 1))
         else:
             d3 *= spread(rk)
         dx3 -= d3
-        dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
+        dx3 += spread(r * ((np.where(centre, 0, c) if centred else c) * k - mean_g))
     return sums
 
 
