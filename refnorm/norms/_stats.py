@@ -174,8 +174,8 @@ def shifted_moments(x3, out, eps):
         var = _sum_first(row_dots(d, d))[:, None] / count - c * c
         var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
         rstd = 1.0 / np.sqrt(var + eps)
-    bad = needs_rescaling(var, eps)
-    if bad.any():
+    bad = None if _trusted(var, eps) else needs_rescaling(var, eps)
+    if bad is not None and bad.any():
         rows = np.flatnonzero(bad)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0],
@@ -207,11 +207,16 @@ def needs_rescaling(var, eps):
     never holds; it flags the tiny groups only with ``eps = 0`` or an ``eps`` as tiny. A group
     with ``d`` zero or non-finite is flagged too and then left as it is by
     :func:`rescaled_rstd`. Cheap: one comparison per group."""
-    limit = _rescaling_limit(var.dtype)
-    if var.size and _at_least(var + eps, limit) and _below(var, np.inf):
+    if _trusted(var, eps):
         return _no_flags(var.size)  # the common case: none flagged, in three NumPy calls
     with np.errstate(invalid="ignore"):
-        return ~((var + eps >= limit) & (var < np.inf)).ravel()
+        return ~((var + eps >= _rescaling_limit(var.dtype)) & (var < np.inf)).ravel()
+
+
+def _trusted(var, eps):
+    """Whether :func:`needs_rescaling` flags none of ``var`` (False: it may flag some)."""
+    return bool(var.size) and _at_least(var + eps, _rescaling_limit(var.dtype)) \
+        and _below(var, np.inf)
 
 
 def _at_least(a, low):

@@ -186,14 +186,15 @@ def _forward(x, groups, weight, bias, eps):
     c_spread = np.repeat(c, per_channel, axis=1)
     unfold = correction_first(c_spread, scale)
     offset = -c_spread * scale
-    if unfold.any():
+    unfolded = unfold.any()
+    if unfolded:
         offset[unfold] = 0.0
         c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
     with row_broadcasting(y3.shape[2], y3.size):
-        if unfold.any():
+        if unfolded:
             y3 -= c_spread
         y3 *= scale
         y3 += offset
