@@ -54,6 +54,11 @@ arithmetic of every call exactly as they are (bit for bit), and make their fixed
   ones of :func:`row_sums` are computed once per dtype and length, not per call;
 * reductions over an axis of length one (LayerNorm's single block of rows in
   :func:`shifted_moments`) are not made: the sum of one number is that number;
+* the rare-regime tests (:func:`needs_rescaling`, :func:`extreme_groups`,
+  :func:`inexact_products`) first ask whether *no* group can be flagged, with a minimum and a
+  maximum over all groups (three NumPy calls, no temporary per test); a NaN makes that answer
+  "maybe", and the exact elementwise test then runs as before, so nothing is flagged
+  differently;
 * :func:`row_broadcasting` changes the ufunc buffer size only for arrays above
   :data:`SMALL_SIZE` elements: below it, the change costs more than it saves.
 

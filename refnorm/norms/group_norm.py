@@ -273,7 +273,7 @@ def _backward(dy, x, shift, c, r, weight):
     if not x.size:
         return dx.astype(x.dtype), sum_dyx, sum_dy
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
-        for blk in row_blocks(n, x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))):
+        for blk in row_blocks(n, x.itemsize * math.prod(x.shape[1:])):
             a, b = _backward_samples(dy[blk].astype(dx.dtype, copy=False),
                                      x[blk].astype(dx.dtype, copy=False), shift[blk], c[blk],
                                      r[blk], weight, dx[blk])
