@@ -359,7 +359,7 @@ def extreme_groups(var, rstd, dtype=None):
     float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
     results back (they round to the dtype as the exact values do: inf only where the exact
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
-    v, r = np.ravel(var), np.ravel(rstd)
+    v, r = np.asarray(var).ravel(), np.asarray(rstd).ravel()
     low, hi = _extreme_limits(v.dtype, r.dtype, None if dtype is None else np.dtype(dtype))
     if v.size and _at_least(v, low) and _at_least(r, 1.0 / hi) and _at_most(r, hi):
         return _NO_GROUPS  # the common case: none, in three NumPy calls
