@@ -25,6 +25,14 @@ Reported per case, for each implementation (times in ms, "ratio" is refnorm / to
   the output would): ``y``, the cache, ``dx`` and every temporary count.
 
     python benchmarks/bench_norms.py [--repeats 30] [--cases LN,BN] [--out table.md|table.json]
+    python benchmarks/bench_norms.py --small [--repeats 15] [--inner 50] [--clock cpu|wall]
+
+``--small`` times the core norms on small inputs, (16, 64) and (4, 8, 32), where a call costs
+microseconds and its Python overhead (validation, dispatch, temporaries) is most of it: per
+call, forward alone and forward plus backward, for the record's ``forward``/``backward``, for
+the record's ``op`` through ``refnorm.autograd`` (the "engine" columns), and for PyTorch (one
+thread), interleaved; each figure is the median over the repeats of a run of ``--inner`` calls.
+Run it from the repository root with ``PYTHONPATH=.`` to time the working tree's refnorm.
 
 Both implementations share one glibc heap, so how often either pays for page faults depends
 on the other's allocations too. To see the cost without them, run the same command with
@@ -294,9 +302,246 @@ def table_lines(rows, markdown=False, header=True):
     return lines
 
 
+# ------------------------------------------------------------------------------------------
+# --small: the cost of a call on small inputs, where Python overhead dominates
+# ------------------------------------------------------------------------------------------
+@dataclass
+class SmallCase:
+    label: str
+    name: str           # the registry name
+    arrays: Callable    # rng -> the differentiable inputs, in diff_argnames order
+    kwargs: Callable    # rng -> the other keyword arguments (fresh state each case)
+    torch_fn: Callable  # torch, F -> (leaves -> y): built once, like a module
+
+
+def _small_cases():
+    """The core norms at (16, 64) and (4, 8, 32), or the natural equivalent for the norms whose
+    input must be (N, C, *) with a spatial extent (InstanceNorm: (1, 16, 64) for (16, 64)), and
+    for the weight reparametrizations the weight of that shape (``dim=0``)."""
+    def affine(shape, n, bias=True):
+        def make(rng):
+            x = rng.standard_normal(shape)
+            w = 1.0 + 0.3 * rng.standard_normal(n)
+            return (x, w, rng.standard_normal(n)) if bias else (x, w)
+        return make
+
+    def const(**kw):
+        return lambda rng: dict(kw)
+
+    cases = []
+    for shape in ((16, 64), (4, 8, 32)):
+        tag = "(" + ",".join(map(str, shape)) + ")"
+        n = shape[-1]
+        cases.append(SmallCase(f"LN {tag}", "layer_norm", affine(shape, n),
+                               const(normalized_shape=(n,)),
+                               lambda torch, F, kw, n=n: lambda x, w, b: F.layer_norm(
+                                   x, (n,), w, b, 1e-5)))
+        cases.append(SmallCase(f"RMS {tag}", "rms_norm", affine(shape, n, bias=False),
+                               const(normalized_shape=(n,)),
+                               lambda torch, F, kw, n=n: lambda x, w: F.rms_norm(
+                                   x, (n,), w, None)))
+        c = shape[1]
+        for training in (True, False):
+            def bn_state(rng, c=c):
+                return dict(running_mean=0.1 * rng.standard_normal(c),
+                            running_var=1.0 + 0.1 * rng.random(c))
+
+            def bn_kwargs(rng, training=training, bn_state=bn_state):
+                return dict(bn_state(rng), training=training)
+
+            def bn_torch(torch, F, kw, training=training):
+                # copies: in training F.batch_norm updates them in place
+                rm, rv = (torch.tensor(kw[k]) for k in ("running_mean", "running_var"))
+                return lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=training,
+                                                    momentum=0.1, eps=1e-5)
+            cases.append(SmallCase(f"BN {'train' if training else 'eval'} {tag}", "batch_norm",
+                                   affine(shape, c), bn_kwargs, bn_torch))
+        groups = 8 if len(shape) == 2 else 4
+        cases.append(SmallCase(f"GN{groups} {tag}", "group_norm", affine(shape, c),
+                               const(num_groups=groups),
+                               lambda torch, F, kw, g=groups: lambda x, w, b: F.group_norm(
+                                   x, g, w, b, 1e-5)))
+        ishape = (1,) + shape if len(shape) == 2 else shape
+        itag = "(" + ",".join(map(str, ishape)) + ")"
+        cases.append(SmallCase(f"IN {itag}", "instance_norm", affine(ishape, ishape[1]),
+                               const(), lambda torch, F, kw: lambda x, w, b: F.instance_norm(
+                                   x, None, None, w, b, use_input_stats=True, eps=1e-5)))
+        cases.append(SmallCase(f"LRN5 {tag}", "local_response_norm",
+                               lambda rng, s=shape: (rng.standard_normal(s),), const(size=5),
+                               lambda torch, F, kw: lambda x: F.local_response_norm(
+                                   x if x.ndim > 2 else x[..., None], 5)
+                               .reshape(x.shape)))
+        gshape = (shape[0],) + (1,) * (len(shape) - 1)
+        cases.append(SmallCase(f"WN {tag}", "weight_norm",
+                               lambda rng, s=shape, g=gshape: (rng.standard_normal(s),
+                                                               1.0 + rng.random(g)),
+                               const(dim=0),
+                               lambda torch, F, kw: lambda v, g: torch._weight_norm(v, g, 0)))
+
+        def sn_kwargs(rng, shape=shape):
+            h = shape[0]
+            w = int(np.prod(shape[1:]))
+            u, v = rng.standard_normal(h), rng.standard_normal(w)
+            return dict(u=u / np.linalg.norm(u), v=v / np.linalg.norm(v),
+                        n_power_iterations=1, eps=1e-12, dim=0, training=True)
+
+        def sn_torch(torch, F, kw, shape=shape):
+            # the parametrization module of torch.nn.utils.parametrizations.spectral_norm,
+            # built once (as a layer holds it) and called on the weight, in training mode
+            holder = torch.nn.Module()
+            holder.weight = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+            with torch.random.fork_rng(devices=[]):
+                torch.nn.utils.parametrizations.spectral_norm(holder, n_power_iterations=1,
+                                                              eps=1e-12, dim=0)
+            sn = holder.parametrizations.weight[0]
+            sn.train(True)
+            with torch.no_grad():  # the vectors are the module's state
+                sn._u.copy_(torch.from_numpy(kw["u"]))
+                sn._v.copy_(torch.from_numpy(kw["v"]))
+            return sn
+        cases.append(SmallCase(f"SN {tag}", "spectral_norm",
+                               lambda rng, s=shape: (rng.standard_normal(s),), sn_kwargs,
+                               sn_torch))
+    return cases
+
+
+def _small_runners(case, rng):
+    """``{name: (forward, forward_backward)}`` for refnorm's record (forward, backward), the
+    engine op, and torch; each callable runs one call on the same inputs."""
+    import torch
+    import torch.nn.functional as F
+    from refnorm import autograd as ag
+    spec = BY_NAME[case.name]
+    arrays = case.arrays(rng)
+    kwargs = case.kwargs(rng)
+    dy = rng.standard_normal(arrays[0].shape)
+    inputs = {**dict(zip(spec.diff_argnames, arrays)), **kwargs}
+    forward, backward, op = spec.forward, spec.backward, spec.op
+
+    def r_fwd():
+        return forward(**inputs)
+
+    def r_fb():
+        out = forward(**inputs)
+        return out[0], backward(dy, out[-1])
+
+    def e_fwd():
+        leaves = {k: ag.Tensor(a, requires_grad=True)
+                  for k, a in zip(spec.diff_argnames, arrays)}
+        out = op(**{**inputs, **leaves})
+        return out[0] if spec.stateful else out
+
+    def e_fb():
+        leaves = {k: ag.Tensor(a, requires_grad=True)
+                  for k, a in zip(spec.diff_argnames, arrays)}
+        out = op(**{**inputs, **leaves})
+        (out[0] if spec.stateful else out).backward(dy)
+        return [t.grad for t in leaves.values()]
+
+    fn = case.torch_fn(torch, F, kwargs)
+    t_leaves = [torch.from_numpy(a).requires_grad_(True) for a in arrays]
+    t_dy = torch.from_numpy(dy)
+
+    def t_fwd():
+        return fn(*t_leaves)
+
+    def t_fb():
+        y = fn(*t_leaves)
+        return y, torch.autograd.grad(y, t_leaves, t_dy)
+
+    # a guard against timing a bug: the same y and gradients
+    (y, grads), (ty, tgrads) = r_fb(), t_fb()
+    if True:
+        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-9, atol=1e-9)
+        for g, tg in zip(grads, tgrads):
+            np.testing.assert_allclose(g, tg.numpy(), rtol=1e-8, atol=1e-8)
+    return {"refnorm": (r_fwd, r_fb), "engine": (e_fwd, e_fb), "torch": (t_fwd, t_fb)}
+
+
+def _per_call(run, inner, clock):
+    t0 = clock()
+    for _ in range(inner):
+        run()
+    return (clock() - t0) / inner
+
+
+def bench_small(case, repeats, inner, clock):
+    """Median over ``repeats`` of the time per call (each repeat: ``inner`` calls in a row), the
+    implementations interleaved repeat by repeat, the order alternating."""
+    runners = _small_runners(case, np.random.default_rng(0))
+    samples = {(name, mode): [] for name in runners for mode in ("fwd", "fb")}
+    order = list(runners)
+    for i in range(repeats + 1):  # the first round warms up
+        for name in order:
+            for mode, run in zip(("fwd", "fb"), runners[name]):
+                t = _per_call(run, inner, clock)
+                if i:
+                    samples[name, mode].append(t)
+        order.reverse()
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    return dict(case=case.label, **{f"{n}_{m}": t for (n, m), t in med.items()})
+
+
+def small_lines(rows, markdown=False):
+    cols = [("case", 18)]
+    for mode, title in (("fwd", "forward"), ("fb", "fwd+bwd")):
+        cols += [(f"{title} refnorm", 16), ("torch", 8), ("ratio", 7), ("engine", 8),
+                 ("ratio", 7)]
+    lines = []
+    if markdown:
+        lines += ["| " + " | ".join(t for t, _ in cols) + " |", "|" + "---|" * len(cols)]
+    else:
+        lines.append("".join(f"{t:<{w}}" if i == 0 else f"{t:>{w}}"
+                             for i, (t, w) in enumerate(cols)))
+    for row in rows:
+        cells = [row["case"]]
+        for mode in ("fwd", "fb"):
+            r, t, e = (row[f"{n}_{mode}"] for n in ("refnorm", "torch", "engine"))
+            cells += [f"{r * 1e6:.1f}", f"{t * 1e6:.1f}", f"{r / t:.2f}x", f"{e * 1e6:.1f}",
+                      f"{e / t:.2f}x"]
+        if markdown:
+            lines.append("| " + " | ".join(cells) + " |")
+        else:
+            lines.append("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                                 for i, (c, (_, w)) in enumerate(zip(cells, cols))))
+    return lines
+
+
+def main_small(args):
+    import torch
+    torch.set_num_threads(1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    wanted = [p.strip() for p in args.cases.split(",") if p.strip()]
+    cases = [c for c in _small_cases() if not wanted or any(c.label.startswith(p)
+                                                              for p in wanted)]
+    print(f"small inputs, float64: time per call in microseconds ({args.clock} time), median "
+          f"of {args.repeats} repeats of {args.inner} calls, interleaved; 'ratio' is refnorm / "
+          f"torch (1 thread); 'engine' is the record's op through refnorm.autograd; numpy "
+          f"{np.__version__}, torch {torch.__version__}")
+    rows = []
+    for case in cases:
+        rows.append(bench_small(case, args.repeats, args.inner, clock))
+        print("\n".join(small_lines(rows[-1:])[0 if len(rows) == 1 else 1:]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            if args.out.endswith(".json"):
+                json.dump(dict(numpy=np.__version__, torch=torch.__version__, clock=args.clock,
+                               repeats=args.repeats, inner=args.inner, rows=rows), f, indent=2)
+            else:
+                f.write("\n".join(small_lines(rows, markdown=True)) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="repeats per case (default 30; --small: 15)")
+    parser.add_argument("--small", action="store_true",
+                        help="the core norms on small inputs ((16, 64), (4, 8, 32)): forward "
+                             "and forward+backward per call, refnorm, its engine op, torch")
+    parser.add_argument("--inner", type=int, default=50,
+                        help="--small: calls per repeat (default 50)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="--small: process CPU time (default) or wall time")
     parser.add_argument("--cases", default="",
                         help="comma-separated prefixes of the case labels (e.g. 'LN,GN'); "
                              "all cases if empty")
@@ -304,6 +549,10 @@ def main(argv=None):
                         help="also write the results to this path: JSON if it ends in .json, "
                              "else a markdown table")
     args = parser.parse_args(argv)
+    if args.small:
+        args.repeats = args.repeats or 15
+        return main_small(args)
+    args.repeats = args.repeats or 30
 
     import torch
     torch.set_num_threads(1)

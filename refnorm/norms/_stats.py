@@ -41,6 +41,27 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 4-ULP accuracy of the outputs on rows with mean :math:`10^4` and standard deviation 1 holds
 (``docs/notes/performance.rst``).
 
+**Small inputs** (a few thousand elements: tutorials, assignments, gradient checks) cost
+microseconds of arithmetic and, unless care is taken, tens of microseconds of Python: each NumPy
+call costs about a microsecond whatever its size, a reduction or a context manager
+(``np.errstate``, a buffer-size change) one to five. The helpers here keep the checks and the
+arithmetic of every call exactly as they are (bit for bit), and make their fixed cost small:
+
+* validation is O(1) Python operations on the common types (a plain ndarray, an int or a tuple
+  of ints, a float), falling back to the general checks, with their messages, for anything else;
+* facts of a dtype (its accumulation dtype, the limits of :func:`needs_rescaling`,
+  :func:`extreme_groups` and :func:`out_of_range`, :func:`wider_dtype`) and the vectors of
+  ones of :func:`row_sums` are computed once per dtype and length, not per call;
+* reductions over an axis of length one (LayerNorm's single block of rows in
+  :func:`shifted_moments`) are not made: the sum of one number is that number;
+* the rare-regime tests (:func:`needs_rescaling`, :func:`extreme_groups`,
+  :func:`inexact_products`) first ask whether *no* group can be flagged, with a minimum and a
+  maximum over all groups (three NumPy calls, no temporary per test); a NaN makes that answer
+  "maybe", and the exact elementwise test then runs as before, so nothing is flagged
+  differently;
+* :func:`row_broadcasting` changes the ufunc buffer size only for arrays above
+  :data:`SMALL_SIZE` elements: below it, the change costs more than it saves.
+
 **The reliability helpers** (``docs/notes/reliability.rst``; every variant uses the same ones):
 
 * *The whole floating range* (subnormal inputs with ``eps = 0``, values near the largest
@@ -67,6 +88,7 @@ about 1.5 ULP of the variance (0.8 ULP of :math:`r`), against 0.9 for NumPy's pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import math
 import numbers
@@ -100,18 +122,36 @@ def row_sums(a, weights=None):
     float16 is summed in float32, as ``np.sum`` does (a float16 sum of many terms overflows),
     and the result is left in that dtype; float32, float64 and longdouble keep theirs.
     """
-    acc = np.promote_types(a.dtype, np.float32)
-    w = np.ones(a.shape[-1], acc) if weights is None else weights.astype(acc, copy=False)
+    acc = accumulation_dtype(a.dtype)
+    w = _ones(a.shape[-1], acc) if weights is None else weights.astype(acc, copy=False)
     return a.astype(acc, copy=False) @ w
+
+
+@functools.lru_cache(maxsize=64)
+def _ones_cached(n, dtype):
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False  # shared between calls
+    return ones
+
+
+def _ones(n, dtype):
+    """``np.ones(n, dtype)``, made once per length and dtype for lengths up to
+    :data:`SMALL_SIZE` (read-only)."""
+    return _ones_cached(n, dtype) if n <= SMALL_SIZE else np.ones(n, dtype)
 
 
 def row_dots(a, b):
     """``sum(a * b, axis=-1)`` as one BLAS dot product per row, without the temporary ``a * b``:
     a stack of (1, N) @ (N, 1) products, which is ``np.vecdot`` (NumPy 2) for NumPy 1.x too.
     float16 is summed in float32, as in :func:`row_sums`."""
-    acc = np.promote_types(a.dtype, np.float32)
+    acc = accumulation_dtype(a.dtype)
     a, b = a.astype(acc, copy=False), b.astype(acc, copy=False)
     return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+
+
+def _sum_first(s):
+    """``s.sum(axis=0)``; without a reduction when axis 0 has length one (the same numbers)."""
+    return s[0] if s.shape[0] == 1 else s.sum(axis=0)
 
 
 def shifted_moments(x3, out, eps):
@@ -134,7 +174,7 @@ def shifted_moments(x3, out, eps):
     ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
     """
     count = x3.shape[0] * x3.shape[2]
-    shift = (row_sums(x3).sum(axis=0)[:, None] / count).astype(x3.dtype, copy=False)  # m0
+    shift = (_sum_first(row_sums(x3))[:, None] / count).astype(x3.dtype, copy=False)  # m0
 
     def block(blk):  # d = x - m0 and its row sums, a block along axis 0 (BatchNorm's samples)
         d = np.subtract(x3[blk], shift, out=out[blk])  # exact where x is within a factor 2 of
@@ -143,15 +183,15 @@ def shifted_moments(x3, out, eps):
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
         parts = by_row_blocks(block, x3.shape[0], x3.nbytes // max(1, x3.shape[0]), x3.shape[2],
                               live=2)
-        sum_d, sum_dd = (np.concatenate(p).sum(axis=0)[:, None] for p in zip(*parts))
+        sum_d, sum_dd = (_sum_first(_joined(p))[:, None] for p in zip(*parts))
         d = out
         c = sum_d / count
         # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
         var = sum_dd / count - c * c
         var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
         rstd = 1.0 / np.sqrt(var + eps)
-    bad = needs_rescaling(var, eps)
-    if bad.any():
+    bad = None if _trusted(var, eps) else needs_rescaling(var, eps)
+    if bad is not None and bad.any():
         rows = np.flatnonzero(bad)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0],
@@ -161,9 +201,17 @@ def shifted_moments(x3, out, eps):
     return shift, c.astype(x3.dtype, copy=False), var, rstd
 
 
+@functools.lru_cache(maxsize=None)
 def accumulation_dtype(dtype):
     """The dtype the statistics are computed and kept in: float16 is promoted to float32."""
     return np.promote_types(dtype, np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _rescaling_limit(dtype):
+    """The bound of :func:`needs_rescaling` for ``dtype``."""
+    info = np.finfo(dtype)
+    return float(info.smallest_normal) * 2.0 ** (info.nmant + 2)
 
 
 def needs_rescaling(var, eps):
@@ -175,10 +223,48 @@ def needs_rescaling(var, eps):
     never holds; it flags the tiny groups only with ``eps = 0`` or an ``eps`` as tiny. A group
     with ``d`` zero or non-finite is flagged too and then left as it is by
     :func:`rescaled_rstd`. Cheap: one comparison per group."""
-    info = np.finfo(var.dtype)
-    limit = float(info.smallest_normal) * 2.0 ** (info.nmant + 2)
+    if _trusted(var, eps):
+        return _no_flags(var.size)  # the common case: none flagged, in three NumPy calls
     with np.errstate(invalid="ignore"):
-        return ~((var + eps >= limit) & (var < np.inf)).ravel()
+        return ~((var + eps >= _rescaling_limit(var.dtype)) & (var < np.inf)).ravel()
+
+
+def _trusted(var, eps):
+    """Whether :func:`needs_rescaling` flags none of ``var`` (False: it may flag some)."""
+    return bool(var.size) and _at_least(var + eps, _rescaling_limit(var.dtype)) \
+        and _below(var, np.inf)
+
+
+def _at_least(a, low):
+    """Whether every element of the non-empty ``a`` is >= ``low``: False where one is NaN (a
+    NaN minimum compares false), so that the caller then runs its elementwise test."""
+    return bool(np.minimum.reduce(a, axis=None) >= low)
+
+
+def _below(a, high):
+    """Whether every element of the non-empty ``a`` is < ``high``; False with a NaN."""
+    return bool(np.maximum.reduce(a, axis=None) < high)
+
+
+def _at_most(a, high):
+    """Whether every element of the non-empty ``a`` is <= ``high``; False with a NaN."""
+    return bool(np.maximum.reduce(a, axis=None) <= high)
+
+
+_NO_GROUPS = np.empty(0, np.intp)  # extreme_groups' answer when there are none (read-only)
+_NO_GROUPS.flags.writeable = False
+
+
+@functools.lru_cache(maxsize=64)
+def _no_flags_cached(n):
+    flags = np.zeros(n, bool)
+    flags.flags.writeable = False
+    return flags
+
+
+def _no_flags(n):
+    """``np.zeros(n, bool)``, shared (read-only) for ``n`` up to :data:`SMALL_SIZE`."""
+    return _no_flags_cached(n) if n <= SMALL_SIZE else np.zeros(n, bool)
 
 
 def rescaled_rstd(d, c, eps, axes):
@@ -229,6 +315,24 @@ def correction_first(c, scale):
     return np.abs(c * scale) > 1.0
 
 
+def inexact_products(a, b, ab):
+    r"""Where the product ``ab`` (``a * b`` as computed, same shape) of finite factors lost
+    accuracy: it overflowed, or underflowed (it is subnormal, or 0 while neither factor is 0);
+    then ``(z a) b`` is the accurate form of ``z (a b)``. A bool array of ``ab``'s shape; in
+    three NumPy calls when no product is flagged (the common case)."""
+    tiny = _smallest_normal(ab.dtype)
+    m = np.abs(ab)
+    if m.size and _at_least(m, tiny) and _below(m, np.inf):
+        return np.zeros(ab.shape, bool)
+    return ~((m >= tiny) & (m < np.inf) | (ab == 0) & ((a == 0) | (b == 0))) \
+        & np.isfinite(a) & np.isfinite(b)
+
+
+@functools.lru_cache(maxsize=None)
+def _smallest_normal(dtype):
+    return np.finfo(dtype).smallest_normal
+
+
 def saved_mean(cache):
     """The mean :math:`m_0 + c` of a cache that keeps ``shift`` and ``correction`` apart
     (:func:`shifted_moments`), rounded to one float: for the oracle's saved statistics."""
@@ -266,14 +370,23 @@ def extreme_groups(var, rstd, dtype=None):
     float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
     results back (they round to the dtype as the exact values do: inf only where the exact
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
-    v, r = np.ravel(var), np.ravel(rstd)
-    info = np.finfo(r.dtype)
-    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
-    low = float(np.finfo(v.dtype).smallest_normal)
-    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
-        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
+    v, r = np.asarray(var).ravel(), np.asarray(rstd).ravel()
+    low, hi = _extreme_limits(v.dtype, r.dtype, None if dtype is None else np.dtype(dtype))
+    if v.size and _at_least(v, low) and _at_least(r, 1.0 / hi) and _at_most(r, hi):
+        return _NO_GROUPS  # the common case: none, in three NumPy calls
     with np.errstate(invalid="ignore"):
         return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
+
+
+@functools.lru_cache(maxsize=None)
+def _extreme_limits(var_dtype, rstd_dtype, dtype):
+    """``(low, hi)`` of :func:`extreme_groups` for these dtypes."""
+    info = np.finfo(rstd_dtype)
+    hi = float(info.max) * 2.0 ** -(info.nmant + 2)
+    low = float(np.finfo(var_dtype).smallest_normal)
+    if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
+        low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
+    return low, hi
 
 
 _NATIVE = threading.local()
@@ -297,9 +410,13 @@ def wider_dtype(dtype):
     r"""The dtype that :func:`extreme_groups` are recomputed in: float64 for float16 and float32,
     ``np.longdouble`` for float64 where it has a wider exponent range (x86: 80-bit, up to
     :math:`10^{\pm 4932}`), else None (then those groups keep the dtype's own result)."""
-    dtype = np.dtype(dtype)
     if getattr(_NATIVE, "on", False):
         return None
+    return _wider(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _wider(dtype):
     if dtype.itemsize < 8:
         return np.dtype(np.float64)
     if dtype == np.float64 and np.finfo(np.longdouble).maxexp > np.finfo(np.float64).maxexp:
@@ -367,22 +484,30 @@ def out_of_range(*arrays):
     runs on every call of those variants, and the masked form (``np.where(np.isfinite(a),
     np.abs(a), 0)``: three temporaries of the array's size) is kept for arrays with a NaN or
     an infinity."""
-    if any(a is not None and np.asarray(a).dtype == np.float16 for a in arrays):
-        return True  # always: its range is too narrow for a decision by value (see above)
+    arrays = [np.asarray(a) for a in arrays if a is not None]
     for a in arrays:
-        if a is None or not np.size(a) or np.asarray(a).dtype.kind != "f":
+        if a.dtype == np.float16:
+            return True  # always: its range is too narrow for a decision by value (see above)
+    for a in arrays:
+        if not a.size or a.dtype.kind != "f":
             continue
-        a = np.asarray(a)
         with np.errstate(invalid="ignore"):
             hi, lo = np.max(a), np.min(a)  # two passes without temporaries, for finite arrays
             if np.isfinite(hi) and np.isfinite(lo):
                 m = max(abs(hi), abs(lo))
             else:  # a NaN or an infinity: the largest finite magnitude, the long way
                 m = np.max(np.where(np.isfinite(a), np.abs(a), 0))
-        info = np.finfo(a.dtype)
-        if m > 0 and not 2.0 ** (info.minexp / 4) <= m <= 2.0 ** (info.maxexp / 4):
+        low, high = _range_window(a.dtype)
+        if m > 0 and not low <= m <= high:
             return True
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _range_window(dtype):
+    """The window of :func:`out_of_range` for ``dtype``."""
+    info = np.finfo(dtype)
+    return 2.0 ** (info.minexp / 4), 2.0 ** (info.maxexp / 4)
 
 
 _L2_FALLBACK = 1 << 20  # bytes: where the cache size cannot be read
@@ -451,17 +576,36 @@ def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
     outputs' slices in place, and returns what the caller combines: per-row statistics
     (concatenated) or the block's part of a sum over rows (added up block after block, so that
     a parameter gradient is a sum of per-block sums, as accurate as a pairwise sum of that
-    depth). Sizing and the NumPy buffer are set once here, not in every block. With no rows,
-    ``body`` is called once on the empty block, so that the results have their shapes."""
+    depth). Sizing and the NumPy buffer are set once here, not in every block; arrays of at
+    most :data:`SMALL_SIZE` float64 elements (that many times 8 bytes) are one block with the
+    buffer unchanged. With no rows, ``body`` is called once on the empty block, so that the
+    results have their shapes."""
+    if n_rows * row_bytes <= 8 * SMALL_SIZE:
+        return [body(slice(0, n_rows))]
     blocks = row_blocks(n_rows, row_bytes, live=live) or [slice(0, 0)]  # no rows: one empty
     with row_broadcasting(row_length):                                   # block, for the shapes
         return [body(blk) for blk in blocks]
 
 
-@contextlib.contextmanager
-def row_broadcasting(row_length):
+def _joined(parts):
+    """The per-block arrays ``parts`` concatenated along axis 0; the one array of a single block
+    as it is (no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+SMALL_SIZE = 4096
+"""Arrays of at most this many elements are "small" (:func:`row_broadcasting`, :func:`row_sums`):
+measured with NumPy 2.4 on rows of 64, a buffer-size change costs more than it saves up to
+about 64k elements, on rows of 2048 it pays from about 8k."""
+
+_UNCHANGED = contextlib.nullcontext()  # reusable, reentrant: a context that does nothing
+
+
+def row_broadcasting(row_length, size=None):
     """A context for elementwise operations that broadcast per-row values over rows of
-    ``row_length`` contiguous elements, such as ``y *= r`` with ``r`` of shape ``(rows, 1)``.
+    ``row_length`` contiguous elements, such as ``y *= r`` with ``r`` of shape ``(rows, 1)``;
+    ``size``, if given, is the number of elements of the arrays: up to :data:`SMALL_SIZE` the
+    context does nothing (changing the buffer size would cost more than it saves).
 
     A performance detail of NumPy, not of the math: when the rows are shorter than the ufunc
     buffer (``np.getbufsize()``, 8192 elements), the iterator copies the broadcast operand through
@@ -471,6 +615,13 @@ def row_broadcasting(row_length):
     setting of NumPy, restored on exit. Reductions are better left outside: they may use the
     buffer.
     """
+    if size is not None and size <= SMALL_SIZE:
+        return _UNCHANGED
+    return _row_buffer(row_length)
+
+
+@contextlib.contextmanager
+def _row_buffer(row_length):
     size = max(16, row_length - row_length % 16)  # NumPy wants a multiple of 16
     old = np.getbufsize()
     if size >= old:
@@ -495,7 +646,7 @@ def trailing_axes(ndim, count):
 
 def axis_count(shape, axes):
     """Number of elements reduced over ``axes`` of an array of ``shape``."""
-    return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    return math.prod([shape[a] for a in axes])
 
 
 def check_array(value, name, op, *, ndim_min=0, dtype=None):
@@ -507,6 +658,8 @@ def check_array(value, name, op, *, ndim_min=0, dtype=None):
     masked arrays (reductions skip the masked elements). Other subclasses (``np.memmap``, a
     trivial subclass) are viewed as plain arrays (``np.asarray``, no copy): the result is the
     plain array's, and a plain array."""
+    if type(value) is np.ndarray and value.dtype.kind == "f" and value.ndim >= ndim_min:
+        return value  # the common case, in O(1): what the checks below return for it
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{op}: `{name}` must be a numpy.ndarray, got {type(value).__name__}")
     if isinstance(value, (np.matrix, np.ma.MaskedArray)):
@@ -543,6 +696,9 @@ def _finite_float(value):
 
 
 def check_eps(eps, op, name="eps"):
+    """``eps`` as a float, finite and >= 0; else a ValueError naming ``name``."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the common case, in O(1)
+        return eps
     value = _finite_float(eps) if isinstance(eps, (numbers.Real, np.floating)) \
         and not isinstance(eps, (bool, np.bool_)) else None
     if value is None or value < 0:
@@ -553,6 +709,15 @@ def check_eps(eps, op, name="eps"):
 def check_normalized_shape(normalized_shape, x, op):
     """``normalized_shape`` (an int or a tuple of ints) as a tuple, checked against ``x``'s
     trailing dimensions; raise a ValueError naming it otherwise."""
+    if type(normalized_shape) is int:  # the common cases, in O(1) (per axis) Python steps
+        shape = (normalized_shape,)
+        if x.ndim and x.shape[-1] == normalized_shape:
+            return shape
+    elif type(normalized_shape) is tuple and normalized_shape \
+            and all(type(n) is int for n in normalized_shape):
+        k = len(normalized_shape)
+        if k <= x.ndim and x.shape[x.ndim - k:] == normalized_shape:
+            return normalized_shape
     shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) \
         else tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else None
     if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
@@ -581,7 +746,7 @@ def group_view(x, num_groups):
     contiguous channels :math:`[gC/G, (g+1)C/G)` and all their spatial positions, so one
     reduction over the last axis gives the per-(sample, group) statistics. A view, no copy,
     when ``x`` is C-contiguous (NumPy copies otherwise)."""
-    per_group = x.shape[1] // num_groups * int(np.prod(x.shape[2:], dtype=np.int64))
+    per_group = x.shape[1] // num_groups * math.prod(x.shape[2:])
     return x.reshape(x.shape[0], num_groups, per_group)
 
 
@@ -597,6 +762,8 @@ def check_momentum(momentum, op, *, allow_none=False):
     """``momentum`` as a float (or None where ``allow_none``); raise a ValueError naming it."""
     if momentum is None and allow_none:
         return None
+    if type(momentum) is float and -math.inf < momentum < math.inf:  # the common case, O(1)
+        return momentum
     value = _finite_float(momentum) if isinstance(momentum, (numbers.Real, np.floating)) \
         and not isinstance(momentum, (bool, np.bool_)) else None
     if value is None:

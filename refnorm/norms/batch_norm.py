@@ -79,6 +79,7 @@ statistics (:mod:`refnorm.norms._stats`) and is the more accurate there.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -134,11 +135,16 @@ def _channel_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 def _check_num_batches_tracked(value):
+    if type(value) is int and 0 <= value < _INT64_MAX:  # the common case, in O(1)
+        return value
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
         value = value.item()
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0 \
-            or value >= np.iinfo(np.int64).max:  # it is incremented and kept as an int64
+            or value >= _INT64_MAX:  # it is incremented and kept as an int64
         raise ValueError(f"{_OP}: `num_batches_tracked` must be an int >= 0 and < 2**63 - 1, "
                          f"got {value!r}")
     return int(value)
@@ -215,7 +221,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         shift = running_mean.reshape(-1, 1).astype(x.dtype, copy=False)
         c = np.zeros_like(shift)
         rstd = rsqrt(running_var.reshape(-1, 1) + eps).astype(x.dtype, copy=False)
-        with row_broadcasting(spatial):
+        with row_broadcasting(spatial, x.size):
             np.subtract(x3, shift, out=y)
     if training and tracking:
         t += 1
@@ -226,7 +232,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     else:
         state = BatchNormState(running_mean, running_var, np.asarray(t, dtype=np.int64))
     # in y's own buffer, which holds d = x - m0 (or x - running mean)
-    with row_broadcasting(spatial):
+    with row_broadcasting(spatial, x.size):
         if batch_stats:
             # y = (d - c) r gamma + beta, with per channel a = r gamma: folded into two passes,
             # y = d a + (beta - c a), where c a is small (|c a| <= 1 on every channel: the
@@ -324,7 +330,7 @@ def batch_norm_backward(dy, cache):
 
         by_row_blocks(finish, *sample)
     else:  # the statistics are constants: dx = a dy
-        with row_broadcasting(spatial):
+        with row_broadcasting(spatial, x.size):
             np.multiply(dy3, a, out=dx)
     dweight = sum_dyx.ravel().astype(weight.dtype, copy=False) if weight is not None else None
     dbias = sum_dy.ravel().astype(cache.bias_dtype or dy.dtype, copy=False) if has_bias \
@@ -334,7 +340,7 @@ def batch_norm_backward(dy, cache):
 
 def _ncl(a):
     """``a`` of shape (N, C, *) as (N, C, L), L the product of the spatial axes."""
-    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
+    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
 batch_norm = custom_vjp(batch_norm_forward, batch_norm_backward, ("x", "weight", "bias"),

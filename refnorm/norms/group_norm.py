@@ -59,6 +59,7 @@ is invariant to adding a constant to the group and to scaling it by :math:`a > 0
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -67,8 +68,8 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (by_row_blocks, check_array, check_eps, check_num_groups,
                                   check_param, correction_first, extreme_groups, group_view,
-                                  row_dots, row_sums, saved_mean, shifted_moments, wider_dtype,
-                                  widen)
+                                  inexact_products, row_dots, row_sums, saved_mean,
+                                  shifted_moments, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -125,7 +126,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     weight = check_param(weight, "weight", "group_norm", (channels,))
     bias = check_param(bias, "bias", "group_norm", (channels,))
     eps = check_eps(eps, "group_norm")
-    if x.shape[0] * (channels // num_groups) * int(np.prod(x.shape[2:])) == 1:
+    if x.shape[0] * (channels // num_groups) * math.prod(x.shape[2:]) == 1:
         # torch's test (_verify_batch_size on (N C/G, G, *spatial)): one value in each group
         # of a single sample, where the normalized output is just the bias
         raise ValueError(f"group_norm: Expected more than 1 value per channel when training, "
@@ -202,13 +203,14 @@ def _normalize(x, groups, weight, bias, eps, y):
     c_spread = np.repeat(c, per_channel, axis=1)
     unfold = correction_first(c_spread, scale)
     offset = -c_spread * scale
-    if unfold.any():
+    unfolded = unfold.any()
+    if unfolded:
         offset[unfold] = 0.0
         c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
-    if unfold.any():
+    if unfolded:
         y3 -= c_spread
     y3 *= scale
     y3 += offset
@@ -315,7 +317,8 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
     b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
-    a = spread(r) * (row_dots(dy3, d3)[..., None] - spread(c) * b)    # A_nc = sum_* dy xhat
+    r_spread = spread(r)
+    a = r_spread * (row_dots(dy3, d3)[..., None] - spread(c) * b)     # A_nc = sum_* dy xhat
     sums = a.sum(axis=0).ravel(), b.sum(axis=0).ravel()
     if per_group == 1:  # a one-element group normalizes to 0 whatever x is: y = beta, dx = 0
         dx[...] = 0     # (exactly; the formula below rounds (r gamma) dy - r (gamma dy))
@@ -327,33 +330,32 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     mean_gx = a.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
     k = r * mean_gx
-    r_gamma = spread(r) * weight[:, None] if weight is not None else spread(r)
+    r_gamma = r_spread * weight[:, None] if weight is not None else r_spread
     # Rare regimes, flagged per group (a group's dx does not depend on the others'), each
     # costing one more pass when it occurs: r k = r^2 <g xhat> overflows or underflows where r
     # and k do not (eps = 0 and tiny or huge groups): then (d r) k; and |c r| > 1 (a group
     # constant up to rounding): then (d - c) (r k), as d (r k) - c (r k) would cancel.
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         rk = r * k
-        split = ~((np.abs(rk) >= np.finfo(rk.dtype).smallest_normal) & (np.abs(rk) < np.inf)
-                  | (rk == 0) & ((r == 0) | (k == 0))) & np.isfinite(r) & np.isfinite(k)
+        split = inexact_products(r, k, rk)
         centre = correction_first(c, r)
-    c_first = np.where(centre, c, 0)
+    centred = centre.any()
     np.multiply(dy3, r_gamma, out=dx3)
-    if centre.any():
-        d3 -= spread(c_first)
+    if centred:
+        d3 -= spread(np.where(centre, c, 0))
     if split.any():
         d3 *= spread(np.where(split, r, rk))
         d3 *= spread(np.where(split, k, 1))
     else:
         d3 *= spread(rk)
     dx3 -= d3
-    dx3 += spread(r * (np.where(centre, 0, c) * k - mean_g))
+    dx3 += spread(r * ((np.where(centre, 0, c) if centred else c) * k - mean_g))
     return sums
 
 
 def _ncl(a):
     """``a`` of shape (N, C, *) as (N, C, L), L the product of the spatial axes."""
-    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:], dtype=np.int64)))
+    return a.reshape(a.shape[0], a.shape[1], math.prod(a.shape[2:]))
 
 
 group_norm = custom_vjp(group_norm_forward, group_norm_backward, ("x", "weight", "bias"))

@@ -203,7 +203,7 @@ def _forward_rows(rows, weight, eps, outside):
                 _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
                                                     np.zeros(flagged.size), eps, axes=(0, 2))
     y = np.empty(rows.shape, dtype=rows.dtype)
-    with row_broadcasting(rows.shape[1]):
+    with row_broadcasting(rows.shape[1], rows.size):
         np.multiply(rows, rstd, out=y, casting="same_kind")
         if weight is not None:
             y *= weight.reshape(-1)
@@ -274,7 +274,7 @@ def _backward_rows(dy, x, r, q, w, dx):
     k = r * row_sums(dx, w)[:, None] / n  # <g xhat>, g = gamma dy
     if q is not None:  # outside: k / q, and 0 on zero rows (where xhat = 0, so k = 0 too)
         k = np.divide(k, q, out=np.zeros_like(k), where=q > 0)
-    with row_broadcasting(n):
+    with row_broadcasting(n, x.size):
         xk = np.multiply(x, r * k)          # xhat k
         if w is not None:
             np.multiply(dy, w, out=dx)      # g
