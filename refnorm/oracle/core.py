@@ -19,7 +19,64 @@ from refnorm.oracle.report import CaseResult, OutputResult, Report, compare_outp
 from refnorm.oracle.structure import groups_of
 
 __all__ = ["check", "prepare", "Prepared", "run_case", "select_specs", "write_diagnosis",
-           "missing_diagnosis"]
+           "missing_diagnosis", "CONVENTIONS", "check_conventions"]
+
+#: The kernel conventions a candidate may claim (``fn.conventions``, ``check(...,
+#: conventions=...)``, ``--convention KEY=VALUE``): keyword options of the records that say how
+#: a kernel computes, not what (rms_norm's and layer_norm's ``offset`` and ``casting_mode``).
+CONVENTIONS = ("offset", "casting_mode")
+
+
+def _is_default(key, value):
+    return value is None or (key == "offset" and value == 0)
+
+
+def check_conventions(conventions, specs=None) -> dict:
+    """Claimed conventions as a dict, validated: keys of :data:`CONVENTIONS`, each an option
+    of at least one of ``specs``, values the records accept. Raises ValueError naming what is
+    wrong."""
+    import inspect
+
+    from refnorm.norms._stats import check_casting_mode, check_offset
+
+    conventions = dict(conventions or {})
+    for key, value in conventions.items():
+        if key not in CONVENTIONS:
+            raise ValueError(f"conventions: unknown convention {key!r} (known: "
+                             f"{', '.join(CONVENTIONS)})")
+        if key == "offset":
+            conventions[key] = check_offset(value, "conventions")
+        else:
+            check_casting_mode(value, "conventions")
+        if specs is not None and not any(key in inspect.signature(s.forward).parameters
+                                         for s in specs):
+            raise ValueError(f"conventions: {key!r} is not an option of "
+                             f"{', '.join(s.name for s in specs)}")
+    return conventions
+
+
+def _apply_conventions(spec, cases, claimed, accepts):
+    """``(cases, skipped)``: the claimed conventions set in every case's kwargs (those that
+    are options of ``spec``); a case that names a convention the candidate does not claim is
+    skipped, with the reason, unless the candidate follows the kwargs (``accepts``)."""
+    import inspect
+
+    params = inspect.signature(spec.forward).parameters
+    mine = {k: v for k, v in claimed.items() if k in params}
+    out, skipped = [], []
+    for c in cases:
+        other = {k: v for k, v in c.kwargs.items() if k in CONVENTIONS and k not in mine
+                 and not _is_default(k, v)}
+        if other and not accepts:
+            said = ", ".join(f"{k}={v!r}" for k, v in other.items())
+            skipped.append(_cases.Skipped(
+                spec.name, c.name, c.dtype,
+                f"a kernel convention the candidate does not claim ({said}): to check it, "
+                f"declare it (candidate.conventions = {other!r}, check(..., conventions=...), "
+                f"or --convention)"))
+            continue
+        out.append(dataclasses.replace(c, kwargs={**c.kwargs, **mine}) if mine else c)
+    return out, skipped
 
 
 def write_diagnosis(names) -> str:
@@ -173,6 +230,34 @@ def _num(v):
     return f"{v:.3g}"
 
 
+def _mode_out_of_range(prep):
+    """Why a case is outside the range of its claimed casting mode ``"none"``, or None: that
+    mode holds the squares :math:`x^2` (LayerNorm: :math:`(x-\mu)^2`) and their mean in the
+    candidate dtype, which overflow float16 beyond :math:`|x| = 256`, and underflow where
+    the mean square is below the dtype's smallest normal number and ``eps`` does not
+    dominate it. No correct kernel of that mode is finite or accurate there."""
+    case = prep.case
+    fmt = get_format(case.dtype)
+    if case.kwargs.get("casting_mode") != "none" or fmt.name == "float64" \
+            or prep.groups is None:
+        return None
+    x = np.asarray(case.arrays[0], np.float64)
+    g = prep.groups
+    with np.errstate(all="ignore"):
+        d = x - g.spread(g.mean(x)) if case.variant != "rms_norm" else x
+        sq = np.where(np.isfinite(d), d * d, 0.0)
+        ms = g.mean(sq)
+    eps = float(case.kwargs.get("eps") or 0.0)
+    if sq.size and (sq.max() > fmt.max or ms.max() > fmt.max):
+        return (f"outside casting mode 'none''s range: the squares overflow {fmt.name} "
+                f"(|x| up to {np.sqrt(sq.max()):.3g})")
+    low = (ms > 0) & (ms < fmt.tiny / fmt.u) & (eps < ms / fmt.u)
+    if np.any(low):
+        return (f"outside casting mode 'none''s range: the mean square underflows "
+                f"{fmt.name} ({ms[low].min():.3g}) where eps does not dominate it")
+    return None
+
+
 def _nonfinite_reference(prep):
     """A reason to skip a case whose finite inputs have a non-finite float64 answer."""
     if prep.case.nonfinite:
@@ -184,12 +269,16 @@ def _nonfinite_reference(prep):
     return None
 
 
-def _prepared_cases(spec, dtype, seed, size, strict, ftz=False):
-    key = (spec.name, id(spec), dtype, seed, size, strict, ftz)
+def _prepared_cases(spec, dtype, seed, size, strict, ftz=False, conventions=None,
+                    accepts=True):
+    claimed = tuple(sorted((conventions or {}).items()))
+    key = (spec.name, id(spec), dtype, seed, size, strict, ftz, claimed, accepts)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     cases, skipped = _cases.generate(spec, dtype, seed, size)
+    cases, dropped = _apply_conventions(spec, cases, dict(claimed), accepts)
+    skipped = skipped + dropped
     preps = []
     for c in cases:
         try:
@@ -199,7 +288,8 @@ def _prepared_cases(spec, dtype, seed, size, strict, ftz=False):
                                           f"BUG in refnorm: its reference raised "
                                           f"{type(exc).__name__}: {exc}"))
             continue
-        reason = out_of_range(spec, prep) or _nonfinite_reference(prep)
+        reason = out_of_range(spec, prep) or _mode_out_of_range(prep) \
+            or _nonfinite_reference(prep)
         prep.raw = None  # only the range check needs these two
         prep.ref.cache = None
         if reason:
@@ -346,7 +436,7 @@ def _residual(adapter, spec, prep):
 
 def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="full",
           strict=False, ftz=None, cases=None, diagnose=True, progress=None,
-          frozen=None) -> Report:
+          frozen=None, conventions=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
     Every case also checks that the candidate wrote into none of the arrays it was given
@@ -387,6 +477,17 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         Inputs whose gradient the candidate does not compute (a frozen parameter:
         ``("weight",)``): their gradient is reported "not computed (frozen)" and the rest is
         judged. Added to the candidate's own ``frozen`` attribute.
+    conventions : dict, optional
+        The kernel conventions the candidate claims (:data:`CONVENTIONS`): ``{"casting_mode":
+        "llama", "offset": 1.0}``. Merged over the candidate's own ``conventions`` attribute
+        (``fn.conventions = {...}``, as ``fn.frozen``). Every case of a variant with those
+        options is run with them, the reference and the candidate alike, and the tolerance
+        admits the claimed casting mode's roundings and no more
+        (:meth:`refnorm.oracle.tolerance._Standardization.mode_terms`): a kernel that claims
+        ``"gemma"`` and rounds like ``"llama"`` fails, and the diagnosis names it. Cases that
+        carry a convention the candidate does not claim are skipped, with the reason, unless
+        the candidate follows each case's kwargs (``accepts_conventions``: the torch
+        adapter's records, the catalogue's kernels).
 
     """
     adapter = _adapters.resolve(impl, device)
@@ -400,10 +501,13 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         raise ValueError(f"frozen: {', '.join(map(repr, unknown))} is not a differentiable "
                          f"input of {', '.join(s.name for s in specs)} (inputs: "
                          f"{', '.join(sorted(inputs_known))})")
+    claimed = check_conventions({**(getattr(adapter, "conventions", None) or {}),
+                                 **(conventions or {})}, specs)
+    accepts = bool(getattr(adapter, "accepts_conventions", False))
     if ftz is None:
         ftz = bool(getattr(adapter, "ftz", False))
     report = Report(adapter.name, fmt.name, getattr(adapter, "device", device), seed, size,
-                    strict, ftz=ftz, frozen=frozen)
+                    strict, ftz=ftz, frozen=frozen, conventions=claimed)
     work = []
     if cases is not None:
         by_variant = {}
@@ -417,7 +521,8 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             if not adapter.supports(spec):
                 report.unsupported.append(spec.name)
                 continue
-            work.append((spec, [prepare(spec, c, strict, ftz) for c in by_variant[spec.name]]))
+            given, _ = _apply_conventions(spec, by_variant[spec.name], claimed, True)
+            work.append((spec, [prepare(spec, c, strict, ftz) for c in given]))
         if by_variant:
             report.dtype = ",".join(sorted({c.dtype for cs in by_variant.values() for c in cs}))
         report.size = "given cases"
@@ -426,7 +531,8 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             if not adapter.supports(spec):
                 report.unsupported.append(spec.name)
                 continue
-            preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz)
+            preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz, claimed,
+                                             accepts)
             report.skipped.extend(skipped)
             work.append((spec, preps))
     for spec, preps in work:
