@@ -317,7 +317,8 @@ class _Standardization:
             if key in out:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
-        self._parts = dict(ax=ax, gam=gam, R=R, shift=shift, ag=ag, adyx=adyx, ady=ady)
+        self._parts = dict(ax=ax, gam=gam, R=R, shift=shift, ag=ag, adyx=adyx, ady=ady,
+                           hbar=hbar, mgx=G.spread(mgx))
         return out
 
     def mode_terms(self, mode, u_acc, base):
@@ -349,7 +350,9 @@ class _Standardization:
           plus its own rounding): :math:`J_y = |\gamma'|\,(3.5|\hat x| + s) + |\gamma'
           \hat x|([o] + [\beta])`, :math:`s = (|x| + |\mu|)\,r`; ``dx`` and the parameter
           gradients get their :meth:`terms` intermediates plus :math:`2.5` times their own
-          magnitude and the rounding of :math:`g`.
+          magnitude and the rounding of :math:`g`; ``dx`` also the gradient through rstd held
+          in the dtype, :math:`6.5\,r|\hat x|(|\langle g\hat x\rangle| +
+          \langle|g\hat x|\rangle)` (:math:`r^3`, the row sum and two products rounded).
         """
         p = self._parts
         ax, gam, R, ag = p["ax"], p["gam"], p["R"], p["ag"]
@@ -371,8 +374,11 @@ class _Standardization:
             mean_g = G.spread(G.mean(ag)) if self.centred else 0.0
             dg = R * (ag + mean_g + ax * G.spread(G.mean(ag * ax)))   # g rounded
             dx = np.abs(_finite(self.outputs["dx"]))
+            # none: the gradient through rstd in the dtype, xhat <g xhat> r: r^3 (3.5), the
+            # row sum and two products rounded (3): 6.5 roundings of that term
+            through_r = 6.5 * R * ax * (p["hbar"] + p["mgx"])
             out["dx"] = (a_d, np.zeros_like(dx)) if mode == "gemma" else \
-                (a_d, dg) if mode == "llama" else (a_d, i_d + dg + 2.5 * dx)
+                (a_d, dg) if mode == "llama" else (a_d, i_d + dg + 2.5 * dx + through_r)
         for name, prm in (("weight", self.weight), ("bias", self.bias)):
             key = "d" + name
             if prm is None or key not in base:
