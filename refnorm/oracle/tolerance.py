@@ -29,6 +29,14 @@ No atol/rtol table. For every element :math:`i` of every output the bound is
 The full derivation, the terms of every output and the measured margins are in
 ``docs/notes/tolerances.rst``.
 
+**Kernel conventions.** A case of ``rms_norm`` or ``layer_norm`` may carry a weight offset
+(``offset``: the model's :math:`\gamma` is then :math:`o + \gamma`) and a claimed casting
+mode (``casting_mode``, Liger-Kernel's ``"llama"``, ``"gemma"``, ``"none"``). A claimed mode
+replaces the :math:`u_I` terms of ``y``, ``dx``, ``dweight`` and ``dbias`` by the roundings
+that mode makes in the candidate dtype, counted at :math:`u_D` whatever ``strict`` says, and
+no others: ``_Standardization.mode_terms`` derives them, and
+``docs/howto/rms_norm_kernel.rst`` ("The tolerance of a casting mode") states them.
+
 Variants that standardize (their forward saves ``rstd``, and their groups are known, see
 :mod:`refnorm.oracle.structure`) get the itemized model. Others get the **normwise** form
 :math:`u_D|y_i| + F\,g(N)\,(u_A + u_I)\max_j|y_j|`, with :math:`N` the reduction length.
