@@ -111,3 +111,36 @@ def test_triton_declines_what_it_cannot_check_with_the_reason(kernels):
         report = check(RIGHT, "layer_norm", dtype="bfloat16", size="ci")
         assert report.results and all(r.status == "skipped" for r in report.results)
         assert all("interpreter" in r.message for r in report.results)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Llama-style RMSNorm (casting mode "llama"), and its twin that claims "gemma"
+# ----------------------------------------------------------------------------------------------
+RMS = "refnorm.oracle.examples.triton_rms_norm"
+
+
+@pytest.fixture
+def rms_kernels(triton, torch):
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return importlib.import_module(RMS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_triton_rms_norm_llama_passes_with_its_claim(rms_kernels, dtype):
+    report = check(f"{RMS}:candidate", "rms_norm", dtype=dtype, size="ci")
+    assert report.passed, report.format()
+    assert report.conventions == {"casting_mode": "llama"}
+    ran = {r.case for r in report.results if r.status == "pass"}
+    assert {"oracle:(37,1000)-offset1", "oracle:(2,65536)-long-rows",
+            "oracle:(8,257)-offset1-weight-near-minus-offset"} <= ran
+    # declined: only the eps-outside form, which no Llama kernel has
+    declined = [r for r in report.results if r.status == "skipped"]
+    assert all("outside the square root" in r.message for r in declined)
+
+
+def test_triton_rms_norm_claiming_gemma_is_caught_and_named(rms_kernels):
+    report = check(f"{RMS}:candidate_claims_gemma", "rms_norm", dtype="float16", size="ci")
+    assert not report.passed
+    assert report.diagnoses["rms_norm"].startswith(
+        "matches: llama casting where gemma is claimed"), report.format()
+    assert report.matched["rms_norm"] == ["rms_norm:llama casting where gemma is claimed"]

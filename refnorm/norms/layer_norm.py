@@ -45,10 +45,12 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, correction_first, extreme_groups, by_row_blocks,
-                                  row_sums, saved_mean, saved_xhat,
-                                  shifted_moments, trailing_axes, wider_dtype, widen)
+from refnorm.norms._stats import CASTING_MODES
+from refnorm.norms._stats import (axis_count, by_row_blocks, check_array, check_casting_mode,
+                                  check_eps, check_normalized_shape, check_offset, check_param,
+                                  correction_first, extreme_groups, offset_weight, row_sums,
+                                  saved_mean, saved_xhat, scaled_rows, shifted_moments,
+                                  trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -64,6 +66,7 @@ class LayerNormCache(NamedTuple):
     bias_dtype: np.dtype | None = None  # \beta's dtype (dbias gets it), None without bias
     wide: tuple | None = None       # (rows, cache) of the rows the forward did in a wider
     #                                 dtype (subnormal or huge: _stats.extreme_groups), or None
+    offset: float = 0.0             # o: the effective weight is o + \gamma
 
     mean = property(saved_mean)   # m0 + c, rounded to one float
     xhat = property(saved_xhat)   # recomputed from x on access, not stored
@@ -75,7 +78,8 @@ class LayerNormGrads(NamedTuple):
     dbias: np.ndarray | None
 
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, offset=0.0,
+                       casting_mode=None):
     """Layer normalization over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
     Parameters
@@ -86,6 +90,21 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         :math:`\\gamma` and :math:`\\beta`. ``None`` means 1 and 0.
     eps : float, default 1e-5
         Added to the variance inside the square root.
+    offset : float, keyword-only, default 0.0
+        :math:`o` in :math:`y = \\hat x\\,(o + \\gamma) + \\beta`: Transformer Engine's
+        ``LayerNorm(zero_centered_gamma=True)`` (:math:`o = 1`, the weight initialized to
+        zeros), as :func:`refnorm.norms.rms_norm.rms_norm_forward`'s ``offset``. ``dweight``
+        and ``dbias`` keep their form; ``dx`` uses :math:`o + \\gamma`, formed first (exact
+        where :math:`\\gamma \\approx -o`: :func:`~refnorm.norms._stats.offset_weight`).
+    casting_mode : {None, "llama", "gemma", "none"}, keyword-only, default None
+        Where a low-precision kernel rounds, with Liger-Kernel's RMSNorm names carried over:
+        ``"llama"`` the statistics in float32, :math:`\\hat x` rounded to the input dtype, then
+        :math:`(o + \\gamma)` and :math:`\\beta` applied in the input dtype; ``"gemma"``
+        everything in float32, rounded once; ``"none"`` everything in the input dtype. As for
+        RMSNorm: identical computations here for float64 and float32 input; for float16
+        ``None``, ``"llama"`` and ``"none"`` round like llama, ``"gemma"`` once
+        (:func:`~refnorm.norms._stats.scaled_rows`); the backward is the same in every mode;
+        the oracle judges a candidate by its claimed mode's roundings.
 
     Returns
     -------
@@ -97,11 +116,13 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     weight = check_param(weight, "weight", "layer_norm", shape)
     bias = check_param(bias, "bias", "layer_norm", shape)
     eps = check_eps(eps, "layer_norm")
+    offset = check_offset(offset, "layer_norm")
+    casting_mode = check_casting_mode(casting_mode, "layer_norm")
     axes = trailing_axes(x.ndim, len(shape))
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a row with an inf: NaN
-        y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps)
+        y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps, offset, casting_mode)
     wide = None
     extreme = extreme_groups(var, rstd, x.dtype)
     wider = wider_dtype(x.dtype)
@@ -109,17 +130,19 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         # again in a wider dtype
         yw, sub = layer_norm_forward(rows[extreme].astype(wider), rows.shape[1],
                                      widen(weight, wider, flat=True),
-                                     widen(bias, wider, flat=True), eps)
+                                     widen(bias, wider, flat=True), eps, offset=offset,
+                                     casting_mode=casting_mode)
         with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
             y[extreme], shift[extreme], c[extreme] = yw, sub.shift, sub.correction
             rstd[extreme] = sub.rstd
         wide = (extreme, sub)
     cache = LayerNormCache(x, shift.reshape(keep), c.reshape(keep), rstd.reshape(keep), weight,
-                           bias is not None, axes, None if bias is None else bias.dtype, wide)
+                           bias is not None, axes, None if bias is None else bias.dtype, wide,
+                           offset)
     return y.reshape(x.shape), cache
 
 
-def _forward_rows(rows, weight, bias, eps):
+def _forward_rows(rows, weight, bias, eps, offset=0.0, casting_mode=None):
     """``(y, shift, c, var, rstd)`` of rows (rows, N), a block of rows at a time
     (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block find it in the
     cache)."""
@@ -130,22 +153,26 @@ def _forward_rows(rows, weight, bias, eps):
         return y, col, col.copy(), acc, acc.copy()
     w = weight.reshape(-1) if weight is not None else None
     b = bias.reshape(-1) if bias is not None else None
-    parts = by_row_blocks(lambda blk: _normalize(rows[blk], w, b, eps, y[blk]),
+    parts = by_row_blocks(lambda blk: _normalize(rows[blk], w, b, eps, offset, casting_mode,
+                                                 y[blk]),
                           rows.shape[0], rows.shape[1] * rows.itemsize, rows.shape[1], live=2)
     return (y,) + tuple(np.concatenate(p) for p in zip(*parts))
 
 
-def _normalize(x, w, b, eps, y):
-    """``y = (x - mu) r gamma + beta`` on rows ``x`` (rows, N), in ``y``; returns the rows'
-    ``(shift, c, var, rstd)``."""
+def _normalize(x, w, b, eps, offset, casting_mode, y):
+    """``y = (x - mu) r (o + gamma) + beta`` on rows ``x`` (rows, N), in ``y``; returns the
+    rows' ``(shift, c, var, rstd)``."""
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
     shift, c, var, rstd = shifted_moments(x[None], out=y[None], eps=eps)
-    y -= c  # y = (d - c) r gamma + beta, in y's own buffer
-    y *= rstd
-    if w is not None:
-        y *= w  # same_kind casting: y keeps x's dtype
-    if b is not None:
-        y += b
+
+    def xhat_into(out):  # (d - c) r: in y's own buffer, which holds d
+        if out is not y:
+            np.subtract(x, shift, out=out, casting="same_kind")
+        out -= c
+        out *= rstd
+
+    # y = xhat (o + gamma) + beta, rounded where the casting mode says
+    scaled_rows(xhat_into, x, w, b, offset, casting_mode, y)
     return shift, c, var, rstd
 
 
@@ -171,7 +198,10 @@ def layer_norm_backward(dy, cache):
     rows = _rows(x, axes)
     dy2 = dy.reshape(rows.shape)
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
-    w = weight.reshape(-1) if weight is not None else None
+    # the effective weight o + gamma (in the accumulation dtype: float32 for float16)
+    w = offset_weight(weight.reshape(-1), cache.offset,
+                      np.promote_types(weight.dtype, np.float32) if cache.offset else None) \
+        if weight is not None else None
     if cache.wide is None:
         dx, dweight, dbias = _backward(dy2, rows, shift, c, r, w, has_bias)
     else:  # the rows done in a wider dtype by the forward: their backward too. The others as
@@ -265,26 +295,38 @@ layer_norm = custom_vjp(layer_norm_forward, layer_norm_backward, ("x", "weight",
 layer_norm.__doc__ = "Differentiable layer normalization (engine op); see layer_norm_forward."
 
 
-def layer_norm_composite(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """The same math with engine primitives only: the engine derives its own gradient."""
+def layer_norm_composite(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, offset=0.0,
+                         casting_mode=None):
+    """The same math with engine primitives only: the engine derives its own gradient
+    (``casting_mode`` changes nothing in float64)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     axes = trailing_axes(x.ndim, len(shape))
     xc = x - ag.mean(x, axes, keepdims=True)
     xhat = xc / ag.sqrt(ag.mean(xc * xc, axes, keepdims=True) + eps)
-    y = xhat * weight if weight is not None else xhat
+    if weight is not None:
+        y = xhat * (weight + offset) if offset else xhat * weight
+    else:
+        y = xhat
     return y + bias if bias is not None else y
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs for the tests, the goldens and the CLI
 # ----------------------------------------------------------------------------------------------
-def _case(rng, name, shape, nd, eps=1e-5, affine=True, bias=True, x=None, dtype=np.float64):
+def _case(rng, name, shape, nd, eps=1e-5, affine=True, bias=True, x=None, dtype=np.float64,
+          offset=0.0, casting_mode=None, weight=None):
     x = rng.standard_normal(shape) if x is None else x
     p = shape[len(shape) - nd:]
-    weight = rng.standard_normal(p) + 1.0 if affine else None
+    if weight is None and affine:  # zero-centred (small) with an offset: TE's weights
+        weight = 0.3 * rng.standard_normal(p) if offset else rng.standard_normal(p) + 1.0
     b = rng.standard_normal(p) if affine and bias else None
     arrays = tuple(None if a is None else a.astype(dtype) for a in (x, weight, b))
-    return SampleInput(name, arrays, dict(normalized_shape=p, eps=eps))
+    kwargs = dict(normalized_shape=p, eps=eps)
+    if offset:
+        kwargs["offset"] = offset
+    if casting_mode is not None:
+        kwargs["casting_mode"] = casting_mode
+    return SampleInput(name, arrays, kwargs)
 
 
 def sample_inputs(rng):
@@ -297,6 +339,14 @@ def sample_inputs(rng):
     constant = np.repeat(rng.standard_normal((3, 1)), 6, axis=1)
     yield _case(rng, "(3,6)-constant-rows", (3, 6), 1, x=constant)
     yield _case(rng, "(3,5)-mean100", (3, 5), 1, x=100.0 + rng.standard_normal((3, 5)))
+    # kernel conventions: a weight offset (TE's zero-centred gamma), casting modes
+    yield _case(rng, "(4,6)-offset1", (4, 6), 1, offset=1.0)
+    w = 0.3 * rng.standard_normal(8)
+    w[::2] = -1.0 * (1 + np.ldexp(rng.integers(-8, 9, 4), -50))   # o + gamma tiny
+    yield _case(rng, "(3,8)-offset1-weight-near-minus-offset", (3, 8), 1, offset=1.0, weight=w)
+    for mode in CASTING_MODES:
+        yield _case(rng, f"(4,6)-{mode}", (4, 6), 1, casting_mode=mode)
+        yield _case(rng, f"(3,5)-{mode}-offset1", (3, 5), 1, casting_mode=mode, offset=1.0)
 
 
 def oracle_inputs(rng):
@@ -310,6 +360,13 @@ def oracle_inputs(rng):
                 x=np.repeat(rng.standard_normal((8, 1)), 100, axis=1))
     yield _case(rng, "(6,33)-tiny-scale", (6, 33), 1, x=1e-20 * rng.standard_normal((6, 33)))
     yield _case(rng, "(6,33)-huge-scale", (6, 33), 1, x=1e20 * rng.standard_normal((6, 33)))
+    # kernel conventions (a candidate may also claim one for every case: check(...,
+    # conventions=...))
+    yield _case(rng, "(37,1000)-offset1", (37, 1000), 1, offset=1.0)
+    for mode in CASTING_MODES:
+        yield _case(rng, f"(37,1000)-{mode}", (37, 1000), 1, casting_mode=mode)
+        yield _case(rng, f"(19,515)-{mode}-offset1", (19, 515), 1, casting_mode=mode,
+                    offset=1.0)
 
 
 def error_inputs():
@@ -326,20 +383,49 @@ def error_inputs():
                      ValueError, r"`bias` must have shape \(3,\)")
     yield ErrorInput(SampleInput("eps", (x, None, None), dict(normalized_shape=3, eps=-1.0)),
                      ValueError, r"`eps` must be a finite number >= 0")
+    yield ErrorInput(SampleInput("casting mode", (x, None, None),
+                                 dict(normalized_shape=3, casting_mode="float32")),
+                     ValueError, r"`casting_mode` must be None, 'llama', 'gemma' or 'none'")
 
 
-def _torch_call(torch, x, weight, bias, *, normalized_shape, eps):
-    return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+def _torch_call(torch, x, weight, bias, *, normalized_shape, eps, offset=0.0, casting_mode=None):
+    w = weight if weight is None or not offset else offset + weight   # o + gamma, formed first
+    if casting_mode is None:
+        return torch.nn.functional.layer_norm(x, normalized_shape, w, bias, eps)
+    # the casting modes, which PyTorch has not: with torch ops, in the dtypes each mode names
+    nd = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
+    dims = tuple(range(-nd, 0))
+    t = x if casting_mode == "none" else x.float() if x.dtype in (torch.float16,
+                                                                     torch.bfloat16) else x
+    xc = t - torch.mean(t, dim=dims, keepdim=True)
+    xhat = xc * torch.rsqrt(torch.mean(xc * xc, dim=dims, keepdim=True) + eps)
+    if casting_mode != "gemma":
+        xhat = xhat.to(x.dtype)                 # llama: rounded before the affine part
+    if weight is not None:
+        w = weight.to(xhat.dtype)               # gemma: the weight in float32, o + gamma too
+        xhat = xhat * (offset + w if offset else w)
+    if bias is not None:
+        xhat = xhat + bias.to(xhat.dtype)
+    return xhat.to(x.dtype)
 
 
-def _layer_init(features, *, eps=1e-5, elementwise_affine=True, bias=True):
-    """``torch.nn.LayerNorm(features, eps, elementwise_affine, bias)``: weight 1, bias 0."""
+def _layer_init(features, *, eps=1e-5, elementwise_affine=True, bias=True, offset=0.0,
+                casting_mode=None):
+    """``torch.nn.LayerNorm(features, eps, elementwise_affine, bias)``: weight 1, bias 0. With
+    an ``offset`` the weight starts at ``1 - offset`` (zeros for TE's zero-centred gamma)."""
     check_eps(eps, "layer_norm")
-    params = dict(weight=np.ones(features), bias=np.zeros(features)) if elementwise_affine \
-        else {}
+    offset = check_offset(offset, "layer_norm")
+    check_casting_mode(casting_mode, "layer_norm")
+    params = dict(weight=np.full(features, 1.0 - offset), bias=np.zeros(features)) \
+        if elementwise_affine else {}
     if not bias:
         params.pop("bias", None)
-    return params, {}, dict(normalized_shape=(features,), eps=eps)
+    kwargs = dict(normalized_shape=(features,), eps=eps)
+    if offset:
+        kwargs["offset"] = offset
+    if casting_mode is not None:
+        kwargs["casting_mode"] = casting_mode
+    return params, {}, kwargs
 
 
 SPEC = NormSpec(

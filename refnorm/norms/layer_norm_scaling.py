@@ -159,7 +159,8 @@ def layer_norm_scaling_forward(x, normalized_shape, weight=None, bias=None, eps=
     root = math.sqrt(ell)
     y /= np.asarray(root, y.dtype)        # y is the norm's own new array
     cls = LayerScaledCache if norm == "layer" else RMSScaledCache
-    return y, cls(*inner, 1.0 / root, root)
+    # the norm's fields up to ``wide`` (no weight offset here: the later fields keep defaults)
+    return y, cls(*inner[:len(cls._fields) - 2], 1.0 / root, root)
 
 
 def layer_norm_scaling_backward(dy, cache):
@@ -167,8 +168,10 @@ def layer_norm_scaling_backward(dy, cache):
     root = cache.depth_root
     dys = dy / np.asarray(root, dy.dtype)
     if isinstance(cache, LayerScaledCache):
-        return LayerNormScalingGrads(*layer_norm_backward(dys, LayerNormCache(*cache[:len(LayerNormCache._fields)])))
-    return LayerNormScalingGrads(*rms_norm_backward(dys, RMSNormCache(*cache[:len(RMSNormCache._fields)])), None)
+        return LayerNormScalingGrads(*layer_norm_backward(
+            dys, LayerNormCache(*cache[:len(LayerScaledCache._fields) - 2])))
+    return LayerNormScalingGrads(*rms_norm_backward(
+        dys, RMSNormCache(*cache[:len(RMSScaledCache._fields) - 2])), None)
 
 
 layer_norm_scaling = custom_vjp(layer_norm_scaling_forward, layer_norm_scaling_backward,

@@ -75,13 +75,16 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (axis_count, check_array, check_eps, check_normalized_shape,
-                                  check_param, extreme_groups, needs_rescaling, rescaled_rstd,
+from refnorm.norms._stats import CASTING_MODES as _CASTING_MODES
+from refnorm.norms._stats import (axis_count, check_array, check_casting_mode, check_eps,
+                                  check_normalized_shape, check_offset, check_param,
+                                  extreme_groups, needs_rescaling, offset_weight, rescaled_rstd,
                                   row_blocks, row_broadcasting, row_dots, row_sums, rsqrt,
-                                  trailing_axes, wider_dtype, widen)
+                                  scaled_rows, trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 EPS_PLACEMENTS = ("inside", "outside")
+CASTING_MODES = _CASTING_MODES
 
 
 class RMSNormCache(NamedTuple):
@@ -93,6 +96,7 @@ class RMSNormCache(NamedTuple):
     axes: tuple[int, ...]           # the normalized axes A
     wide: tuple | None = None       # (rows, cache) of the rows the forward did in a wider
     #                                 dtype (subnormal or huge: _stats.extreme_groups), or None
+    offset: float = 0.0             # o: the effective weight is o + \gamma
 
     @property
     def xhat(self):
@@ -120,7 +124,8 @@ def _check_placement(eps_placement):
     return eps_placement
 
 
-def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside"):
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside",
+                     offset=0.0, casting_mode=None):
     r"""RMS normalization over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
     Parameters
@@ -135,6 +140,27 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
         ``"inside"``: :math:`x/\sqrt{\langle x^2\rangle+\epsilon}` (PyTorch, the authors' TF code,
         LLaMA). ``"outside"``: :math:`x/(\sqrt{\langle x^2\rangle}+\epsilon)` (the authors'
         PyTorch code).
+    offset : float, keyword-only, default 0.0
+        :math:`o` in :math:`y = \hat x\,(o + \gamma)`: Gemma's RMSNorm (``1 + weight``,
+        HF ``GemmaRMSNorm``), Transformer Engine's ``zero_centered_gamma`` (:math:`o = 1`),
+        Liger-Kernel's ``offset``. ``dweight`` keeps its form, :math:`\sum \mathrm{d}y\,
+        \hat x`; ``dx`` uses :math:`o + \gamma`. :math:`o + \gamma` is formed first, so
+        that it is exact where :math:`\gamma \approx -o`
+        (:func:`~refnorm.norms._stats.offset_weight`). No effect without a ``weight`` (no
+        affine part, as Liger-Kernel's ``elementwise_affine=False``).
+    casting_mode : {None, "llama", "gemma", "none"}, keyword-only, default None
+        Where a low-precision kernel rounds (Liger-Kernel's names, ``liger_kernel/ops/
+        rms_norm.py``): ``"llama"`` (HF ``LlamaRMSNorm``) the statistics in float32,
+        :math:`\hat x` rounded to the input dtype, then multiplied by :math:`o + \gamma` in
+        the input dtype; ``"gemma"`` (HF ``GemmaRMSNorm``) everything in float32,
+        :math:`o + \gamma` too, rounded once at the end; ``"none"`` everything in the input
+        dtype. For float64 and float32 input every mode is the same computation here (all in
+        the input dtype, the statistics included); for float16 ``None`` (refnorm's
+        behaviour before the option existed), ``"llama"`` and ``"none"`` round like llama and
+        ``"gemma"`` rounds once (:func:`~refnorm.norms._stats.scaled_rows` says why ``"none"``
+        keeps float32 statistics). The backward is the same in every mode (float16 worked in
+        float32). The mode is a *claim* for the oracle: it judges a candidate by the
+        roundings of its claimed mode (:mod:`refnorm.oracle.tolerance`).
 
     Returns
     -------
@@ -146,11 +172,13 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
     weight = check_param(weight, "weight", "rms_norm", shape)
     eps = default_eps(x.dtype) if eps is None else check_eps(eps, "rms_norm")
     outside = _check_placement(eps_placement) == "outside"
+    offset = check_offset(offset, "rms_norm")
+    casting_mode = check_casting_mode(casting_mode, "rms_norm")
     axes = trailing_axes(x.ndim, len(shape))
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     with np.errstate(invalid="ignore", over="ignore"):
-        y, ms, rstd, q = _forward_rows(rows, weight, eps, outside)
+        y, ms, rstd, q = _forward_rows(rows, weight, eps, outside, offset, casting_mode)
     wide = None
     extreme = extreme_groups(ms, rstd)
     wider = wider_dtype(x.dtype)
@@ -158,18 +186,19 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, eps_placemen
         # again in a wider dtype
         yw, sub = rms_norm_forward(rows[extreme].astype(wider), rows.shape[1],
                                    widen(weight, wider, flat=True), eps,
-                                   eps_placement=eps_placement)
+                                   eps_placement=eps_placement, offset=offset,
+                                   casting_mode=casting_mode)
         with np.errstate(over="ignore", under="ignore"):  # rounded to x's dtype, as exact
             y[extreme], rstd[extreme] = yw, sub.rstd
             if q is not None:
                 q[extreme] = sub.q
         wide = (extreme, sub)
     cache = RMSNormCache(x, rstd.reshape(keep), None if q is None else q.reshape(keep), weight,
-                         axes, wide)
+                         axes, wide, offset)
     return y.reshape(x.shape), cache
 
 
-def _forward_rows(rows, weight, eps, outside):
+def _forward_rows(rows, weight, eps, outside, offset=0.0, casting_mode=None):
     """``(y, ms, rstd, q)`` of rows (rows, N): output, mean square, r, and q (None inside)."""
     if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
         col = np.zeros((rows.shape[0], 1), np.promote_types(rows.dtype, np.float32))
@@ -202,11 +231,11 @@ def _forward_rows(rows, weight, eps, outside):
             else:
                 _, rstd[flagged, 0] = rescaled_rstd(rows[None, flagged, :],
                                                     np.zeros(flagged.size), eps, axes=(0, 2))
-    y = np.empty(rows.shape, dtype=rows.dtype)
-    with row_broadcasting(rows.shape[1], rows.size):
-        np.multiply(rows, rstd, out=y, casting="same_kind")
-        if weight is not None:
-            y *= weight.reshape(-1)
+    def xhat_into(out):
+        with row_broadcasting(rows.shape[1], rows.size):
+            np.multiply(rows, rstd, out=out, casting="same_kind")
+
+    y = scaled_rows(xhat_into, rows, weight, None, offset, casting_mode)
     return y, ms, rstd, q
 
 
@@ -224,7 +253,10 @@ def rms_norm_backward(dy, cache):
     dy2 = dy.reshape(rows.shape)
     r = rstd.reshape(-1, 1)
     q = q.reshape(-1, 1) if q is not None else None
-    w = weight.reshape(-1) if weight is not None else None
+    # the effective weight o + gamma (in the accumulation dtype: float32 for float16)
+    w = offset_weight(weight.reshape(-1), cache.offset,
+                      np.promote_types(weight.dtype, np.float32) if cache.offset else None) \
+        if weight is not None else None
     if cache.wide is None:
         dx, dweight = _backward(dy2, rows, r, q, w)
     else:  # the rows done in a wider dtype by the forward: their backward too. The others as
@@ -296,8 +328,10 @@ rms_norm.__doc__ = \
     """Differentiable RMS normalization (engine op); see :func:`rms_norm_forward`."""
 
 
-def rms_norm_composite(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside"):
-    """The same math with engine primitives only: the engine derives its own gradient."""
+def rms_norm_composite(x, normalized_shape, weight=None, eps=None, *, eps_placement="inside",
+                       offset=0.0, casting_mode=None):
+    """The same math with engine primitives only: the engine derives its own gradient
+    (``casting_mode`` changes nothing in float64)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     axes = trailing_axes(x.ndim, len(shape))
     eps = default_eps(x.dtype) if eps is None else eps
@@ -306,21 +340,37 @@ def rms_norm_composite(x, normalized_shape, weight=None, eps=None, *, eps_placem
         xhat = x / (ag.sqrt(ms) + eps)
     else:
         xhat = x / ag.sqrt(ms + eps)
-    return xhat * weight if weight is not None else xhat
+    if weight is None:
+        return xhat
+    return xhat * (weight + offset) if offset else xhat * weight
 
 
 # ----------------------------------------------------------------------------------------------
 # Inputs for the tests, the goldens and the CLI
 # ----------------------------------------------------------------------------------------------
-def _case(rng, name, shape, nd, eps=None, affine=True, x=None, outside=False, dtype=np.float64):
+def _case(rng, name, shape, nd, eps=None, affine=True, x=None, outside=False, dtype=np.float64,
+          offset=0.0, casting_mode=None, weight=None):
     x = rng.standard_normal(shape) if x is None else x
     p = shape[len(shape) - nd:]
-    weight = rng.standard_normal(p) + 1.0 if affine else None
+    if weight is None and affine:  # zero-centred (small) with an offset: Gemma's weights
+        weight = 0.3 * rng.standard_normal(p) if offset else rng.standard_normal(p) + 1.0
     arrays = tuple(None if a is None else a.astype(dtype) for a in (x, weight))
     kwargs = dict(normalized_shape=p, eps=eps)
     if outside:
         kwargs["eps_placement"] = "outside"
+    if offset:
+        kwargs["offset"] = offset
+    if casting_mode is not None:
+        kwargs["casting_mode"] = casting_mode
     return SampleInput(name, arrays, kwargs)
+
+
+def _near_minus(rng, p, offset):
+    """A weight within a few ULPs of -offset in places (o + weight tiny: where forming the
+    product as xhat weight + xhat offset would cancel)."""
+    w = 0.3 * rng.standard_normal(p)
+    w.flat[::2] = -offset * (1 + np.ldexp(rng.integers(-8, 9, w.flat[::2].shape), -50))
+    return w
 
 
 def sample_inputs(rng):
@@ -346,6 +396,16 @@ def sample_inputs(rng):
                 x=0.3 * rng.standard_normal((2, 8)))
     yield _case(rng, "(3,5)-outside-mean100", (3, 5), 1, eps=1e-5, outside=True,
                 x=100.0 + rng.standard_normal((3, 5)))
+    # kernel conventions: a weight offset (Gemma, TE's zero-centred gamma), casting modes
+    yield _case(rng, "(4,6)-offset1", (4, 6), 1, eps=1e-6, offset=1.0)
+    yield _case(rng, "(3,8)-offset1-weight-near-minus-offset", (3, 8), 1, eps=1e-6, offset=1.0,
+                weight=_near_minus(rng, (8,), 1.0))
+    yield _case(rng, "(2,3,4)-outside-nd2-offset-0.5", (2, 3, 4), 2, eps=1e-5, outside=True,
+                offset=-0.5)
+    for mode in CASTING_MODES:
+        yield _case(rng, f"(4,6)-{mode}", (4, 6), 1, eps=1e-6, casting_mode=mode)
+        yield _case(rng, f"(3,5)-{mode}-offset1", (3, 5), 1, eps=1e-6, casting_mode=mode,
+                    offset=1.0)
 
 
 def oracle_inputs(rng):
@@ -367,6 +427,15 @@ def oracle_inputs(rng):
     yield _case(rng, "(37,1000)-outside-eps1e-8", (37, 1000), 1, eps=1e-8, outside=True)
     yield _case(rng, "(6,33)-outside-tiny-scale", (6, 33), 1, eps=1e-8, outside=True,
                 x=1e-10 * rng.standard_normal((6, 33)))
+    # kernel conventions (a candidate may also claim one for every case: check(...,
+    # conventions=...)); eps 1e-6 as in Llama and Gemma
+    yield _case(rng, "(37,1000)-offset1", (37, 1000), 1, eps=1e-6, offset=1.0)
+    yield _case(rng, "(8,257)-offset1-weight-near-minus-offset", (8, 257), 1, eps=1e-6,
+                offset=1.0, weight=_near_minus(rng, (257,), 1.0))
+    for mode in CASTING_MODES:
+        yield _case(rng, f"(37,1000)-{mode}", (37, 1000), 1, eps=1e-6, casting_mode=mode)
+        yield _case(rng, f"(19,515)-{mode}-offset1", (19, 515), 1, eps=1e-6, casting_mode=mode,
+                    offset=1.0)
 
 
 def error_inputs():
@@ -393,26 +462,55 @@ def error_inputs():
     yield ErrorInput(SampleInput("placement", (x, None),
                                  dict(normalized_shape=3, eps_placement="both")),
                      ValueError, r"`eps_placement` must be 'inside' or 'outside', got 'both'")
+    yield ErrorInput(SampleInput("casting mode", (x, np.ones(3)),
+                                 dict(normalized_shape=3, casting_mode="bf16")),
+                     ValueError, r"`casting_mode` must be None, 'llama', 'gemma' or 'none'")
+    yield ErrorInput(SampleInput("offset nan", (x, np.ones(3)),
+                                 dict(normalized_shape=3, offset=float("nan"))),
+                     ValueError, r"`offset` must be a finite number")
 
 
-def _torch_call(torch, x, weight, *, normalized_shape, eps=None, eps_placement="inside"):
-    if eps_placement == "inside":
-        return torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)
-    # PyTorch has no outside placement: the same formula with torch ops
+def _torch_call(torch, x, weight, *, normalized_shape, eps=None, eps_placement="inside",
+                offset=0.0, casting_mode=None):
+    if casting_mode is None and eps_placement == "inside":
+        w = weight if not offset else offset + weight   # o + gamma formed first, in its dtype
+        return torch.nn.functional.rms_norm(x, normalized_shape, w, eps)
+    # the outside placement and the casting modes, which PyTorch has not: with torch ops, in
+    # the dtypes each mode names (HF LlamaRMSNorm, GemmaRMSNorm; Liger-Kernel's modes)
     nd = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
-    rms = torch.sqrt(torch.mean(x * x, dim=tuple(range(-nd, 0)), keepdim=True))
-    y = x / (rms + eps)
-    return y * weight if weight is not None else y
+    dims = tuple(range(-nd, 0))
+    if eps is None:
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+    t = x if casting_mode == "none" else x.float() if x.dtype in (torch.float16,
+                                                                     torch.bfloat16) else x
+    ms = torch.mean(t * t, dim=dims, keepdim=True)
+    xhat = t / (torch.sqrt(ms) + eps) if eps_placement == "outside" else \
+        t * torch.rsqrt(ms + eps)
+    if casting_mode != "gemma":
+        xhat = xhat.to(x.dtype)                 # llama: rounded before the weight multiply
+    if weight is not None:
+        w = weight.to(xhat.dtype)               # gemma: the weight in float32
+        xhat = xhat * (offset + w if offset else w)
+    return xhat.to(x.dtype)
 
 
-def _layer_init(features, *, eps=None, elementwise_affine=True, eps_placement="inside"):
+def _layer_init(features, *, eps=None, elementwise_affine=True, eps_placement="inside",
+                offset=0.0, casting_mode=None):
     """``torch.nn.RMSNorm(features, eps, elementwise_affine)``: weight 1 (eps None: the dtype's
-    machine epsilon, as PyTorch); ``eps_placement`` as in :func:`rms_norm_forward`."""
+    machine epsilon, as PyTorch); ``eps_placement``, ``offset``, ``casting_mode`` as in
+    :func:`rms_norm_forward`. With an offset the weight starts at ``1 - offset`` (zeros for
+    Gemma's 1, as Gemma and TE's ``zero_centered_gamma`` do): the effective weight is 1."""
     if eps is not None:
         check_eps(eps, "rms_norm")
-    params = dict(weight=np.ones(features)) if elementwise_affine else {}
-    return params, {}, dict(normalized_shape=(features,), eps=eps, eps_placement=eps_placement)
+    offset = check_offset(offset, "rms_norm")
+    check_casting_mode(casting_mode, "rms_norm")
+    params = dict(weight=np.full(features, 1.0 - offset)) if elementwise_affine else {}
+    kwargs = dict(normalized_shape=(features,), eps=eps, eps_placement=eps_placement)
+    if offset:
+        kwargs["offset"] = offset
+    if casting_mode is not None:
+        kwargs["casting_mode"] = casting_mode
+    return params, {}, kwargs
 
 
 SPEC = NormSpec(

@@ -163,6 +163,12 @@ class Adapter:
     ftz = False
     frozen: tuple = ()      # inputs whose gradient the candidate does not compute
     known: dict = {}        # (variant, case) -> why a failure there is the library's own
+    #: the kernel conventions the candidate claims for every case (``{"casting_mode":
+    #: "llama", "offset": 1.0}``; see :func:`refnorm.oracle.check`), from ``fn.conventions``
+    conventions: dict = {}
+    #: whether the candidate follows the conventions each case's kwargs name (refnorm's own
+    #: records, the catalogue's student): then the cases that carry one run without a claim
+    accepts_conventions: bool = False
 
     def supports(self, spec) -> bool:
         return True
@@ -181,6 +187,8 @@ class CallableAdapter(Adapter):
         self.variants = getattr(fn, "variants", None)
         self.ftz = bool(getattr(fn, "ftz", False))
         self.frozen = _names(getattr(fn, "frozen", ()), "frozen")
+        self.conventions = dict(getattr(fn, "conventions", None) or {})
+        self.accepts_conventions = bool(getattr(fn, "accepts_conventions", False))
 
     def supports(self, spec) -> bool:
         return self.variants is None or spec.name in self.variants
@@ -296,6 +304,11 @@ class TorchAdapter(Adapter):
         self.variants = getattr(fn, "variants", None) if fn is not None else None
         self.frozen = _names(getattr(fn, "frozen", ()) if frozen is None else frozen, "frozen")
         self.known = dict(KNOWN_TORCH_BEHAVIOUR) if fn is None else {}
+        # the records' torch_call follows every convention of the case's kwargs
+        self.conventions = dict(getattr(fn, "conventions", None) or {}) if fn is not None \
+            else {}
+        self.accepts_conventions = fn is None or bool(getattr(fn, "accepts_conventions",
+                                                              False))
 
     def supports(self, spec) -> bool:
         if self.fn is not None:

@@ -15,6 +15,8 @@ Examples (with their exit status on PyTorch 2.13 CPU)::
     refnorm compare --impl torch --variant layer_norm --dtype bfloat16 --junit out/junit.xml
     refnorm compare --impl mypkg.kernels:candidate --variant layer_norm --dtype bfloat16
     refnorm compare --impl mypkg.kernels:lora_rms --variant rms_norm --frozen weight
+    refnorm compare --impl mypkg.kernels:rms --variant rms_norm --dtype bfloat16 \
+        --convention casting_mode=llama --convention offset=1     # a Gemma-style kernel
     refnorm goldens export goldens/ --variant layer_norm --dtype bfloat16 float32
     refnorm goldens export traj/ --variant none --optimizer adamp sgdp   # trajectories only
     refnorm goldens export all/ --optimizer all          # every case and every trajectory
@@ -29,6 +31,26 @@ import sys
 from pathlib import Path
 
 __all__ = ["add_commands", "cmd_compare", "cmd_goldens_export", "cmd_goldens_verify"]
+
+
+def _conventions(items) -> dict:
+    """``--convention KEY=VALUE`` options as a dict (``offset`` a float), checked by
+    :func:`refnorm.oracle.core.check_conventions`."""
+    from refnorm.oracle.core import check_conventions
+
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--convention {item!r}: expected KEY=VALUE, such as "
+                             f"casting_mode=llama or offset=1")
+        if key == "offset":
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"--convention {item!r}: offset must be a number") from None
+        out[key] = value
+    return check_conventions(out)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -65,10 +87,19 @@ def cmd_compare(args):
         runs = [(sorted({c.case.dtype for c in cases})[0], cases)]
     else:
         runs = [(d, None) for d in args.dtype]
+    try:
+        conventions = _conventions(args.convention)
+    except ValueError as exc:
+        return _err(str(exc))
+    claimed = {**(getattr(adapter, "conventions", None) or {}), **conventions}
     for dtype, cases in runs:
         if cases is None:
-            total = core.count_cases(adapter, variants, dtype, args.seed, args.size, args.strict,
-                                     bool(args.ftz if args.ftz is not None else adapter.ftz))
+            try:
+                total = core.count_cases(adapter, variants, dtype, args.seed, args.size,
+                                         args.strict, bool(args.ftz if args.ftz is not None
+                                                           else adapter.ftz), claimed)
+            except (ValueError, TypeError) as exc:   # a convention no variant has
+                return _err(str(exc))
         else:
             total = len(cases)
         bar = _progress(total, f"compare {dtype}", args.progress)
@@ -76,7 +107,7 @@ def cmd_compare(args):
             report = core.check(adapter, variants, dtype=dtype, device=args.device,
                                 seed=args.seed, size=args.size, strict=args.strict,
                                 ftz=args.ftz, cases=cases, progress=bar.step,
-                                frozen=args.frozen)
+                                frozen=args.frozen, conventions=conventions)
         except (ValueError, TypeError) as exc:       # --frozen naming no input
             return _err(str(exc))
         finally:
@@ -215,6 +246,10 @@ def add_commands(subparsers):
     p.add_argument("--frozen", nargs="+", action="extend", metavar="INPUT",
                    help="inputs whose gradient the candidate does not compute (a frozen "
                    "weight, as in LoRA): reported 'not computed (frozen)', the rest is judged")
+    p.add_argument("--convention", action="append", default=[], metavar="KEY=VALUE",
+                   help="a kernel convention the candidate follows, for every case "
+                   "(repeatable): casting_mode=llama|gemma|none, offset=1 (Gemma's 1 + weight); "
+                   "the tolerance then admits that mode's roundings and no more")
     p.add_argument("--goldens", metavar="DIR",
                    help="use the cases of a golden directory instead of generating them")
     p.add_argument("--report", metavar="FILE", help="also write the full text report here")

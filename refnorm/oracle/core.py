@@ -20,7 +20,64 @@ from refnorm.oracle.report import CaseResult, OutputResult, Report, compare_outp
 from refnorm.oracle.structure import groups_of
 
 __all__ = ["check", "prepare", "Prepared", "run_case", "select_specs", "write_diagnosis",
-           "missing_diagnosis"]
+           "missing_diagnosis", "CONVENTIONS", "check_conventions"]
+
+#: The kernel conventions a candidate may claim (``fn.conventions``, ``check(...,
+#: conventions=...)``, ``--convention KEY=VALUE``): keyword options of the records that say how
+#: a kernel computes, not what (rms_norm's and layer_norm's ``offset`` and ``casting_mode``).
+CONVENTIONS = ("offset", "casting_mode")
+
+
+def _is_default(key, value):
+    return value is None or (key == "offset" and value == 0)
+
+
+def check_conventions(conventions, specs=None) -> dict:
+    """Claimed conventions as a dict, validated: keys of :data:`CONVENTIONS`, each an option
+    of at least one of ``specs``, values the records accept. Raises ValueError naming what is
+    wrong."""
+    import inspect
+
+    from refnorm.norms._stats import check_casting_mode, check_offset
+
+    conventions = dict(conventions or {})
+    for key, value in conventions.items():
+        if key not in CONVENTIONS:
+            raise ValueError(f"conventions: unknown convention {key!r} (known: "
+                             f"{', '.join(CONVENTIONS)})")
+        if key == "offset":
+            conventions[key] = check_offset(value, "conventions")
+        else:
+            check_casting_mode(value, "conventions")
+        if specs is not None and not any(key in inspect.signature(s.forward).parameters
+                                         for s in specs):
+            raise ValueError(f"conventions: {key!r} is not an option of "
+                             f"{', '.join(s.name for s in specs)}")
+    return conventions
+
+
+def _apply_conventions(spec, cases, claimed, accepts):
+    """``(cases, skipped)``: the claimed conventions set in every case's kwargs (those that
+    are options of ``spec``); a case that names a convention the candidate does not claim is
+    skipped, with the reason, unless the candidate follows the kwargs (``accepts``)."""
+    import inspect
+
+    params = inspect.signature(spec.forward).parameters
+    mine = {k: v for k, v in claimed.items() if k in params}
+    out, skipped = [], []
+    for c in cases:
+        other = {k: v for k, v in c.kwargs.items() if k in CONVENTIONS and k not in mine
+                 and not _is_default(k, v)}
+        if other and not accepts:
+            said = ", ".join(f"{k}={v!r}" for k, v in other.items())
+            skipped.append(_cases.Skipped(
+                spec.name, c.name, c.dtype,
+                f"a kernel convention the candidate does not claim ({said}): to check it, "
+                f"declare it (candidate.conventions = {other!r}, check(..., conventions=...), "
+                f"or --convention)"))
+            continue
+        out.append(dataclasses.replace(c, kwargs={**c.kwargs, **mine}) if mine else c)
+    return out, skipped
 
 
 def write_diagnosis(names) -> str:
@@ -174,6 +231,42 @@ def _num(v):
     return f"{v:.3g}"
 
 
+def _mode_out_of_range(prep):
+    r"""Why a case is outside the range of its claimed casting mode ``"none"``, or None. That
+    mode holds the squares :math:`x^2` (LayerNorm: :math:`(x-\mu)^2`), their mean and rstd in
+    the candidate dtype: the squares overflow float16 beyond :math:`|x| = 256`; rstd overflows
+    where :math:`\langle x^2\rangle + \epsilon` is below :math:`1/\max^2` (a zero float16 row
+    with ``eps = 1e-8``); and where the mean square is so small that half a subnormal spacing
+    :math:`\eta` of each square exceeds :math:`u_D(\langle x^2\rangle + \epsilon)`, the
+    squares' underflow costs more than the mode's roundings. No correct kernel of that mode is
+    finite or within the bound there."""
+    case = prep.case
+    fmt = get_format(case.dtype)
+    if case.kwargs.get("casting_mode") != "none" or fmt.name == "float64" \
+            or prep.groups is None:
+        return None
+    x = np.asarray(case.arrays[0], np.float64)
+    g = prep.groups
+    with np.errstate(all="ignore"):
+        d = x - g.spread(g.mean(x)) if case.variant != "rms_norm" else x
+        sq = np.where(np.isfinite(d), d * d, 0.0)
+        ms = g.mean(sq)
+        eps = float(case.kwargs.get("eps") or 0.0)
+        outside = case.kwargs.get("eps_placement") == "outside"
+        rstd = 1 / (np.sqrt(ms) + eps) if outside else 1 / np.sqrt(ms + eps)
+    what = None
+    if sq.size and (sq.max() > fmt.max or ms.max() > fmt.max):
+        what = f"the squares overflow {fmt.name} (|x| up to {np.sqrt(sq.max()):.3g})"
+    elif np.any(rstd > fmt.max):
+        what = f"rstd overflows {fmt.name} ({rstd.max():.3g})"
+    elif np.any(rstd ** 3 > fmt.max):   # the backward through rstd: r^3 in the dtype
+        what = f"the backward's rstd^3 overflows {fmt.name} ({rstd.max() ** 3:.3g})"
+    elif np.any((ms > 0) & (0.5 * fmt.smallest_subnormal > fmt.u * (ms + eps))):
+        what = (f"the squares underflow {fmt.name} (mean square "
+                f"{ms[ms > 0].min():.3g}, eps {eps:.3g})")
+    return f"outside casting mode 'none''s range: {what}" if what else None
+
+
 def _nonfinite_reference(prep):
     """A reason to skip a case whose finite inputs have a non-finite float64 answer."""
     if prep.case.nonfinite:
@@ -185,12 +278,16 @@ def _nonfinite_reference(prep):
     return None
 
 
-def _prepared_cases(spec, dtype, seed, size, strict, ftz=False):
-    key = (spec.name, id(spec), dtype, seed, size, strict, ftz)
+def _prepared_cases(spec, dtype, seed, size, strict, ftz=False, conventions=None,
+                    accepts=True):
+    claimed = tuple(sorted((conventions or {}).items()))
+    key = (spec.name, id(spec), dtype, seed, size, strict, ftz, claimed, accepts)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     cases, skipped = _cases.generate(spec, dtype, seed, size)
+    cases, dropped = _apply_conventions(spec, cases, dict(claimed), accepts)
+    skipped = skipped + dropped
     preps = []
     for c in cases:
         try:
@@ -200,7 +297,8 @@ def _prepared_cases(spec, dtype, seed, size, strict, ftz=False):
                                           f"BUG in refnorm: its reference raised "
                                           f"{type(exc).__name__}: {exc}", _cases.case_shape(c)))
             continue
-        reason = out_of_range(spec, prep) or _nonfinite_reference(prep)
+        reason = out_of_range(spec, prep) or _mode_out_of_range(prep) \
+            or _nonfinite_reference(prep)
         prep.raw = None  # only the range check needs these two
         prep.ref.cache = None
         if reason:
@@ -358,7 +456,7 @@ def _residual(adapter, spec, prep):
 
 def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="full",
           strict=False, ftz=None, cases=None, diagnose=True, progress=None,
-          frozen=None, only=None) -> Report:
+          frozen=None, only=None, conventions=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
     Every case also checks that the candidate wrote into none of the arrays it was given
@@ -405,6 +503,17 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         run: the same preparation, bounds and skips, and the residual block is run when the
         variant's first case is among them. :func:`refnorm.testing.assert_case` checks one
         case this way. A name that no selected variant has raises ``ValueError``.
+    conventions : dict, optional
+        The kernel conventions the candidate claims (:data:`CONVENTIONS`): ``{"casting_mode":
+        "llama", "offset": 1.0}``. Merged over the candidate's own ``conventions`` attribute
+        (``fn.conventions = {...}``, as ``fn.frozen``). Every case of a variant with those
+        options is run with them, the reference and the candidate alike, and the tolerance
+        admits the claimed casting mode's roundings and no more
+        (:meth:`refnorm.oracle.tolerance._Standardization.mode_terms`): a kernel that claims
+        ``"gemma"`` and rounds like ``"llama"`` fails, and the diagnosis names it. Cases that
+        carry a convention the candidate does not claim are skipped, with the reason, unless
+        the candidate follows each case's kwargs (``accepts_conventions``: the torch
+        adapter's records, the catalogue's kernels).
 
     """
     adapter = _adapters.resolve(impl, device)
@@ -418,10 +527,13 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         raise ValueError(f"frozen: {', '.join(map(repr, unknown))} is not a differentiable "
                          f"input of {', '.join(s.name for s in specs)} (inputs: "
                          f"{', '.join(sorted(inputs_known))})")
+    claimed = check_conventions({**(getattr(adapter, "conventions", None) or {}),
+                                 **(conventions or {})}, specs)
+    accepts = bool(getattr(adapter, "accepts_conventions", False))
     if ftz is None:
         ftz = bool(getattr(adapter, "ftz", False))
     report = Report(adapter.name, fmt.name, getattr(adapter, "device", device), seed, size,
-                    strict, ftz=ftz, frozen=frozen)
+                    strict, ftz=ftz, frozen=frozen, conventions=claimed)
     wanted = None if only is None else ({only} if isinstance(only, str) else set(only))
     work, found = [], set()
     if cases is not None:
@@ -435,10 +547,13 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             if not adapter.supports(spec):
                 report.unsupported.append(spec.name)
                 continue
-            given = [c for c in by_variant[spec.name] if wanted is None or c.name in wanted]
-            found.update(c.name for c in given)
+            cases_run, dropped = _apply_conventions(spec, by_variant[spec.name], claimed, accepts)
+            given = [c for c in cases_run if wanted is None or c.name in wanted]
+            dropped = [s for s in dropped if wanted is None or s.name in wanted]
+            found.update([c.name for c in given] + [s.name for s in dropped])
+            report.skipped.extend(dropped)
             preps = [prepare(spec, c, strict, ftz) for c in given]
-            first = preps[0] if preps and given[0] is by_variant[spec.name][0] else None
+            first = preps[0] if preps and given[0] is cases_run[0] else None
             work.append((spec, preps, first))
         if by_variant:
             report.dtype = ",".join(sorted({c.dtype for cs in by_variant.values() for c in cs}))
@@ -448,7 +563,8 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             if not adapter.supports(spec):
                 report.unsupported.append(spec.name)
                 continue
-            preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz)
+            preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz, claimed,
+                                             accepts)
             first = preps[0] if preps else None
             if wanted is not None:
                 preps = [p for p in preps if p.case.name in wanted]
@@ -486,6 +602,10 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         if diagnose and failing:
             summary, per_case, matched = _mistakes.diagnose(spec, failing, fmt.name,
                                                               n_cases=len(preps), detail=True)
+            # a claimed casting mode whose failures all fit another mode's bound: that mode
+            casting = _casting_diagnosis(spec, failing, strict, ftz)
+            if casting is not None:
+                summary, per_case, matched = casting
             # a pattern (the reduction-fault class) is named from the shape of the failures,
             # not reproduced: flushing subnormals, when it explains them all, is the better name
             by_pattern = any(m.pattern for m in _mistakes.MISTAKES if m.id in matched)
@@ -506,6 +626,50 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             for _, res, _ in failing:
                 res.diagnosis = per_case.get(res.case, "")
     return report
+
+
+#: for a claimed casting mode, the modes a kernel may round like instead, most likely first
+_OTHER_MODES = {"gemma": ("llama", "none"), "llama": ("none",)}
+
+
+def _casting_diagnosis(spec, failing, strict, ftz):
+    """``(summary, per_case, matched)`` when every failure of a candidate that claims a casting
+    mode is within the bound of another mode (it rounds like that one), else None. Named from
+    the bounds, not by reproducing outputs: kernels of one mode still differ from each other by
+    more than the claimed mode's bound (the order of their operations in the dtype)."""
+    modes = {prep.case.kwargs.get("casting_mode") for prep, _, _ in failing}
+    if len(modes) != 1:
+        return None
+    claimed = modes.pop()
+    for alt in _OTHER_MODES.get(claimed, ()):
+        ok, judged = True, 0
+        for prep, res, got in failing:
+            case = dataclasses.replace(prep.case, kwargs={**prep.case.kwargs,
+                                                          "casting_mode": alt})
+            try:
+                other = prepare(spec, case, strict, ftz)
+            except Exception:  # noqa: BLE001 - no diagnosis rather than a crash
+                return None
+            if _mode_out_of_range(other):   # no kernel of that mode can be judged there
+                continue
+            judged += 1
+            for key in res.outputs:
+                if key not in other.ref.outputs or key not in got or not compare_outputs(
+                        key, other.ref.outputs[key], got[key], other.bounds[key],
+                        case.dtype, other.groups).passed:
+                    ok = False
+                    break
+            if not ok:
+                break
+        if ok and judged:
+            m = next((m for m in _mistakes.MISTAKES if m.variant == spec.name
+                      and m.kind == f"casting-{alt}"), None)
+            name = m.name if m is not None else f"casting mode {alt}, not {claimed}"
+            text = (f"matches: {name} -- every failure is within the bound of casting mode "
+                    f"{alt!r}" + (f": {m.description}" if m is not None else ""))
+            return (text, {res.case: f"matches: {name}" for _, res, _ in failing},
+                    [m.id] if m is not None else [])
+    return None
 
 
 def _flushes(spec, failing, strict):
@@ -530,10 +694,15 @@ def _flushes(spec, failing, strict):
     return True
 
 
-def count_cases(impl_adapter, variant, dtype, seed, size, strict=False, ftz=False):
+def count_cases(impl_adapter, variant, dtype, seed, size, strict=False, ftz=False,
+                conventions=None):
     """How many cases :func:`check` will run (for a progress bar)."""
     n = 0
-    for spec in select_specs(variant):
+    specs = select_specs(variant)
+    claimed = check_conventions(conventions, specs)
+    accepts = bool(getattr(impl_adapter, "accepts_conventions", False))
+    for spec in specs:
         if impl_adapter.supports(spec):
-            n += len(_prepared_cases(spec, get_format(dtype).name, seed, size, strict, ftz)[0])
+            n += len(_prepared_cases(spec, get_format(dtype).name, seed, size, strict, ftz,
+                                     claimed, accepts)[0])
     return n

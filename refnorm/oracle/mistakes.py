@@ -157,7 +157,27 @@ def _cast16(a, T):
         return np.asarray(a).astype(np.float16).astype(T)
 
 
-def _standardize(variant, inputs, dy, kwargs, T, flags):
+def _conventions(variant, kwargs, flags, fmt, T):
+    """``(mode, offsets, R)``: the casting mode the kernel follows (the claimed
+    ``kwargs["casting_mode"]`` unless a mistake's ``casting`` flag overrides it), the weight
+    offsets it adds one after the other (``offset`` flag: ``"twice"``, ``"missing"``), and
+    ``R``, the rounding to the candidate dtype at the mode's rounding points (None for gemma,
+    None and wide dtypes)."""
+    if variant not in ("rms_norm", "layer_norm"):
+        return None, (), None
+    mode = flags.get("casting", kwargs.get("casting_mode"))
+    offset = float(kwargs.get("offset", 0.0) or 0.0)
+    offset = () if not offset else {"twice": (offset, offset), "missing": ()}.get(
+        flags.get("offset"), (offset,))
+    if mode in ("llama", "none") and fmt is not None and fmt.name not in ("float32", "float64"):
+        def R(a):
+            with np.errstate(over="ignore", invalid="ignore"):
+                return round_to(np.asarray(a, np.float64), fmt).astype(T)
+        return mode, offset, R
+    return mode, offset, None
+
+
+def _standardize(variant, inputs, dy, kwargs, T, flags, fmt=None):
     x = inputs["x"].astype(T)
     w, b = inputs.get("weight"), inputs.get("bias")
     if flags.get("cast16"):
@@ -170,23 +190,28 @@ def _standardize(variant, inputs, dy, kwargs, T, flags):
     if eps is None:
         eps = float(np.finfo(T).eps)
     eps = T(eps)
+    mode, offsets, R = _conventions(variant, kwargs, flags, fmt, T)
+    # casting mode "none": the statistics too are held in the candidate dtype (each square,
+    # the mean, the mean plus eps, rstd), the sums accumulated in float32
+    Rn = R if mode == "none" and R is not None else (lambda a: a)
     out = {}
     with np.errstate(all="ignore"):
         if stats:
             if center:
-                mu = G.mean(x, half)
+                mu = Rn(G.mean(x, half))
                 if flags.get("var") == "onepass":
                     var = G.mean(x * x, half) - mu * mu
                     xc = x - G.spread(mu)
                 else:
-                    xc = x - G.spread(mu)
-                    var = G.mean(xc * xc, half, correction=1 if flags.get("var") == "unbiased"
-                                 else 0)
+                    xc = Rn(x - G.spread(mu))
+                    var = Rn(G.mean(Rn(xc * xc), half, correction=1 if flags.get("var") ==
+                                    "unbiased" else 0))
             else:
                 mu, xc = np.zeros(count, T), x
-                var = G.mean(x * x, half)
+                var = Rn(G.mean(Rn(x * x), half))
             outside = flags.get("eps_outside") or kwargs.get("eps_placement") == "outside"
-            r = T(1) / (np.sqrt(var) + eps) if outside else T(1) / np.sqrt(var + eps)
+            r = T(1) / (np.sqrt(var) + eps) if outside else T(1) / np.sqrt(Rn(var + eps))
+            r = Rn(r)
             # the backward of the eps-outside form has h / q, q = sqrt(var) r; a mistaken
             # kernel keeps the textbook backward unless it is "consistent" (autograd's)
             q = np.sqrt(var) * r if outside and (not flags.get("eps_outside")
@@ -203,10 +228,23 @@ def _standardize(variant, inputs, dy, kwargs, T, flags):
         xhat = xc * G.spread(r)
         wv = None if w is None else param_view(w.astype(T), x.shape, variant)
         bv = None if b is None else param_view(b.astype(T), x.shape, variant)
-        y = xhat * wv if wv is not None else xhat
+        # the weight offset: o + gamma, formed first (in the dtype for llama and none)
+        for offset in offsets if wv is not None else ():
+            wv = T(offset) + wv if R is None else R(T(offset) + wv)
+        # llama and none: xhat rounded to the dtype before the weight multiply, the product
+        # rounded (the forward's xhat, and the backward's for dweight; dx's stays float32 in
+        # llama, as in Liger-Kernel's backward)
+        xq = xhat if R is None else R(xhat)
+        y = xq * wv if wv is not None else xq
+        if R is not None and bv is not None:
+            y = R(y)
         y = y + bv if bv is not None else y
         out["y"] = y
         g = dy.astype(T) * wv if wv is not None else dy.astype(T)
+        if R is not None:
+            g = R(g)           # dy (o + gamma) in the dtype
+            if mode == "none":
+                xhat = xq
         if stats:
             dx = g.copy()
             if center and not flags.get("drop_mean_term"):
@@ -226,7 +264,9 @@ def _standardize(variant, inputs, dy, kwargs, T, flags):
         reduce_b = "sum"
         if flags.get("partial_sums") == "drop_tail":
             reduce_w = reduce_b = "drop_tail"
-        prod_w = dyt * (x if flags.get("dweight") == "x" else xhat)
+        prod_w = dyt * (x if flags.get("dweight") == "x" else xq)
+        if R is not None:
+            prod_w = R(prod_w)
         if flags.get("swap_params"):   # each gradient gets the other's formula
             if w is not None:
                 out["dweight"] = _param_sum(dyt, w, x.shape, variant)
@@ -321,7 +361,7 @@ def student(variant, inputs, dy, kwargs, *, dtype, **flags):
     if variant == "local_response_norm":
         out = _lrn(inputs, dy, kwargs, T, flags)
     elif variant in STUDENT_VARIANTS:
-        out = _standardize(variant, inputs, dy, kwargs, T, flags)
+        out = _standardize(variant, inputs, dy, kwargs, T, flags, fmt)
     else:
         raise NotImplementedError(f"the student implementation has no {variant!r}")
     return {k: (round_to(np.asarray(v, np.float64), fmt) if np.asarray(v).dtype.kind == "f"
@@ -329,6 +369,7 @@ def student(variant, inputs, dy, kwargs, *, dtype, **flags):
 
 
 student.variants = STUDENT_VARIANTS
+student.accepts_conventions = True   # follows each case's offset and casting_mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +402,12 @@ KINDS = {
     "group-split": "channels assigned to the wrong group",
     "lrn-alpha": "LRN alpha not divided by the window size",
     "lrn-window": "LRN backward window not mirrored",
+    "casting-llama": "llama casting (xhat rounded to the input dtype before the weight "
+                     "multiply) where the claimed casting mode is gemma (float32 throughout)",
+    "casting-none": "casting mode none (the statistics held in the input dtype) where the "
+                    "claimed mode keeps them in float32 (llama, gemma)",
+    "offset-twice": "the weight offset applied twice: y = xhat (2 offset + weight)",
+    "offset-missing": "the weight offset not applied: y = xhat weight",
 }
 
 
@@ -393,6 +440,9 @@ class Mistake:
     def id(self) -> str:
         return f"{self.variant}:{self.name}"
 
+    #: the catalogue's kernels follow each case's conventions (but for their own mistake)
+    accepts_conventions = True
+
     def __call__(self, variant, inputs, dy, kwargs, *, dtype, alternative=None):
         if variant != self.variant:
             raise NotImplementedError(f"{self.id} is a {self.variant} candidate")
@@ -416,6 +466,31 @@ _STANDARDIZING = ("layer_norm", "batch_norm", "group_norm", "instance_norm")
 _AFFINE = ("layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm")
 _ROWS = {"layer_norm": "the rows", "rms_norm": "the rows", "batch_norm": "(N, H, W)",
          "group_norm": "(N, H, W)", "instance_norm": "(N, H, W)"}
+
+
+def _conventions_mistakes():
+    """The kernel-convention mistakes of RMSNorm and LayerNorm (Liger-Kernel's casting modes, the
+    weight offset). A casting mistake is invisible in float32 and float64: every mode computes
+    in the input dtype there (its roundings are the accumulator's)."""
+    out = []
+    for v in ("rms_norm", "layer_norm"):
+        out += [
+            _m(v, "casting-llama", "llama casting where gemma is claimed",
+               "rounds xhat to the input dtype (bfloat16, float16) before the weight multiply: "
+               "llama casting, not the claimed gemma (float32 throughout, rounded once at "
+               "the end)", casting="llama", invisible_in=("float32", "float64")),
+            _m(v, "casting-none", "statistics in the input dtype where float32 is claimed",
+               "holds the mean square, rstd and xhat in the input dtype: casting mode none, "
+               "not the claimed llama or gemma (statistics in float32)", casting="none",
+               invisible_in=("float32", "float64")),
+            _m(v, "offset-twice", "weight offset applied twice",
+               "y = xhat (2 offset + weight): the offset added to a weight that already holds "
+               "it (a checkpoint's 1 + w), or added twice in the kernel", offset="twice"),
+            _m(v, "offset-missing", "weight offset not applied",
+               "y = xhat weight: the claimed offset (Gemma's 1 + w, Transformer Engine's "
+               "zero-centred gamma) is not added", offset="missing"),
+        ]
+    return out
 
 
 def _common():
@@ -476,6 +551,7 @@ _ORDER = ("layer_norm", "batch_norm", "group_norm", "rms_norm", "instance_norm",
 
 MISTAKES = (
     *_common(),
+    *_conventions_mistakes(),
     _m("layer_norm", "wrong-axis", "wrong reduction axis",
        "normalizes over the batch axis 0 instead of the trailing axes", axis="first"),
     _m("layer_norm", "float16-accumulation", "float16 accumulation of a long row",
@@ -538,8 +614,10 @@ def for_variant(name):
 # ----------------------------------------------------------------------------------------------
 # Diagnosis
 # ----------------------------------------------------------------------------------------------
-def _agree(cand, mine, bound, ref):
-    """Whether ``cand`` is within twice the bound of ``mine`` (NaN/inf patterns equal)."""
+def _agree(cand, mine, bound, ref, rel=0.0):
+    """Whether ``cand`` is within twice the bound of ``mine`` (NaN/inf patterns equal), plus
+    ``rel`` times ``|mine|``: where the reference is near 0 (its bound tiny) and the mistake's
+    output is not, two kernels that make the same mistake still differ by its roundings."""
     if cand is None or mine is None:
         return False
     cand, mine = np.asarray(cand, np.float64), np.asarray(mine, np.float64)
@@ -557,7 +635,8 @@ def _agree(cand, mine, bound, ref):
     with np.errstate(invalid="ignore"):
         err = np.abs(cand[both] - mine[both])
         b = np.asarray(bound, np.float64)[both]
-    return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf)))
+        slack = rel * np.abs(mine[both])
+    return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf) + slack))
 
 
 def _score(m, alt, failing, per_case_best):
@@ -578,7 +657,8 @@ def _score(m, alt, failing, per_case_best):
                     ok_here = False
                 continue
             if key in prep.bounds:
-                agree = _agree(got[key], mine[key], prep.bounds[key], prep.ref.outputs[key])
+                agree = _agree(got[key], mine[key], prep.bounds[key], prep.ref.outputs[key],
+                               rel=4 * get_format(case.dtype).u)
                 # a mistake explains a failure only where it is itself wrong
                 if key in bad and agree:
                     agree = not _agree(mine[key], prep.ref.outputs[key],

@@ -275,6 +275,8 @@ class Report:
     matched: dict = field(default_factory=dict)
     unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
     frozen: tuple = ()        # inputs declared frozen: their gradient is not computed
+    #: the kernel conventions the candidate claimed (``{"casting_mode": "llama"}``)
+    conventions: dict = field(default_factory=dict)
     #: variant -> (case, OutputResult): dx of the residual block ``x + f(x)`` (torch functions)
     residual: dict = field(default_factory=dict)
 
@@ -340,7 +342,8 @@ class Report:
         lines = [f"refnorm oracle: impl={self.impl} device={self.device} dtype={self.dtype} "
                  f"seed={self.seed} size={self.size}" + (" strict" if self.strict else "")
                  + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")
-                 + (f" frozen={','.join(self.frozen)}" if self.frozen else "")]
+                 + (f" frozen={','.join(self.frozen)}" if self.frozen else "")
+                 + "".join(f" {k}={v}" for k, v in self.conventions.items())]
         for v in self.variants:
             s = self.summary(v)
             ok = s["fail"] == 0
@@ -468,6 +471,7 @@ class Report:
             "size": self.size, "strict": self.strict, "ftz": self.ftz, "passed": self.passed,
             "diagnoses": self.diagnoses, "matched": self.matched,
             "unsupported": self.unsupported, "frozen": list(self.frozen),
+            "conventions": dict(self.conventions),
             "residual": {v: {"case": c, **{f: clean(x) for f, x in asdict(o).items()}}
                          for v, (c, o) in self.residual.items()},
             "skipped": [asdict(s) for s in self.skipped],

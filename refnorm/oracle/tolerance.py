@@ -29,6 +29,14 @@ No atol/rtol table. For every element :math:`i` of every output the bound is
 The full derivation, the terms of every output and the measured margins are in
 ``docs/notes/tolerances.rst``.
 
+**Kernel conventions.** A case of ``rms_norm`` or ``layer_norm`` may carry a weight offset
+(``offset``: the model's :math:`\gamma` is then :math:`o + \gamma`) and a claimed casting
+mode (``casting_mode``, Liger-Kernel's ``"llama"``, ``"gemma"``, ``"none"``). A claimed mode
+replaces the :math:`u_I` terms of ``y``, ``dx``, ``dweight`` and ``dbias`` by the roundings
+that mode makes in the candidate dtype, counted at :math:`u_D` whatever ``strict`` says, and
+no others: ``_Standardization.mode_terms`` derives them, and
+``docs/howto/rms_norm_kernel.rst`` ("The tolerance of a casting mode") states them.
+
 Variants that standardize (their forward saves ``rstd``, and their groups are known, see
 :mod:`refnorm.oracle.structure`) get the itemized model. Others get the **normwise** form
 :math:`u_D|y_i| + F\,g(N)\,(u_A + u_I)\max_j|y_j|`, with :math:`N` the reduction length.
@@ -92,6 +100,13 @@ def reduction_length(spec, case, groups: Groups | None) -> int:
     return max(1, x.size // x.shape[0]) if x.ndim >= 1 and x.shape[0] else max(1, x.size)
 
 
+def _offset(case):
+    """The weight offset ``o`` a case's kwargs give (0.0 when none)."""
+    o = case.kwargs.get("offset", 0.0)
+    return float(o) if isinstance(o, (int, float, np.floating)) and not isinstance(o, bool) \
+        else 0.0
+
+
 def _finite(a):
     a = np.asarray(a, np.float64)
     return np.where(np.isfinite(a), a, 0.0)
@@ -124,6 +139,13 @@ class _Standardization:
             np.broadcast_to(param_view(self.weight, self.x.shape, spec.name), self.x.shape)
         self.beta = np.zeros_like(self.x) if self.bias is None else \
             np.broadcast_to(param_view(self.bias, self.x.shape, spec.name), self.x.shape)
+        # kernel conventions (rms_norm, layer_norm): the weight offset, y = xhat (o + gamma)
+        # (+ beta; exact in float64 for inputs of the candidate dtype), and the casting mode
+        self.offset = _offset(case) if self.weight is not None else 0.0
+        if self.offset:
+            self.gamma = self.gamma + self.offset
+        self.casting_mode = case.kwargs.get("casting_mode")
+        self.centred = spec.name != "rms_norm"
         # Variants whose output is y = G xhat + B with per-element G, B that are not a weight and
         # a bias of the PyTorch layout (RN-B's per-region scale, SPADE's and RN-L's maps) say so
         # through their cache: ``oracle_affine() -> (G, B)``, and ``oracle_param_terms`` gives
@@ -303,6 +325,83 @@ class _Standardization:
             if key in out:
                 out[key] = tuple(np.reshape(np.broadcast_to(t, shape_g),
                                             self.outputs[key].shape) for t in out[key])
+        self._parts = dict(ax=ax, gam=gam, R=R, shift=shift, ag=ag, adyx=adyx, ady=ady,
+                           hbar=hbar, mgx=G.spread(mgx))
+        return out
+
+    def mode_terms(self, mode, u_acc, base):
+        r"""The terms of ``y``, ``dx``, ``dweight`` and ``dbias`` under a claimed casting mode
+        (Liger-Kernel's, :data:`refnorm.norms._stats.CASTING_MODES`): ``{output: (A, J)}``,
+        ``A`` the accumulation error at ``u_acc`` and ``J`` the magnitude of the roundings the
+        mode makes **in the candidate dtype**, to be multiplied by :math:`u_D` (whatever
+        ``strict`` says: the mode names them). ``base`` is :meth:`terms`' result at ``u_acc``.
+
+        With :math:`\hat x` the normalized input, :math:`\gamma' = o + \gamma`,
+        :math:`g = \gamma'\,\mathrm{d}y`, :math:`[o]`, :math:`[\beta]` 1 when there is an
+        offset, a bias (0 otherwise), and :math:`r` the row's rstd:
+
+        * ``"gemma"`` (all float32, one final rounding): :math:`J = 0` for every output; the
+          float32 roundings (:math:`o + \gamma` among them: :math:`u_A|\gamma'\hat x|`) and
+          the float32 batch sums of ``dweight``/``dbias`` (:math:`g(M)\,u_A`) are in ``A``.
+        * ``"llama"``: :math:`\hat x` rounded to the dtype (:math:`|\gamma'\hat x|`), then
+          :math:`o + \gamma` rounded ([o]) and the product rounded before a bias is added
+          ([β]): :math:`J_y = |\gamma'\hat x|\,(1 + [o] + [\beta])`. Backward (Liger's
+          llama backward, and autograd of the llama forward): :math:`g` rounded to the dtype,
+          :math:`J_{dx} = r\,(|g| + \langle|g|\rangle + |\hat x|\langle|g\hat x|\rangle)`
+          (no :math:`\langle|g|\rangle` for RMSNorm); each term of ``dweight`` from the
+          rounded :math:`\hat x`, the product rounded: :math:`J = 2\sum|\mathrm{d}y\,
+          \hat x|`, the sums in float32.
+        * ``"none"`` (everything in the dtype, the sums accumulated in float32): beyond the
+          :math:`u_I` terms of :meth:`terms` (the statistics held in the dtype: ``shift``,
+          the squares), rstd carries :math:`2.5\,u_D` (the mean of the squares, the
+          ``+ eps`` and the reciprocal square root each rounded, halved by the square root,
+          plus its own rounding): :math:`J_y = |\gamma'|\,(3.5|\hat x| + s) + |\gamma'
+          \hat x|([o] + [\beta])`, :math:`s = (|x| + |\mu|)\,r`; ``dx`` and the parameter
+          gradients get their :meth:`terms` intermediates plus :math:`2.5` times their own
+          magnitude and the rounding of :math:`g`; ``dx`` also the gradient through rstd held
+          in the dtype, :math:`6.5\,r|\hat x|(|\langle g\hat x\rangle| +
+          \langle|g\hat x|\rangle)` (:math:`r^3`, the row sum and two products rounded).
+        """
+        p = self._parts
+        ax, gam, R, ag = p["ax"], p["gam"], p["R"], p["ag"]
+        G, uA = self.g, u_acc
+        k_off = 1.0 if self.offset else 0.0
+        k_b = 1.0 if self.bias is not None else 0.0
+        gx = gam * ax
+        zero = np.zeros_like(gx)
+        out = {}
+        a_y, i_y = base["y"]
+        if mode == "gemma":
+            out["y"] = (a_y + uA * k_off * gx, zero)
+        elif mode == "llama":
+            out["y"] = (a_y, gx * (1 + k_off + k_b))
+        else:
+            out["y"] = (a_y, gam * (3.5 * ax + p["shift"]) + gx * (k_off + k_b))
+        if "dx" in base:
+            a_d, i_d = base["dx"]
+            mean_g = G.spread(G.mean(ag)) if self.centred else 0.0
+            dg = R * (ag + mean_g + ax * G.spread(G.mean(ag * ax)))   # g rounded
+            dx = np.abs(_finite(self.outputs["dx"]))
+            # none: the gradient through rstd in the dtype, xhat <g xhat> r: r^3 (3.5), the
+            # row sum and two products rounded (3): 6.5 roundings of that term
+            through_r = 6.5 * R * ax * (p["hbar"] + p["mgx"])
+            out["dx"] = (a_d, np.zeros_like(dx)) if mode == "gemma" else \
+                (a_d, dg) if mode == "llama" else (a_d, i_d + dg + 2.5 * dx + through_r)
+        for name, prm in (("weight", self.weight), ("bias", self.bias)):
+            key = "d" + name
+            if prm is None or key not in base:
+                continue
+            view = param_view(prm, self.x.shape, self.variant).shape
+            gM = growth(max(1, self.x.size // max(prm.size, 1)))
+            terms = p["adyx"] if name == "weight" else p["ady"]
+            total = self.scale * unbroadcast_sum(terms, view, prm.shape)
+            a_p, i_p = base[key]
+            if mode == "none":
+                out[key] = (a_p, i_p + 2.5 * total)
+            else:   # the sums over the batch in float32
+                out[key] = (a_p + gM * uA * total,
+                            2 * total if mode == "llama" and name == "weight"
+                            else np.zeros_like(total))
         return out
 
 
@@ -1065,6 +1164,13 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
     floor = (acc.tiny if ftz else fmt.smallest_subnormal) + safety * float(growth(n)) * (
         acc.tiny if ftz else acc.smallest_subnormal)
     t = model.terms(u.u_acc) if model else {}
+    # a claimed casting mode: its own roundings in the candidate dtype (units of u_D), see
+    # _Standardization.mode_terms; float64 candidates have no other dtype to round to
+    mode_keys = ()
+    if isinstance(model, _Standardization) and model.casting_mode is not None \
+            and fmt.name != "float64":
+        t = {**t, **model.mode_terms(model.casting_mode, u.u_acc, t)}
+        mode_keys = ("y", "dx", "dweight", "dbias")
     if isinstance(model, _Standardization) and fmt.name != "float64":
         # subnormal centred values held in the candidate dtype (absolute rounding)
         sub = _subnormal_centring(model, 0.5 * fmt.smallest_subnormal, fmt.tiny)
@@ -1082,7 +1188,8 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
         if key in t and np.shape(t[key][0]) == r.shape:
             a, i = t[key]
             a64, _ = t64[key]
-            b = u.u_out * ar + safety * (a + u.u_mid * i) \
+            u_i = u.u_out if key in mode_keys else u.u_mid
+            b = u.u_out * ar + safety * (a + u_i * i) \
                 + _U64 * ar + safety * (a64 + _U64 * i)          # + the reference's own error
             how[key] = "itemized"
         else:
