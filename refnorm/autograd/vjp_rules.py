@@ -22,7 +22,7 @@ from . import primitives as P
 from .tensor import Tensor
 
 VJP_RULES = {}
-ARRAY_ONLY_RULES = {"getitem", "conv2d", "custom_vjp"}
+ARRAY_ONLY_RULES = {"getitem", "conv2d", "custom_vjp", "custom_vjp_output"}
 
 
 def rule(name):
@@ -297,3 +297,13 @@ def conv2d_vjp(g, out, inputs, stride, dilation):
 def custom_vjp_vjp(g, out, inputs, backward, cache, positions):
     grads = backward(g, cache)
     return tuple(grads[i] for i in positions)
+
+
+@rule("custom_vjp_output")
+def custom_vjp_output_vjp(g, out, inputs, offset):
+    # one output of a node with several (custom_vjp._several): its gradient, at its offset in
+    # the flat gradient of the hub, zeros elsewhere
+    hub = inputs[0]
+    flat = np.zeros(hub.shape, np.result_type(hub.dtype, g.dtype))
+    flat[offset:offset + g.size] = np.ravel(g)
+    return (flat,)
