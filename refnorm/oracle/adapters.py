@@ -14,7 +14,9 @@ A candidate is any Python callable with this signature::
     the differentiable inputs by the record's names (``x``, ``weight``, ``bias``; ``v``, ``g``
     for weight norm). Absent optional inputs (no ``bias``) are simply not in the dict.
 ``dy``
-    the upstream gradient of ``y``.
+    the upstream gradient of ``y``; for a variant with several outputs (``add_rms_norm`` and
+    ``add_layer_norm`` return ``y`` and the residual sum ``s``), a dict of the upstream
+    gradient of each output by its name, ``{"y": dy, "s": ds}``.
 ``kwargs``
     everything else, by the names of the refnorm forward (``normalized_shape``, ``eps``,
     ``num_groups``, ``running_mean``, ``training``, ...). ``refnorm.norms.<variant>`` documents
@@ -26,7 +28,8 @@ Every float array it receives (inputs, ``dy``, float arrays in ``kwargs``) is a 
 whose values are exactly representable in dtype**: cast them to your dtype (``torch.tensor(a,
 dtype=torch.bfloat16)`` is exact), run your forward and backward, and return a dict with
 
-* ``"y"``, and ``"d" + name`` for every input received (``"dx"``, ``"dweight"``, ...): required;
+* ``"y"`` (and every other output of the variant by its name, ``"s"``), and ``"d" + name`` for
+  every input received (``"dx"``, ``"dresidual"``, ``"dweight"``, ...): required;
 * the new state of a stateful variant, by field name (``"running_mean"``, ``"running_var"``,
   ``"num_batches_tracked"``; ``"u"``, ``"v"`` for spectral norm): compared when present;
 * ``"mean"`` and ``"rstd"``, the saved statistics: compared when present (any shape of the
@@ -318,11 +321,15 @@ class TorchAdapter(Adapter):
         watched = {**leaves, **{k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}}
         before = {n: (t._version, t.detach().clone()) for n, t in watched.items()}
         y, state = self._forward(spec, leaves, kw)
-        dyt = torch.tensor(dy, dtype=y.dtype, device=y.device)
-        watched["dy"] = dyt
-        before["dy"] = (dyt._version, dyt.clone())
-        y.backward(dyt)
-        out = {"y": y}
+        ys = spec.output_values(y)
+        douts = dy if isinstance(dy, dict) else {"y": dy}
+        dyts = [torch.tensor(douts[n], dtype=t.dtype, device=t.device)
+                for n, t in zip(spec.outputs, ys)]
+        for n, dyt in zip(spec.outputs, dyts):
+            watched["d" + n] = dyt
+            before["d" + n] = (dyt._version, dyt.clone())
+        torch.autograd.backward(ys, dyts)
+        out = dict(zip(spec.outputs, ys))
         for n, t in leaves.items():
             if t.grad is not None:
                 out["d" + n] = t.grad
@@ -353,10 +360,15 @@ class TorchAdapter(Adapter):
             args = [leaves.get(n) for n in spec.diff_argnames]
             result = spec.torch_call(torch, *args, **kw)
         y, state = result if spec.stateful else (result, None)
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"the function returned {type(y).__name__}, expected the output "
-                            f"tensor y" + (" (and the new state)" if spec.stateful else ""))
-        return y, state
+        several = len(spec.outputs) > 1
+        if not (isinstance(y, (tuple, list)) and len(y) == len(spec.outputs) and all(
+                isinstance(t, torch.Tensor) for t in y) if several
+                else isinstance(y, torch.Tensor)):
+            what = f"the tuple of output tensors ({', '.join(spec.outputs)})" if several \
+                else "the output tensor y"
+            raise TypeError(f"the function returned {type(y).__name__}, expected {what}"
+                            + (" (and the new state)" if spec.stateful else ""))
+        return (tuple(y) if several else y), state
 
     def residual(self, variant, inputs, dy, kwargs, *, dtype):
         """``dx`` of the residual block ``z = x + f(x)`` under the upstream gradient ``dy``
@@ -374,7 +386,7 @@ class TorchAdapter(Adapter):
               for k, v in kwargs.items()}
         x = leaves["x"]
         y, _ = self._forward(spec, leaves, kw)
-        if tuple(y.shape) != tuple(x.shape):
+        if len(spec.outputs) > 1 or tuple(y.shape) != tuple(x.shape):
             return None
         z = x + y
         z.backward(torch.tensor(dy, dtype=z.dtype, device=z.device))

@@ -26,11 +26,13 @@ def write_diagnosis(names) -> str:
     """The diagnosis of a candidate that wrote into the arrays it was given."""
     names = list(names)
     parts = []
-    if "dy" in names:
-        parts.append("backward wrote into dy in place; where dy is shared (a residual add "
-                     "passes the same gradient to both branches), this corrupts the other "
-                     "branch's gradient")
-    others = [n for n in names if n != "dy"]
+    upstream = [n for n in names if n in ("dy", "ds")]  # (ds: the prenorm output's gradient)
+    if upstream:
+        which = " and ".join(upstream)
+        parts.append(f"backward wrote into {which} in place; where {which} is shared (a "
+                     f"residual add passes the same gradient to both branches), this corrupts "
+                     f"the other branch's gradient")
+    others = [n for n in names if n not in upstream]
     if others:
         parts.append(f"the candidate wrote into its input{'s' if len(others) > 1 else ''} "
                      f"{', '.join(others)} in place; the caller's tensors (a model's "
@@ -38,13 +40,27 @@ def write_diagnosis(names) -> str:
     return "; ".join(parts)
 
 
+#: What a missing output (not a gradient) means, by its name: said by :func:`missing_diagnosis`
+MISSING_OUTPUT = {
+    "s": ("the residual sum s (prenorm output) is not returned: a fused residual-add norm "
+          "returns y and s = x + residual, the next block's residual (vLLM's fused_add_rms_norm "
+          "writes s into `residual`; FlashAttention's layer_norm_fn returns it with "
+          "prenorm=True): return it as \"s\""),
+}
+
+
 def missing_diagnosis(names) -> str:
-    """The diagnosis of gradients a candidate does not return (and did not declare frozen)."""
+    """The diagnosis of outputs and gradients a candidate does not return (and did not declare
+    frozen)."""
     grads = [n for n in names if n.startswith("d")]
+    said = [MISSING_OUTPUT[n] for n in names if n in MISSING_OUTPUT]
+    rest = [n for n in names if n not in grads and n not in MISSING_OUTPUT]
+    if rest:
+        said.append(f"{', '.join(rest)} missing from the candidate's outputs")
     if not grads:
-        return f"{', '.join(names)} missing from the candidate's outputs" if names else ""
+        return "; ".join(said)
     inputs = tuple(n[1:] for n in grads)
-    return (f"{', '.join(grads)} not computed by the candidate; if "
+    return "; ".join(said + [""]) + (f"{', '.join(grads)} not computed by the candidate; if "
             f"{' and '.join(inputs)} {'is' if len(inputs) == 1 else 'are'} frozen (a LoRA "
             f"kernel's weight, say), declare it and the rest is judged: "
             f"candidate.frozen = {inputs!r}, check(..., frozen={inputs!r}), "
@@ -113,7 +129,8 @@ def flush_subnormals(case):
 
     return dataclasses.replace(
         case, arrays=tuple(None if a is None else flush(a) for a in case.arrays),
-        kwargs={k: flush(v) for k, v in case.kwargs.items()}, dy=flush(case.dy))
+        kwargs={k: flush(v) for k, v in case.kwargs.items()}, dy=flush(case.dy),
+        douts={k: flush(v) for k, v in case.douts.items()})
 
 
 def prepare(spec, case, strict=False, ftz=False) -> Prepared:
@@ -123,10 +140,11 @@ def prepare(spec, case, strict=False, ftz=False) -> Prepared:
     bnds = _tolerance.bounds(spec, case, ref, strict, ftz=ftz)
     groups = groups_of(spec, case.sample, ref.cache)
     raw = _reference.emulate(spec, case, rounded=False)
-    fmt = get_format(case.dtype)
-    # (the rounded values are exact in float32 storage: half the memory)
-    emulated = None if raw is None else {k: round_to(v, fmt).astype(fmt.storage)
-                                         for k, v in raw.items()}
+    # (the rounded values are exact in the format's storage: float32 for bfloat16, half the
+    # memory); each output in its own format: the candidate dtype's, but a float32 residual sum
+    emulated = None if raw is None else {
+        k: round_to(v, f).astype(f.storage)
+        for k, v in raw.items() for f in (_tolerance.output_format(spec, case, k),)}
     return Prepared(case, ref, bnds, groups, emulated, raw)
 
 
@@ -249,7 +267,7 @@ def run_case(adapter, prep: Prepared, frozen=()):
     fmt = get_format(case.dtype)
     inputs = {n: a.copy() for n, a in case.inputs.items()}
     kwargs = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.kwargs.items()}
-    dy = case.dy.copy()
+    dy = case.candidate_dy()  # an array, or {output: dy} for a record with several outputs
     try:
         with np.errstate(all="ignore"):
             raw = adapter(case.variant, inputs, dy, kwargs, dtype=fmt.name)
@@ -264,7 +282,12 @@ def run_case(adapter, prep: Prepared, frozen=()):
     writes = {}
     writes.update(_written(case.inputs, inputs))
     writes.update(_written({k: v for k, v in case.kwargs.items()}, kwargs))
-    writes.update(_written({"dy": case.dy}, {"dy": dy}))
+    if isinstance(dy, dict):  # the upstream gradient of each output: "dy", "ds", ...
+        writes.update(_written({"d" + k: v for k, v in zip(("y",) + tuple(case.douts),
+                                                           case.upstream)},
+                               {"d" + k: v for k, v in dy.items()}))
+    else:
+        writes.update(_written({"dy": case.dy}, {"dy": dy}))
     if not hasattr(raw, "items"):
         return CaseResult(case.variant, case.name, fmt.name, "error",
                           message=f"the candidate returned {type(raw).__name__}, not a dict of "
@@ -321,7 +344,7 @@ def _short(value):
 def _residual(adapter, spec, prep):
     """The dx error of ``x + f(x)`` on one case (torch functions), or None."""
     case = prep.case
-    if "x" not in case.inputs or "dx" not in prep.ref.outputs or \
+    if "x" not in case.inputs or "dx" not in prep.ref.outputs or case.douts or \
             prep.ref.outputs["y"].shape != case.inputs["x"].shape:
         return None
     fmt = get_format(case.dtype)
@@ -480,7 +503,7 @@ def _flushes(spec, failing, strict):
     """Whether every failing case passes once subnormals are flushed to zero."""
     for prep, res, got in failing:
         tiny = get_format(prep.case.dtype).accumulator.tiny
-        arrays = [a for a in prep.case.arrays if a is not None] + [prep.case.dy]
+        arrays = [a for a in prep.case.arrays if a is not None] + list(prep.case.upstream)
         if not any(np.any((a != 0) & (np.abs(a) < tiny)) for a in arrays) and \
                 "subnormal" not in prep.case.tags:
             return False

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from refnorm.oracle.formats import FORMATS, get_format
+from refnorm.oracle.formats import FORMATS, get_format, round_to
 from refnorm.oracle.structure import (Groups, groups_of, labels_from_axes, param_view,
                                       unbroadcast_sum)
 
@@ -1033,7 +1033,128 @@ def bounds(spec, case, ref, strict=False, *, ftz=False, safety=SAFETY, explain=F
         return _bounds(spec, case, ref, strict, ftz, safety, explain)
 
 
+#: The fused residual-add records and the norm each applies to s = x + residual
+FUSED_ADD = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}
+
+
+def residual_format(case):
+    """The format of the residual sum ``s`` a correct candidate returns: float32 with
+    ``residual_in_fp32`` (for candidates below float32), else the candidate dtype."""
+    fmt = get_format(case.dtype)
+    if case.kwargs.get("residual_in_fp32") and fmt.u > FORMATS["float32"].u:
+        return FORMATS["float32"]
+    return fmt
+
+
+def output_format(spec, case, key):
+    """The format a correct candidate returns output ``key`` in: the candidate dtype, except
+    the residual sum ``s`` of a fused residual-add norm (:func:`residual_format`)."""
+    if spec.name in FUSED_ADD and key == "s":
+        return residual_format(case)
+    return get_format(case.dtype)
+
+
+def _fused_add_bounds(spec, case, ref, strict, ftz, safety, explain):
+    r"""The bounds of a fused residual add and norm (``add_rms_norm``, ``add_layer_norm``):
+    ``(y, s)`` with ``s = x + residual`` and ``y = norm(s)``.
+
+    * ``s`` is one addition, rounded once to its storage format (unit :math:`u_s`: float32's
+      with ``residual_in_fp32``, else the candidate dtype's) after at most one rounding in the
+      accumulator: :math:`(u_s + u_A)\,|s|`. Rounding ``s`` to bfloat16 where float32 is due
+      errs by up to :math:`2^{-9}|s|`, 16384 times the float32 bound.
+    * ``y``, ``dweight``, ``dbias``, ``rstd``: the norm's own bounds at the input :math:`s`
+      (the record's model, as for ``rms_norm``/``layer_norm`` on that input), plus the first-
+      order effect of normalizing :math:`s` rounded to :math:`u_s` (vLLM's kernel reads the
+      stored ``s`` back): with :math:`|\delta s_i|\le u_s|s_i|`, per row,
+      :math:`|\delta\hat x_i| \le e_i = u_s r(|s_i| + \langle|s|\rangle + |\hat x_i|
+      \langle|\hat x||s|\rangle)` and :math:`|\delta r|/r \le \rho = u_s r\langle|\hat x||s|
+      \rangle`, so :math:`|\delta y_i| \le |\gamma_i| e_i`, :math:`|\delta\,\mathrm{d}x_i|
+      \le \rho|\mathrm{d}x_i| + r(e_i|\langle g\hat x\rangle| + |\hat x_i|\langle|g|e\rangle)`
+      and :math:`|\delta\,\mathrm{d}\gamma| \le \sum_{\rm rows}|\mathrm{d}y|\,e`, each times
+      the safety factor (derivation: ``docs/derivations/fused_add_norm.rst``).
+    * ``dx`` and ``dresidual`` (equal): the norm's ``dx`` bound, the term above, and the add of
+      ``ds`` in the accumulator and its rounding to the dtype: :math:`(u_D + u_A)(|\mathrm{d}s|
+      + |\mathrm{d}x_{\rm norm}|)`.
+    * Both conventions of the libraries are admitted: normalizing the exact sum (FlashAttention's
+      Triton kernel keeps it in float32 registers) and normalizing ``s`` as stored (its
+      ``layer_norm_ref``: ``(x + residual).to(x.dtype)``). Where rounding ``s`` moves a row's
+      statistics by more than first order (a row of mean 1e3 and standard deviation 1 in
+      bfloat16, whose spacing there is 4), the two differ at O(1); the bound of every output
+      but ``s`` then also holds the distance between the float64 references at the exact and
+      at the stored ``s``.
+    """
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle.cases import Case
+    from refnorm.oracle.reference import compute
+
+    inner = BY_NAME[FUSED_ADD[spec.name]]
+    fmt = get_format(case.dtype)
+    u = units(case.dtype, strict)
+    arr = dict(zip(spec.diff_argnames, case.arrays))
+    s = np.asarray(arr["x"], np.float64) + np.asarray(arr["residual"], np.float64)
+    arrays = (s,) + tuple(arr.get(n) for n in inner.diff_argnames[1:])
+    kwargs = {k: v for k, v in case.kwargs.items() if k != "residual_in_fp32"}
+    sub = Case(inner.name, case.name, case.dtype, arrays, kwargs, case.dy, case.seed, case.tags,
+               tuple(inner.diff_argnames))
+    sub_ref = compute(inner, sub)
+    out, how = _bounds(inner, sub, sub_ref, strict, ftz, safety, True)
+    s_fmt = residual_format(case)
+    u_s = s_fmt.u
+    if s_fmt.name != "float64":  # the other convention: the norm of s as stored
+        stored = compute(inner, replace(sub, arrays=(round_to(s, s_fmt),) + arrays[1:]))
+        for key, v in stored.outputs.items():
+            if key in out and np.shape(v) == out[key].shape:
+                out[key] = out[key] + np.abs(_finite(v) - _finite(sub_ref.outputs[key]))
+    # the first-order effect of normalizing s rounded to u_s, per row of N elements
+    nd = len(np.atleast_1d(case.kwargs["normalized_shape"]))
+    n = int(np.prod(s.shape[s.ndim - nd:], dtype=np.int64)) if s.size else 0
+    rows = s.reshape(-1, max(n, 1))
+    r = np.asarray(sub_ref.cache.rstd, np.float64).reshape(-1, 1)
+    centred = inner.name == "layer_norm"
+    mu = rows.mean(axis=1, keepdims=True) if centred and n else 0.0
+    xhat = (rows - mu) * r
+    a_s = np.abs(rows)
+    m_xs = np.mean(np.abs(xhat) * a_s, axis=1, keepdims=True) if n else np.zeros_like(r)
+    e = u_s * r * (a_s + (np.mean(a_s, axis=1, keepdims=True) if centred and n else 0.0)
+                   + np.abs(xhat) * m_xs)
+    rho = u_s * r * m_xs
+    w = arr.get("weight")
+    gamma = np.ones((1, max(n, 1))) if w is None else np.abs(np.asarray(w, np.float64)) \
+        .reshape(1, -1)
+    dy = np.asarray(case.dy, np.float64).reshape(rows.shape)
+    g = gamma * dy
+    shape = s.shape
+    extra = {"y": gamma * e}
+    if "dx" in ref.outputs:
+        dxn = _finite(sub_ref.outputs["dx"]).reshape(rows.shape)
+        m_gx = np.abs(np.mean(g * xhat, axis=1, keepdims=True)) if n else np.zeros_like(r)
+        m_ge = np.mean(np.abs(g) * e, axis=1, keepdims=True) if n else np.zeros_like(r)
+        ds = np.abs(np.asarray(case.douts["s"], np.float64)).reshape(rows.shape)
+        cond = rho * np.abs(dxn) + r * (e * m_gx + np.abs(xhat) * m_ge)
+        dx_b = out["dx"].reshape(rows.shape) + safety * cond \
+            + (u.u_out + u.u_acc) * (ds + np.abs(dxn))
+        for key in ("dx", "dresidual"):
+            if key in ref.outputs:
+                out[key] = dx_b.reshape(shape)
+                how[key] = how["dx"] + " + residual add"
+    if "dweight" in out:
+        out["dweight"] = out["dweight"] + safety * np.sum(np.abs(dy) * e, axis=0).reshape(
+            out["dweight"].shape)
+    if "rstd" in out:
+        out["rstd"] = out["rstd"] + safety * (r * rho).reshape(out["rstd"].shape)
+    out["y"] = out["y"] + safety * extra["y"].reshape(shape)
+    how["y"] += f" + s rounded to u_s={u_s:.3g}"
+    abs_s = np.abs(_finite(ref.outputs["s"]))
+    out["s"] = (u_s + u.u_acc + 2 * _U64) * abs_s + fmt.smallest_subnormal \
+        + (fmt.accumulator.tiny if ftz else fmt.accumulator.smallest_subnormal)
+    how["s"] = f"one addition, rounded to u_s={u_s:.3g}"
+    out = {k: np.asarray(v, np.float64) for k, v in out.items() if k in ref.outputs}
+    return (out, how) if explain else out
+
+
 def _bounds(spec, case, ref, strict, ftz, safety, explain):
+    if spec.name in FUSED_ADD:
+        return _fused_add_bounds(spec, case, ref, strict, ftz, safety, explain)
     u = units(case.dtype, strict)
     fmt = get_format(case.dtype)
     groups = groups_of(spec, case.sample, ref.cache)

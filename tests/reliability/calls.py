@@ -3,8 +3,8 @@
 A *call* is a :class:`refnorm.registry.SampleInput` plus an upstream gradient ``dy`` (a tuple
 of them, one per output, for a record with several: :func:`map_dy`). Its *outcome* is either an
 exception or the outputs: ``y`` (and every other output by its name), the new state's arrays
-(``state.<field>``) and every gradient (``d<name>``), each a NumPy array. Everything here works from the record
-(``NormSpec``) alone, so a new variant is covered without edits.
+(``state.<field>``) and every gradient (``d<name>``), each a NumPy array. Everything here works
+from the record (``NormSpec``) alone, so a new variant is covered without edits.
 """
 from __future__ import annotations
 
