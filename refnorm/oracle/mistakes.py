@@ -643,7 +643,44 @@ def diagnose(spec, failing, dtype, n_cases=None, *, detail=False):
     return (summary, per_case, matched) if detail else (summary, per_case)
 
 
+def _residual_sum_diagnosis(spec, failing):
+    """A fused residual-add norm whose residual sum ``s`` is rounded to the candidate dtype
+    although ``residual_in_fp32`` keeps it in float32: named when ``s`` fails on every failing
+    case, every one of them sets ``residual_in_fp32``, and the candidate's ``s`` is the exact
+    sum rounded to the candidate dtype (within one more rounding in the accumulator)."""
+    if "s" not in getattr(spec, "outputs", ()) or not failing:
+        return None
+    for prep, res, got in failing:
+        o = res.outputs.get("s")
+        case = prep.case
+        fmt = get_format(case.dtype)
+        if o is None or o.passed or not case.kwargs.get("residual_in_fp32") \
+                or fmt.u <= 2.0 ** -24 or got.get("s") is None:
+            return None
+        ref = np.asarray(prep.ref.outputs["s"], np.float64)
+        mine = np.asarray(got["s"], np.float64)
+        if mine.shape != ref.shape:
+            return None
+        with np.errstate(all="ignore"):
+            near = np.abs(mine - round_to(ref, fmt)) <= 2.0 ** -24 * np.abs(ref) * 2 \
+                + fmt.smallest_subnormal
+        if not np.all(near | ~np.isfinite(ref)):
+            return None
+    fmt = get_format(failing[0][0].case.dtype)
+    others = sorted({o.name for _, res, _ in failing for o in res.failing()} - {"s"})
+    then = f"; {', '.join(others)} fail with it" if others else ""
+    text = (f"matches: the residual sum s rounded to the input dtype -- with "
+            f"residual_in_fp32=True s must be kept in float32 (FlashAttention's "
+            f"residual_in_fp32), but the candidate returns x + residual rounded to {fmt.name}: "
+            f"the residual stream keeps {fmt.p} significant bits instead of 24{then}")
+    return text, {res.case: "matches: s rounded to the input dtype although residual_in_fp32"
+                  for _, res, _ in failing}, []
+
+
 def _diagnose(spec, failing, n_cases):
+    named = _residual_sum_diagnosis(spec, failing)
+    if named is not None:
+        return named
     mistakes = for_variant(spec.name)
     if not mistakes or not failing:
         return "", {}, []
