@@ -41,7 +41,11 @@ support; it is reported as skipped, not failed. A candidate may carry a ``varian
 (a collection of names) to say which variants it implements, and a ``frozen`` attribute (input
 names, ``("weight",)``) for the inputs whose gradient it does not compute (a frozen parameter,
 as in LoRA fine-tuning): their gradient is then reported "not computed (frozen)" and
-everything else is judged.
+everything else is judged. A ``memory_efficient = True`` attribute declares a memory-saving
+backward (LayerNorm, RMSNorm and the fused residual-add norms): one that saves ``y`` instead of
+``x`` and recomputes ``xhat = (y - bias) / weight``, as Apex's
+``FusedLayerNorm(memory_efficient=True)`` does; the tolerance then admits the error of that
+recomputation (see :func:`refnorm.oracle.check`).
 
 A candidate must not write into what it receives (``x``, the parameters, the state, ``dy``):
 the oracle compares every array before and after the call and fails the case that wrote, with
@@ -165,6 +169,7 @@ class Adapter:
     device = "cpu"
     ftz = False
     frozen: tuple = ()      # inputs whose gradient the candidate does not compute
+    memory_efficient = False  # its backward recomputes xhat from y (a memory-saving backward)
     known: dict = {}        # (variant, case) -> why a failure there is the library's own
 
     def supports(self, spec) -> bool:
@@ -184,6 +189,7 @@ class CallableAdapter(Adapter):
         self.variants = getattr(fn, "variants", None)
         self.ftz = bool(getattr(fn, "ftz", False))
         self.frozen = _names(getattr(fn, "frozen", ()), "frozen")
+        self.memory_efficient = bool(getattr(fn, "memory_efficient", False))
 
     def supports(self, spec) -> bool:
         return self.variants is None or spec.name in self.variants
@@ -289,7 +295,8 @@ class TorchAdapter(Adapter):
     case). :meth:`residual` runs ``x + fn(x)`` to show what a write into ``dy`` does there.
     """
 
-    def __init__(self, device="cpu", fn=None, *, stats=True, name=None, frozen=None):
+    def __init__(self, device="cpu", fn=None, *, stats=True, name=None, frozen=None,
+                 memory_efficient=None):
         self.torch = _import_torch()
         self.device = str(device)
         self._dev = _check_torch_device(self.torch, device)
@@ -298,6 +305,8 @@ class TorchAdapter(Adapter):
                              f"torch:{getattr(fn, '__qualname__', repr(fn))}")
         self.variants = getattr(fn, "variants", None) if fn is not None else None
         self.frozen = _names(getattr(fn, "frozen", ()) if frozen is None else frozen, "frozen")
+        self.memory_efficient = bool(getattr(fn, "memory_efficient", False)
+                                     if memory_efficient is None else memory_efficient)
         self.known = dict(KNOWN_TORCH_BEHAVIOUR) if fn is None else {}
 
     def supports(self, spec) -> bool:
@@ -393,17 +402,20 @@ class TorchAdapter(Adapter):
         return to_numpy(x.grad)
 
 
-def torch_function(fn, device="cpu", *, name=None, frozen=None) -> TorchAdapter:
+def torch_function(fn, device="cpu", *, name=None, frozen=None,
+                   memory_efficient=None) -> TorchAdapter:
     """A PyTorch function with the signature of refnorm's forward, as a candidate (see
     :class:`TorchAdapter`): ``check(torch_function(my_ln, device="cuda"), "layer_norm")``.
 
     ``fn`` is called by keyword, with the names of refnorm's forward (``x=...,
     weight=..., normalized_shape=..., eps=...``). ``frozen`` (``("weight",)``) names the
     inputs whose gradient ``fn`` does not compute (a frozen parameter); default
-    ``fn.frozen``. ``torch.nn.functional.layer_norm`` names its first argument ``input``:
+    ``fn.frozen``. ``memory_efficient=True`` (default ``fn.memory_efficient``) declares a
+    backward that recomputes xhat from y. ``torch.nn.functional.layer_norm`` names its first
+    argument ``input``:
     wrap it, ``torch_function(lambda x, normalized_shape, weight=None, bias=None, eps=1e-5:
     F.layer_norm(x, normalized_shape, weight, bias, eps))``."""
-    return TorchAdapter(device, fn, name=name, frozen=frozen)
+    return TorchAdapter(device, fn, name=name, frozen=frozen, memory_efficient=memory_efficient)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ def cmd_compare(args):
     for dtype, cases in runs:
         if cases is None:
             total = core.count_cases(adapter, variants, dtype, args.seed, args.size, args.strict,
-                                     bool(args.ftz if args.ftz is not None else adapter.ftz))
+                                     bool(args.ftz if args.ftz is not None else adapter.ftz),
+                                     bool(args.memory_efficient or adapter.memory_efficient))
         else:
             total = len(cases)
         bar = _progress(total, f"compare {dtype}", args.progress)
@@ -75,7 +76,7 @@ def cmd_compare(args):
             report = core.check(adapter, variants, dtype=dtype, device=args.device,
                                 seed=args.seed, size=args.size, strict=args.strict,
                                 ftz=args.ftz, cases=cases, progress=bar.step,
-                                frozen=args.frozen)
+                                frozen=args.frozen, memory_efficient=args.memory_efficient)
         except (ValueError, TypeError) as exc:       # --frozen naming no input
             return _err(str(exc))
         finally:
@@ -210,6 +211,11 @@ def add_commands(subparsers):
     p.add_argument("--frozen", nargs="+", action="extend", metavar="INPUT",
                    help="inputs whose gradient the candidate does not compute (a frozen "
                    "weight, as in LoRA): reported 'not computed (frozen)', the rest is judged")
+    p.add_argument("--memory-efficient", action="store_true", default=None,
+                   help="the candidate's backward recomputes xhat = (y - bias) / weight from "
+                   "the saved output (Apex's memory_efficient=True): the tolerance admits the "
+                   "error of that recomputation; ill-conditioned cases (a weight near 0) are "
+                   "reported as such, not failed")
     p.add_argument("--goldens", metavar="DIR",
                    help="use the cases of a golden directory instead of generating them")
     p.add_argument("--report", metavar="FILE", help="also write the full text report here")

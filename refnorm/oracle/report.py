@@ -272,6 +272,7 @@ class Report:
     matched: dict = field(default_factory=dict)
     unsupported: list = field(default_factory=list)  # variants the candidate has no equivalent for
     frozen: tuple = ()        # inputs declared frozen: their gradient is not computed
+    memory_efficient: bool = False  # a backward that recomputes xhat from y was declared
     #: variant -> (case, OutputResult): dx of the residual block ``x + f(x)`` (torch functions)
     residual: dict = field(default_factory=dict)
 
@@ -322,7 +323,9 @@ class Report:
         lines = [f"refnorm oracle: impl={self.impl} device={self.device} dtype={self.dtype} "
                  f"seed={self.seed} size={self.size}" + (" strict" if self.strict else "")
                  + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")
-                 + (f" frozen={','.join(self.frozen)}" if self.frozen else "")]
+                 + (f" frozen={','.join(self.frozen)}" if self.frozen else "")
+                 + (" memory-efficient (xhat recomputed from y in the backward)"
+                    if self.memory_efficient else "")]
         for v in self.variants:
             s = self.summary(v)
             ok = s["fail"] == 0
@@ -450,6 +453,7 @@ class Report:
             "size": self.size, "strict": self.strict, "ftz": self.ftz, "passed": self.passed,
             "diagnoses": self.diagnoses, "matched": self.matched,
             "unsupported": self.unsupported, "frozen": list(self.frozen),
+            "memory_efficient": self.memory_efficient,
             "residual": {v: {"case": c, **{f: clean(x) for f, x in asdict(o).items()}}
                          for v, (c, o) in self.residual.items()},
             "skipped": [asdict(s) for s in self.skipped],
