@@ -707,7 +707,8 @@ def _recompute_diagnosis(spec, failing):
     Named when every failing output of every failing case is a gradient that uses xhat (dx,
     dresidual, dweight), it is within the bound that declaring it gives (or the case is
     ill-conditioned for the recomputation), and most of its out-of-bound elements are closer to
-    the gradient of that recomputation than to the reference."""
+    the gradient of that recomputation than to the reference (cases with subnormal inputs,
+    where flushing to zero explains as much, are no evidence; some other case must be)."""
     from refnorm.oracle import tolerance as T
     from refnorm.oracle.reference import compute
 
@@ -716,6 +717,11 @@ def _recompute_diagnosis(spec, failing):
         bad = {o.name for o in res.failing()}
         if not bad or not bad <= {"dx", "dresidual", "dweight"}:
             return None
+        tiny = get_format(prep.case.dtype).accumulator.tiny
+        if "subnormal" in prep.case.tags or any(
+                np.any((a != 0) & (np.abs(a) < tiny)) for a in prep.case.arrays
+                if a is not None):
+            continue  # subnormal inputs: no evidence either way (flushing is as likely)
         mine = _recomputed_gradients(spec, prep.case)
         if mine is None:
             return None
