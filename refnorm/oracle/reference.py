@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refnorm.norms._stats import native_precision
-from refnorm.oracle.formats import get_format, round_to
+from refnorm.oracle.formats import FORMATS, get_format, round_to
 
 __all__ = ["Reference", "compute", "emulate", "state_dict", "STAT_NAMES"]
 
@@ -114,7 +114,26 @@ def emulate(spec, case, accumulate=None, *, rounded=True) -> dict | None:
     except Exception:  # noqa: BLE001 - a variant whose code is float64-only has no emulation
         return None
     outs, _, _ = _outputs(spec, case, y, state, cache, grads)
-    from refnorm.oracle.tolerance import output_format
-
     return {k: round_to(v, output_format(spec, case, k)) if rounded else v
             for k, v in outs.items()}
+
+
+#: The fused residual-add records and the norm each applies to s = x + residual
+FUSED_ADD = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}
+
+
+def residual_format(case):
+    """The format of the residual sum ``s`` a correct candidate returns: float32 with
+    ``residual_in_fp32`` (for candidates below float32), else the candidate dtype."""
+    fmt = get_format(case.dtype)
+    if case.kwargs.get("residual_in_fp32") and fmt.u > FORMATS["float32"].u:
+        return FORMATS["float32"]
+    return fmt
+
+
+def output_format(spec, case, key):
+    """The format a correct candidate returns output ``key`` in: the candidate dtype, except
+    the residual sum ``s`` of a fused residual-add norm (:func:`residual_format`)."""
+    if spec.name in FUSED_ADD and key == "s":
+        return residual_format(case)
+    return get_format(case.dtype)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from refnorm.oracle.formats import FORMATS, get_format, round_to
+from refnorm.oracle.reference import FUSED_ADD, output_format, residual_format  # noqa: F401
 from refnorm.oracle.structure import (Groups, groups_of, labels_from_axes, param_view,
                                       unbroadcast_sum)
 
@@ -1136,27 +1137,6 @@ def _inner_case(spec, case):
     sub = Case(inner.name, case.name, case.dtype, arrays, kwargs, case.dy, case.seed, case.tags,
                tuple(inner.diff_argnames))
     return inner, sub, compute(inner, sub)
-
-
-#: The fused residual-add records and the norm each applies to s = x + residual
-FUSED_ADD = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}
-
-
-def residual_format(case):
-    """The format of the residual sum ``s`` a correct candidate returns: float32 with
-    ``residual_in_fp32`` (for candidates below float32), else the candidate dtype."""
-    fmt = get_format(case.dtype)
-    if case.kwargs.get("residual_in_fp32") and fmt.u > FORMATS["float32"].u:
-        return FORMATS["float32"]
-    return fmt
-
-
-def output_format(spec, case, key):
-    """The format a correct candidate returns output ``key`` in: the candidate dtype, except
-    the residual sum ``s`` of a fused residual-add norm (:func:`residual_format`)."""
-    if spec.name in FUSED_ADD and key == "s":
-        return residual_format(case)
-    return get_format(case.dtype)
 
 
 def _fused_add_bounds(spec, case, ref, strict, ftz, safety, explain, memory_efficient):
