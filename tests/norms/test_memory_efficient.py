@@ -5,8 +5,8 @@ difference shows, and the diagnosis names it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
-import numpy as np
 import pytest
 
 from refnorm.oracle import check
@@ -51,8 +51,7 @@ def test_the_declaration_is_an_attribute_an_option_or_a_flag(tmp_path, monkeypat
     assert check(attr, "layer_norm", dtype="bfloat16", size="ci").passed
     mod = tmp_path / "me_kernels.py"
     mod.write_text("import sys\nsys.path.insert(0, %r)\nfrom norm_kernels import flagged\n"
-                   "kernel = flagged(recompute=True)\n" % str(__import__("os").path.dirname(
-                       __file__)))
+                   "kernel = flagged(recompute=True)\n" % os.path.dirname(__file__))
     monkeypatch.syspath_prepend(str(tmp_path))
     args = ["compare", "--impl", "me_kernels:kernel", "--variant", "layer_norm", "--dtype",
             "bfloat16", "--size", "ci", "--brief"]

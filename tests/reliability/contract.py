@@ -13,8 +13,8 @@ import numpy as np
 
 from reliability.calls import (Outcome, accepts, assert_unchanged, compare, composite_outcome,
                                copy_inputs, declares, dependency_cone, describe, execute,
-                               dy_arrays, get_slot, group_axes, is_documented_error, is_value_error,
-                               map_dy, reference, replace_slots, representable,
+                               dy_arrays, get_slot, group_axes, is_documented_error,
+                               is_value_error, map_dy, reference, replace_slots, representable,
                                sensitivity, shift_invariant)
 
 
