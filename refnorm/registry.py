@@ -108,6 +108,13 @@ class NormSpec:
       ``diff_argnames`` entry;
     * ``op``: the engine op built with ``custom_vjp(forward, backward)``;
     * ``composite``: the same math with engine primitives only (same signature as ``op``).
+
+    A record with several ``outputs`` (the fused residual-add norms return ``("y", "s")``)
+    has ``y`` a tuple of arrays in that order wherever the above says ``y`` (the forward's,
+    the op's and the composite's results, a tuple of Tensors for the last two), and ``dy`` a
+    tuple of their upstream gradients. The generic machinery goes through
+    :meth:`output_values`, :meth:`output_shapes` and :meth:`upstream`, which hold for one
+    output and for several.
     """
 
     # identity and citation
@@ -179,6 +186,10 @@ class NormSpec:
     # Matryoshka truncation returns the first ``truncate_dim`` coordinates); None: x's shape.
     # The upstream gradient ``dy`` has this shape; every gradient keeps its input's shape
     output_shape: Callable[[SampleInput], tuple[int, ...]] | None = None
+    # the names of the outputs, ``y`` first. With more than one, ``forward`` returns them as a
+    # tuple in this order in place of ``y``, and ``backward`` takes the tuple of their upstream
+    # gradients in place of ``dy`` (the oracle's candidates return each by its name)
+    outputs: tuple[str, ...] = ("y",)
 
     # ----- calling conventions shared by the tests, the CLI and the oracle -----
     def arguments(self, sample: SampleInput, arrays=None) -> dict:
@@ -208,8 +219,27 @@ class NormSpec:
         return tuple(np.shape(sample.arrays[0]))
 
     def output(self, sample: SampleInput, arrays=None) -> np.ndarray:
-        """Just ``y``: the function that finite differences differentiate."""
+        """Just ``y`` (the tuple of outputs when there are several): the function that finite
+        differences differentiate."""
         return self.run(sample, arrays)[0]
+
+    def output_values(self, y) -> tuple:
+        """The outputs in a forward's (or op's) first result, as a tuple in ``outputs`` order:
+        ``(y,)`` for a record with one output."""
+        return tuple(y) if len(self.outputs) > 1 else (y,)
+
+    def output_shapes(self, sample: SampleInput) -> tuple[tuple[int, ...], ...]:
+        """The shape of every output (and of its upstream gradient), in ``outputs`` order."""
+        if len(self.outputs) == 1:
+            return (self.y_shape(sample),)
+        with np.errstate(all="ignore"):  # only the shapes are wanted
+            return tuple(np.shape(v) for v in self.output_values(self.output(sample)))
+
+    def upstream(self, douts):
+        """What ``backward`` takes for the upstream gradients ``douts`` (one per output, in
+        ``outputs`` order): the array itself for a record with one output, else the tuple."""
+        douts = tuple(douts)
+        return douts if len(self.outputs) > 1 else douts[0]
 
 
 @dataclass(frozen=True)

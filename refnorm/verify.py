@@ -1,6 +1,7 @@
 """Three-way gradient checks of every registered item: what ``refnorm verify`` runs.
 
-For a normalization variant and each of its sample inputs, with a random upstream gradient:
+For a normalization variant and each of its sample inputs, with a random upstream gradient
+(for every output, where the record has several):
 
 * **hand**: the hand-derived ``backward``;
 * **engine**: the engine's gradient of the variant's ``composite`` (the same math written with
@@ -140,10 +141,24 @@ def norm_gradients(spec, sample, dy, cache=None):
     if spec.composite is not None:
         tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
         out = spec.composite(**spec.arguments(sample, tensors))
-        out = out[0] if spec.stateful else out
-        out.backward(dy)
+        backward_outputs(spec, out[0] if spec.stateful else out, dy)
         engine = [None if t is None else t.grad for t in tensors]
     return hand, engine
+
+
+def backward_outputs(spec, out, dy):
+    """Backpropagate from ``out``, the op's or the composite's result (a tuple of Tensors for a
+    record with several outputs), the upstream gradients ``dy`` (what ``spec.backward``
+    takes): one output's ``backward(dy)``, or the gradient of ``sum_k <dy_k, out_k>``."""
+    outs, douts = spec.output_values(out), spec.output_values(dy)
+    if len(outs) == 1:
+        outs[0].backward(douts[0])
+        return
+    loss = None
+    for o, d in zip(outs, douts):
+        term = (o * d).sum()
+        loss = term if loss is None else loss + term
+    loss.backward()
 
 
 def _distance(first, second, n):
@@ -182,7 +197,8 @@ def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None,
       ``unfrozen`` (the report then measures the distance to the plain forward's derivative).
     """
     y, _, cache = spec.run(sample)
-    dy = rng.standard_normal(y.shape) if dy is None else dy
+    if dy is None:  # random, for every output
+        dy = spec.upstream(rng.standard_normal(np.shape(v)) for v in spec.output_values(y))
     hand, engine = norm_gradients(spec, sample, dy, cache)
     n = len(spec.diff_argnames)
     surrogate = spec.gradient == "surrogate" and spec.freeze is None
@@ -201,12 +217,12 @@ def check_norm_sample(spec, sample, rng, *, rtol=FD_RTOL, dy=None,
         return spec.output(fd_sample, full(arrays))
 
     def vjp_hand(cotangents, *arrays):
-        grads = spec.backward(cotangents[0], spec.run(sample, full(arrays))[2])
+        grads = spec.backward(spec.upstream(cotangents), spec.run(sample, full(arrays))[2])
         return tuple(grads[i] for i in present)
 
     def vjp_engine(cotangents, *arrays):
         _, grads = norm_gradients(spec, sample._replace(arrays=tuple(full(arrays))),
-                                  cotangents[0], cache)
+                                  spec.upstream(cotangents), cache)
         return tuple(grads[i] for i in present)
 
     if surrogate:

@@ -47,9 +47,19 @@ def _assert_unchanged(sample, copies):
             np.testing.assert_array_equal(v, kwargs[k])
 
 
-def _dy(spec, sample, shape):
+def _dy(spec, sample, shape, output="y"):
     # Seeded by the case, random (never ones: an all-ones dy makes BatchNorm's dx vanish).
-    return np.random.default_rng(zlib.crc32(f"{spec.name}/{sample.name}".encode())).standard_normal(shape)
+    key = f"{spec.name}/{sample.name}" + ("" if output == "y" else f"/{output}")
+    return np.random.default_rng(zlib.crc32(key.encode())).standard_normal(shape)
+
+
+def _upstream(spec, sample, shapes, scale=None):
+    """Random upstream gradients of every output (``shapes``, in ``spec.outputs`` order), as
+    ``spec.backward`` takes them; each multiplied by ``scale(k, c)`` if given."""
+    douts = [_dy(spec, sample, shape, name) for name, shape in zip(spec.outputs, shapes)]
+    if scale is not None:
+        douts = [scale(k, c) for k, c in enumerate(douts)]
+    return spec.upstream(douts)
 
 
 @pytest.mark.parametrize("spec,sample", SAMPLES)
@@ -57,9 +67,11 @@ def test_forward_finite_shape_and_inputs_not_mutated(spec, sample):
     copies = _copies(sample)
     y, state, cache = spec.run(sample)
     x = sample.arrays[0]
-    assert y.shape == spec.y_shape(sample) and y.dtype == x.dtype
-    assert np.isfinite(y).all()
-    grads = spec.backward(_dy(spec, sample, y.shape), cache)
+    outs = spec.output_values(y)
+    assert len(outs) == len(spec.outputs)
+    assert outs[0].shape == spec.y_shape(sample) and outs[0].dtype == x.dtype
+    assert all(np.isfinite(o).all() for o in outs)
+    grads = spec.backward(_upstream(spec, sample, [o.shape for o in outs]), cache)
     for g, a in zip(grads, sample.arrays):
         assert (g is None) == (a is None)
         if g is not None:
@@ -75,7 +87,7 @@ def test_hand_backward_matches_engine_and_finite_differences(spec, sample):
     For a surrogate gradient (``gradient="surrogate"``): hand = the record's independent
     ``surrogate`` formulation to 1e-10, and the engine gradient of ``composite`` (the exact
     gradient) = finite differences; the distance between the two is reported by verify."""
-    dy = _dy(spec, sample, spec.y_shape(sample))
+    dy = _upstream(spec, sample, spec.output_shapes(sample))
     check = check_norm_sample(spec, sample, np.random.default_rng(SEED), rtol=1e-10, dy=dy)
     if spec.gradient == "surrogate" and spec.freeze is None:
         assert spec.surrogate is not None and spec.composite is not None, spec.name
@@ -98,13 +110,18 @@ def test_gradient_kind_is_known():
 def test_op_inside_a_graph(spec, sample):
     """custom_vjp wiring: the op composes with other primitives and with accumulation."""
     y, _, cache = spec.run(sample)
-    c = _dy(spec, sample, y.shape)
+    ys = spec.output_values(y)
+    cs = spec.output_values(_upstream(spec, sample, [v.shape for v in ys]))
     tensors = [None if a is None else Tensor(a, requires_grad=True) for a in sample.arrays]
     out = spec.op(**spec.arguments(sample, tensors))
     out = out[0] if spec.stateful else out
-    loss = (ag.tanh(out) * c).sum() + (out * c).sum()
+    loss = None
+    for o, c in zip(spec.output_values(out), cs):  # every output, each used twice
+        term = (ag.tanh(o) * c).sum() + (o * c).sum()
+        loss = term if loss is None else loss + term
     loss.backward()
-    expected = spec.backward((1 - np.tanh(y) ** 2) * c + c, cache)
+    expected = spec.backward(spec.upstream((1 - np.tanh(v) ** 2) * c + c
+                                           for v, c in zip(ys, cs)), cache)
     for t, e in zip(tensors, expected):
         if t is not None:
             assert normwise(t.grad, e) < 1e-12
@@ -172,10 +189,13 @@ def test_float32_path_agrees_with_float64(spec, sample):
     y64, _, c64 = spec.run(sample, [None if a is None else a.astype(np.float64)
                                     for a in s32.arrays])
     y32, _, c32 = spec.run(s32)
-    assert y32.dtype == np.float32
-    assert normwise(y32, y64) < 2e-5
-    dy = _dy(spec, sample, y64.shape)
-    for g32, g64 in zip(spec.backward(dy.astype(np.float32), c32), spec.backward(dy, c64)):
+    for o32, o64 in zip(spec.output_values(y32), spec.output_values(y64)):
+        assert o32.dtype == np.float32
+        assert normwise(o32, o64) < 2e-5
+    dy = spec.output_values(_upstream(spec, sample, [np.shape(v) for v in
+                                                     spec.output_values(y64)]))
+    for g32, g64 in zip(spec.backward(spec.upstream(d.astype(np.float32) for d in dy), c32),
+                        spec.backward(spec.upstream(dy), c64)):
         if g64 is not None:
             assert g32.dtype == np.float32
             assert normwise(g32, g64) < 1e-4

@@ -46,16 +46,20 @@ def _as_state_dict(state):
 @pytest.mark.parametrize("spec,sample", _params())
 def test_matches_torch_float64(spec, sample, torch):
     y, state, cache = spec.run(sample)
-    dy = np.random.default_rng(zlib.crc32(f"{spec.name}/{sample.name}".encode())) \
-        .standard_normal(y.shape)
+    ys = spec.output_values(y)
+    douts = [np.random.default_rng(zlib.crc32(
+        (f"{spec.name}/{sample.name}" + ("" if k == 0 else f"/{name}")).encode()))
+        .standard_normal(v.shape) for k, (name, v) in enumerate(zip(spec.outputs, ys))]
+    dy = spec.upstream(douts)  # random, for every output
     grads = spec.backward(dy, cache)
 
     tensors = [None if a is None else torch.tensor(a, requires_grad=True) for a in sample.arrays]
     result = spec.torch_call(torch, *tensors, **sample.kwargs)
     yt, state_t = result if spec.stateful else (result, None)
-    yt.backward(torch.tensor(dy))
-    theirs = {"y": yt.detach().numpy()}
-    ours = {"y": y}
+    yts = spec.output_values(yt)
+    torch.autograd.backward(yts, [torch.tensor(d) for d in douts])
+    theirs = {name: t.detach().numpy() for name, t in zip(spec.outputs, yts)}
+    ours = dict(zip(spec.outputs, ys))
     for name, g, t in zip(spec.diff_argnames, grads, tensors):
         if t is not None:
             ours["d" + name], theirs["d" + name] = g, t.grad.numpy()
@@ -71,8 +75,9 @@ def test_matches_torch_float64(spec, sample, torch):
                      else v) for k, v in sample.kwargs.items()}
     s_ld = sample._replace(arrays=tuple(ld), kwargs=kwargs_ld)
     y_ld, state_ld, cache_ld = spec.run(s_ld)
-    exact = {"y": y_ld}
-    for name, g in zip(spec.diff_argnames, spec.backward(dy.astype(np.longdouble), cache_ld)):
+    exact = dict(zip(spec.outputs, spec.output_values(y_ld)))
+    dy_ld = spec.upstream(d.astype(np.longdouble) for d in douts)
+    for name, g in zip(spec.diff_argnames, spec.backward(dy_ld, cache_ld)):
         exact["d" + name] = g
     exact.update(_as_state_dict(state_ld))
     for key, diff in bad.items():

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy as np
+
 from .tensor import Tensor
 
 
-def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
+def custom_vjp(forward, backward, diff_argnames, *, stateful=False, outputs=1):
     """Make a differentiable op from a forward and its hand-derived backward.
 
     Parameters
@@ -35,6 +37,11 @@ def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
         statistics): their ``grads`` NamedTuple has fields after the gradients. The op then
         takes a keyword ``on_backward_state``, a callable that the graph's backward pass calls
         with those fields as a dict (``{"ema_gz": ...}``); without it they are dropped.
+    outputs : int
+        How many outputs ``forward`` returns: with several, its ``y`` is a tuple of arrays,
+        ``backward`` takes a tuple of their upstream gradients (zeros for an output that the
+        loss does not use), and the op returns a tuple of Tensors. (The engine's nodes have one
+        output each; see :func:`_several` for how several are wired in.)
 
     Returns
     -------
@@ -60,10 +67,37 @@ def custom_vjp(forward, backward, diff_argnames, *, stateful=False):
                 positions.append(i)
         result = forward(*bound.args, **bound.kwargs)
         y, cache = result[0], result[-1]
-        out = Tensor._make(y, "custom_vjp", tuple(parents),
-                           (backward, cache, tuple(positions), len(diff_argnames),
-                            on_backward_state))
+        rule_args = (cache, tuple(positions), len(diff_argnames), on_backward_state)
+        if outputs == 1:
+            out = Tensor._make(y, "custom_vjp", tuple(parents), (backward,) + rule_args)
+        else:
+            out = _several(tuple(y), backward, tuple(parents), rule_args)
         return (out, result[1]) if stateful else out
 
     op.forward, op.backward, op.diff_argnames = forward, backward, tuple(diff_argnames)
+    op.outputs = outputs
     return op
+
+
+def _several(ys, backward, parents, rule_args):
+    """The Tensors of several outputs ``ys`` of one hand-derived node.
+
+    The engine's nodes have one output each, so the node is a *hub*: one ``custom_vjp`` node
+    whose value stands for the outputs laid end to end (a read-only zero-stride array: it holds
+    no memory), and one ``custom_vjp_output`` node per output, a child of the hub that holds
+    the output's own array. The backward pass sums the children's upstream gradients into the
+    hub's flat gradient, each at its own offset (zeros where an output is unused), and the
+    hub's rule cuts it back into one array per output, in each output's shape and dtype, for
+    ``backward``. ``rule_args`` are the hub's other ``custom_vjp`` rule arguments: ``(cache,
+    positions, n_grads, on_backward_state)``."""
+    ys = tuple(np.asarray(a) for a in ys)
+    flat = np.broadcast_to(np.zeros((), np.result_type(*ys)), (sum(a.size for a in ys),))
+    offsets = np.cumsum([0] + [a.size for a in ys])
+
+    def split(g, cache_):
+        return backward(tuple(g[o:o + a.size].reshape(a.shape).astype(a.dtype, copy=False)
+                              for o, a in zip(offsets, ys)), cache_)
+
+    hub = Tensor._make(flat, "custom_vjp", parents, (split,) + rule_args)
+    return tuple(Tensor._make(a, "custom_vjp_output", (hub,), (int(o),))
+                 for o, a in zip(offsets, ys))

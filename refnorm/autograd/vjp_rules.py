@@ -22,7 +22,7 @@ from . import primitives as P
 from .tensor import Tensor
 
 VJP_RULES = {}
-ARRAY_ONLY_RULES = {"getitem", "conv2d", "custom_vjp"}
+ARRAY_ONLY_RULES = {"getitem", "conv2d", "custom_vjp", "custom_vjp_output"}
 
 
 def rule(name):
@@ -299,3 +299,13 @@ def custom_vjp_vjp(g, out, inputs, backward, cache, positions, n_grads, on_backw
     if on_backward_state is not None and len(grads) > n_grads:   # the backward's new state
         on_backward_state(dict(zip(grads._fields[n_grads:], grads[n_grads:])))
     return tuple(grads[i] for i in positions)
+
+
+@rule("custom_vjp_output")
+def custom_vjp_output_vjp(g, out, inputs, offset):
+    # one output of a node with several (custom_vjp._several): its gradient, at its offset in
+    # the flat gradient of the hub, zeros elsewhere
+    hub = inputs[0]
+    flat = np.zeros(hub.shape, np.result_type(hub.dtype, g.dtype))
+    flat[offset:offset + g.size] = np.ravel(g)
+    return (flat,)

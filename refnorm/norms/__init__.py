@@ -34,6 +34,7 @@ from refnorm.norms import filter_response_norm as _filter_response_norm
 from refnorm.norms import weight_compander as _weight_compander
 from refnorm.norms import evo_norm as _evo_norm
 from refnorm.norms import batch_channel_norm as _batch_channel_norm
+from refnorm.norms import fused_add_norm as _fused_add_norm
 
 ALL_SPECS = (
     _layer_norm.SPEC,
@@ -70,6 +71,8 @@ ALL_SPECS = (
     _evo_norm.SPEC_B0,
     _evo_norm.SPEC_S0,
     _batch_channel_norm.SPEC,
+    _fused_add_norm.ADD_RMS_SPEC,
+    _fused_add_norm.ADD_LAYER_SPEC,
 )
 
 BY_NAME = {spec.name: spec for spec in ALL_SPECS}

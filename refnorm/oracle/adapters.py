@@ -14,7 +14,9 @@ A candidate is any Python callable with this signature::
     the differentiable inputs by the record's names (``x``, ``weight``, ``bias``; ``v``, ``g``
     for weight norm). Absent optional inputs (no ``bias``) are simply not in the dict.
 ``dy``
-    the upstream gradient of ``y``.
+    the upstream gradient of ``y``; for a variant with several outputs (``add_rms_norm`` and
+    ``add_layer_norm`` return ``y`` and the residual sum ``s``), a dict of the upstream
+    gradient of each output by its name, ``{"y": dy, "s": ds}``.
 ``kwargs``
     everything else, by the names of the refnorm forward (``normalized_shape``, ``eps``,
     ``num_groups``, ``running_mean``, ``training``, ...). ``refnorm.norms.<variant>`` documents
@@ -26,7 +28,8 @@ Every float array it receives (inputs, ``dy``, float arrays in ``kwargs``) is a 
 whose values are exactly representable in dtype**: cast them to your dtype (``torch.tensor(a,
 dtype=torch.bfloat16)`` is exact), run your forward and backward, and return a dict with
 
-* ``"y"``, and ``"d" + name`` for every input received (``"dx"``, ``"dweight"``, ...): required;
+* ``"y"`` (and every other output of the variant by its name, ``"s"``), and ``"d" + name`` for
+  every input received (``"dx"``, ``"dresidual"``, ``"dweight"``, ...): required;
 * the new state of a stateful variant, by field name (``"running_mean"``, ``"running_var"``,
   ``"num_batches_tracked"``; ``"u"``, ``"v"`` for spectral norm): compared when present;
 * ``"mean"`` and ``"rstd"``, the saved statistics: compared when present (any shape of the
@@ -38,7 +41,11 @@ support; it is reported as skipped, not failed. A candidate may carry a ``varian
 (a collection of names) to say which variants it implements, and a ``frozen`` attribute (input
 names, ``("weight",)``) for the inputs whose gradient it does not compute (a frozen parameter,
 as in LoRA fine-tuning): their gradient is then reported "not computed (frozen)" and
-everything else is judged.
+everything else is judged. A ``memory_efficient = True`` attribute declares a memory-saving
+backward (LayerNorm, RMSNorm and the fused residual-add norms): one that saves ``y`` instead of
+``x`` and recomputes ``xhat = (y - bias) / weight``, as Apex's
+``FusedLayerNorm(memory_efficient=True)`` does; the tolerance then admits the error of that
+recomputation (see :func:`refnorm.oracle.check`).
 
 A candidate must not write into what it receives (``x``, the parameters, the state, ``dy``):
 the oracle compares every array before and after the call and fails the case that wrote, with
@@ -162,6 +169,7 @@ class Adapter:
     device = "cpu"
     ftz = False
     frozen: tuple = ()      # inputs whose gradient the candidate does not compute
+    memory_efficient = False  # its backward recomputes xhat from y (a memory-saving backward)
     known: dict = {}        # (variant, case) -> why a failure there is the library's own
     #: the kernel conventions the candidate claims for every case (``{"casting_mode":
     #: "llama", "offset": 1.0}``; see :func:`refnorm.oracle.check`), from ``fn.conventions``
@@ -189,6 +197,7 @@ class CallableAdapter(Adapter):
         self.frozen = _names(getattr(fn, "frozen", ()), "frozen")
         self.conventions = dict(getattr(fn, "conventions", None) or {})
         self.accepts_conventions = bool(getattr(fn, "accepts_conventions", False))
+        self.memory_efficient = bool(getattr(fn, "memory_efficient", False))
 
     def supports(self, spec) -> bool:
         return self.variants is None or spec.name in self.variants
@@ -294,7 +303,8 @@ class TorchAdapter(Adapter):
     case). :meth:`residual` runs ``x + fn(x)`` to show what a write into ``dy`` does there.
     """
 
-    def __init__(self, device="cpu", fn=None, *, stats=True, name=None, frozen=None):
+    def __init__(self, device="cpu", fn=None, *, stats=True, name=None, frozen=None,
+                 memory_efficient=None):
         self.torch = _import_torch()
         self.device = str(device)
         self._dev = _check_torch_device(self.torch, device)
@@ -303,6 +313,8 @@ class TorchAdapter(Adapter):
                              f"torch:{getattr(fn, '__qualname__', repr(fn))}")
         self.variants = getattr(fn, "variants", None) if fn is not None else None
         self.frozen = _names(getattr(fn, "frozen", ()) if frozen is None else frozen, "frozen")
+        self.memory_efficient = bool(getattr(fn, "memory_efficient", False)
+                                     if memory_efficient is None else memory_efficient)
         self.known = dict(KNOWN_TORCH_BEHAVIOUR) if fn is None else {}
         # the records' torch_call follows every convention of the case's kwargs
         self.conventions = dict(getattr(fn, "conventions", None) or {}) if fn is not None \
@@ -331,11 +343,15 @@ class TorchAdapter(Adapter):
         watched = {**leaves, **{k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}}
         before = {n: (t._version, t.detach().clone()) for n, t in watched.items()}
         y, state = self._forward(spec, leaves, kw)
-        dyt = torch.tensor(dy, dtype=y.dtype, device=y.device)
-        watched["dy"] = dyt
-        before["dy"] = (dyt._version, dyt.clone())
-        y.backward(dyt)
-        out = {"y": y}
+        ys = spec.output_values(y)
+        douts = dy if isinstance(dy, dict) else {"y": dy}
+        dyts = [torch.tensor(douts[n], dtype=t.dtype, device=t.device)
+                for n, t in zip(spec.outputs, ys)]
+        for n, dyt in zip(spec.outputs, dyts):
+            watched["d" + n] = dyt
+            before["d" + n] = (dyt._version, dyt.clone())
+        torch.autograd.backward(ys, dyts)
+        out = dict(zip(spec.outputs, ys))
         for n, t in leaves.items():
             if t.grad is not None:
                 out["d" + n] = t.grad
@@ -366,10 +382,15 @@ class TorchAdapter(Adapter):
             args = [leaves.get(n) for n in spec.diff_argnames]
             result = spec.torch_call(torch, *args, **kw)
         y, state = result if spec.stateful else (result, None)
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"the function returned {type(y).__name__}, expected the output "
-                            f"tensor y" + (" (and the new state)" if spec.stateful else ""))
-        return y, state
+        several = len(spec.outputs) > 1
+        if not (isinstance(y, (tuple, list)) and len(y) == len(spec.outputs) and all(
+                isinstance(t, torch.Tensor) for t in y) if several
+                else isinstance(y, torch.Tensor)):
+            what = f"the tuple of output tensors ({', '.join(spec.outputs)})" if several \
+                else "the output tensor y"
+            raise TypeError(f"the function returned {type(y).__name__}, expected {what}"
+                            + (" (and the new state)" if spec.stateful else ""))
+        return (tuple(y) if several else y), state
 
     def residual(self, variant, inputs, dy, kwargs, *, dtype):
         """``dx`` of the residual block ``z = x + f(x)`` under the upstream gradient ``dy``
@@ -387,24 +408,27 @@ class TorchAdapter(Adapter):
               for k, v in kwargs.items()}
         x = leaves["x"]
         y, _ = self._forward(spec, leaves, kw)
-        if tuple(y.shape) != tuple(x.shape):
+        if len(spec.outputs) > 1 or tuple(y.shape) != tuple(x.shape):
             return None
         z = x + y
         z.backward(torch.tensor(dy, dtype=z.dtype, device=z.device))
         return to_numpy(x.grad)
 
 
-def torch_function(fn, device="cpu", *, name=None, frozen=None) -> TorchAdapter:
+def torch_function(fn, device="cpu", *, name=None, frozen=None,
+                   memory_efficient=None) -> TorchAdapter:
     """A PyTorch function with the signature of refnorm's forward, as a candidate (see
     :class:`TorchAdapter`): ``check(torch_function(my_ln, device="cuda"), "layer_norm")``.
 
     ``fn`` is called by keyword, with the names of refnorm's forward (``x=...,
     weight=..., normalized_shape=..., eps=...``). ``frozen`` (``("weight",)``) names the
     inputs whose gradient ``fn`` does not compute (a frozen parameter); default
-    ``fn.frozen``. ``torch.nn.functional.layer_norm`` names its first argument ``input``:
+    ``fn.frozen``. ``memory_efficient=True`` (default ``fn.memory_efficient``) declares a
+    backward that recomputes xhat from y. ``torch.nn.functional.layer_norm`` names its first
+    argument ``input``:
     wrap it, ``torch_function(lambda x, normalized_shape, weight=None, bias=None, eps=1e-5:
     F.layer_norm(x, normalized_shape, weight, bias, eps))``."""
-    return TorchAdapter(device, fn, name=name, frozen=frozen)
+    return TorchAdapter(device, fn, name=name, frozen=frozen, memory_efficient=memory_efficient)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The oracle's cases: per variant, per candidate dtype, deterministic from a seed.
 
 A :class:`Case` is one call of a variant: its differentiable inputs, its hyper-parameters and
-state (``kwargs``), and the upstream gradient ``dy``. Every float array of a case holds values
-that are **exactly representable in the candidate dtype** (rounded once from float64 with
-:func:`refnorm.oracle.formats.round_to`) but is stored as float64: the reference computes on
-these very values and the candidate receives them losslessly, so both see bit-identical inputs.
+state (``kwargs``), and the upstream gradient ``dy`` (with ``douts``, those of the record's
+other outputs, by name: ``{"s": ds}`` for the fused residual-add norms). Every float array of a
+case holds values that are **exactly representable in the candidate dtype** (rounded once from
+float64 with :func:`refnorm.oracle.formats.round_to`) but is stored as float64: the reference
+computes on these very values and the candidate receives them losslessly, so both see
+bit-identical inputs.
 
 Where the cases come from, for each registered variant:
 
@@ -39,7 +41,7 @@ from __future__ import annotations
 import inspect
 import re
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -69,10 +71,23 @@ class Case:
     seed: int = 0
     tags: tuple = ()
     argnames: tuple = ()
+    douts: Mapping[str, np.ndarray] = field(default_factory=dict)  # the other outputs' dy
 
     @property
     def sample(self) -> SampleInput:
         return SampleInput(self.name, self.arrays, self.kwargs)
+
+    @property
+    def upstream(self) -> tuple:
+        """The upstream gradient of every output, in the record's ``outputs`` order."""
+        return (self.dy,) + tuple(self.douts.values())
+
+    def candidate_dy(self):
+        """The ``dy`` a candidate receives (copies): the array, or for a record with several
+        outputs a dict of their upstream gradients by output name (``{"y": ..., "s": ...}``)."""
+        if not self.douts:
+            return self.dy.copy()
+        return {"y": self.dy.copy(), **{k: v.copy() for k, v in self.douts.items()}}
 
     @property
     def inputs(self) -> dict:
@@ -266,9 +281,12 @@ def _make_case(spec, sample, fmt, seed, name, tags):
     reason = _feasible(spec, sample, rounded, fmt, groups)
     if reason:
         return None, reason
-    dy = round_to(case_rng(seed, spec.name, name, "dy").standard_normal(np.shape(y)), fmt)
+    ys = spec.output_values(y)
+    dy = round_to(case_rng(seed, spec.name, name, "dy").standard_normal(np.shape(ys[0])), fmt)
+    douts = {k: round_to(case_rng(seed, spec.name, name, "d" + k).standard_normal(np.shape(v)),
+                         fmt) for k, v in zip(spec.outputs[1:], ys[1:])}
     return Case(spec.name, name, fmt.name, rounded.arrays, rounded.kwargs, dy, seed, tuple(tags),
-                tuple(spec.diff_argnames)), None
+                tuple(spec.diff_argnames), douts), None
 
 
 def generate(spec, dtype="float32", seed=0, size="full"):
@@ -320,4 +338,5 @@ def with_dtype(case: Case, dtype) -> Case:
     fmt = get_format(dtype)
     return replace(case, dtype=fmt.name,
                    arrays=tuple(None if a is None else round_to(a, fmt) for a in case.arrays),
-                   kwargs=_round_kwargs(case.kwargs, fmt), dy=round_to(case.dy, fmt))
+                   kwargs=_round_kwargs(case.kwargs, fmt), dy=round_to(case.dy, fmt),
+                   douts={k: round_to(v, fmt) for k, v in case.douts.items()})

@@ -97,7 +97,8 @@ def cmd_compare(args):
             try:
                 total = core.count_cases(adapter, variants, dtype, args.seed, args.size,
                                          args.strict, bool(args.ftz if args.ftz is not None
-                                                           else adapter.ftz), claimed)
+                                                           else adapter.ftz), claimed,
+                                         bool(args.memory_efficient or adapter.memory_efficient))
             except (ValueError, TypeError) as exc:   # a convention no variant has
                 return _err(str(exc))
         else:
@@ -107,7 +108,8 @@ def cmd_compare(args):
             report = core.check(adapter, variants, dtype=dtype, device=args.device,
                                 seed=args.seed, size=args.size, strict=args.strict,
                                 ftz=args.ftz, cases=cases, progress=bar.step,
-                                frozen=args.frozen, conventions=conventions)
+                                frozen=args.frozen, conventions=conventions,
+                                memory_efficient=args.memory_efficient)
         except (ValueError, TypeError) as exc:       # --frozen naming no input
             return _err(str(exc))
         finally:
@@ -250,6 +252,11 @@ def add_commands(subparsers):
                    help="a kernel convention the candidate follows, for every case "
                    "(repeatable): casting_mode=llama|gemma|none, offset=1 (Gemma's 1 + weight); "
                    "the tolerance then admits that mode's roundings and no more")
+    p.add_argument("--memory-efficient", action="store_true", default=None,
+                   help="the candidate's backward recomputes xhat = (y - bias) / weight from "
+                   "the saved output (Apex's memory_efficient=True): the tolerance admits the "
+                   "error of that recomputation; ill-conditioned cases (a weight near 0) are "
+                   "reported as such, not failed")
     p.add_argument("--goldens", metavar="DIR",
                    help="use the cases of a golden directory instead of generating them")
     p.add_argument("--report", metavar="FILE", help="also write the full text report here")

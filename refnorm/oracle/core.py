@@ -84,11 +84,13 @@ def write_diagnosis(names) -> str:
     """The diagnosis of a candidate that wrote into the arrays it was given."""
     names = list(names)
     parts = []
-    if "dy" in names:
-        parts.append("backward wrote into dy in place; where dy is shared (a residual add "
-                     "passes the same gradient to both branches), this corrupts the other "
-                     "branch's gradient")
-    others = [n for n in names if n != "dy"]
+    upstream = [n for n in names if n in ("dy", "ds")]  # (ds: the prenorm output's gradient)
+    if upstream:
+        which = " and ".join(upstream)
+        parts.append(f"backward wrote into {which} in place; where {which} is shared (a "
+                     f"residual add passes the same gradient to both branches), this corrupts "
+                     f"the other branch's gradient")
+    others = [n for n in names if n not in upstream]
     if others:
         parts.append(f"the candidate wrote into its input{'s' if len(others) > 1 else ''} "
                      f"{', '.join(others)} in place; the caller's tensors (a model's "
@@ -96,13 +98,27 @@ def write_diagnosis(names) -> str:
     return "; ".join(parts)
 
 
+#: What a missing output (not a gradient) means, by its name: said by :func:`missing_diagnosis`
+MISSING_OUTPUT = {
+    "s": ("the residual sum s (prenorm output) is not returned: a fused residual-add norm "
+          "returns y and s = x + residual, the next block's residual (vLLM's fused_add_rms_norm "
+          "writes s into `residual`; FlashAttention's layer_norm_fn returns it with "
+          "prenorm=True): return it as \"s\""),
+}
+
+
 def missing_diagnosis(names) -> str:
-    """The diagnosis of gradients a candidate does not return (and did not declare frozen)."""
+    """The diagnosis of outputs and gradients a candidate does not return (and did not declare
+    frozen)."""
     grads = [n for n in names if n.startswith("d")]
+    said = [MISSING_OUTPUT[n] for n in names if n in MISSING_OUTPUT]
+    rest = [n for n in names if n not in grads and n not in MISSING_OUTPUT]
+    if rest:
+        said.append(f"{', '.join(rest)} missing from the candidate's outputs")
     if not grads:
-        return f"{', '.join(names)} missing from the candidate's outputs" if names else ""
+        return "; ".join(said)
     inputs = tuple(n[1:] for n in grads)
-    return (f"{', '.join(grads)} not computed by the candidate; if "
+    return "; ".join(said + [""]) + (f"{', '.join(grads)} not computed by the candidate; if "
             f"{' and '.join(inputs)} {'is' if len(inputs) == 1 else 'are'} frozen (a LoRA "
             f"kernel's weight, say), declare it and the rest is judged: "
             f"candidate.frozen = {inputs!r}, check(..., frozen={inputs!r}), "
@@ -157,6 +173,7 @@ class Prepared:
     groups: object
     emulated: dict | None          # a correct kernel's outputs, rounded to the dtype
     raw: dict | None = None        # the same before that rounding (in the accumulator)
+    ill: str | None = None         # why a memory-saving backward is ill-conditioned here
 
 
 def flush_subnormals(case):
@@ -171,21 +188,24 @@ def flush_subnormals(case):
 
     return dataclasses.replace(
         case, arrays=tuple(None if a is None else flush(a) for a in case.arrays),
-        kwargs={k: flush(v) for k, v in case.kwargs.items()}, dy=flush(case.dy))
+        kwargs={k: flush(v) for k, v in case.kwargs.items()}, dy=flush(case.dy),
+        douts={k: flush(v) for k, v in case.douts.items()})
 
 
-def prepare(spec, case, strict=False, ftz=False) -> Prepared:
+def prepare(spec, case, strict=False, ftz=False, memory_efficient=False) -> Prepared:
     if ftz:
         case = flush_subnormals(case)
     ref = _reference.compute(spec, case)
-    bnds = _tolerance.bounds(spec, case, ref, strict, ftz=ftz)
+    bnds = _tolerance.bounds(spec, case, ref, strict, ftz=ftz, memory_efficient=memory_efficient)
+    ill = _tolerance.recomputation_conditioning(spec, case, ref) if memory_efficient else None
     groups = groups_of(spec, case.sample, ref.cache)
     raw = _reference.emulate(spec, case, rounded=False)
-    fmt = get_format(case.dtype)
-    # (the rounded values are exact in float32 storage: half the memory)
-    emulated = None if raw is None else {k: round_to(v, fmt).astype(fmt.storage)
-                                         for k, v in raw.items()}
-    return Prepared(case, ref, bnds, groups, emulated, raw)
+    # (the rounded values are exact in the format's storage: float32 for bfloat16, half the
+    # memory); each output in its own format: the candidate dtype's, but a float32 residual sum
+    emulated = None if raw is None else {
+        k: round_to(v, f).astype(f.storage)
+        for k, v in raw.items() for f in (_tolerance.output_format(spec, case, k),)}
+    return Prepared(case, ref, bnds, groups, emulated, raw, ill)
 
 
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -279,9 +299,10 @@ def _nonfinite_reference(prep):
 
 
 def _prepared_cases(spec, dtype, seed, size, strict, ftz=False, conventions=None,
-                    accepts=True):
+                    accepts=True, memory_efficient=False):
     claimed = tuple(sorted((conventions or {}).items()))
-    key = (spec.name, id(spec), dtype, seed, size, strict, ftz, claimed, accepts)
+    key = (spec.name, id(spec), dtype, seed, size, strict, ftz, claimed, accepts,
+           memory_efficient)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -291,7 +312,7 @@ def _prepared_cases(spec, dtype, seed, size, strict, ftz=False, conventions=None
     preps = []
     for c in cases:
         try:
-            prep = prepare(spec, c, strict, ftz)
+            prep = prepare(spec, c, strict, ftz, memory_efficient)
         except Exception as exc:  # noqa: BLE001 - a broken reference must not hide the others
             skipped.append(_cases.Skipped(spec.name, c.name, c.dtype,
                                           f"BUG in refnorm: its reference raised "
@@ -359,7 +380,7 @@ def _run_case(adapter, prep, frozen):
     fmt = get_format(case.dtype)
     inputs = {n: a.copy() for n, a in case.inputs.items()}
     kwargs = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.kwargs.items()}
-    dy = case.dy.copy()
+    dy = case.candidate_dy()  # an array, or {output: dy} for a record with several outputs
     try:
         with np.errstate(all="ignore"):
             raw = adapter(case.variant, inputs, dy, kwargs, dtype=fmt.name)
@@ -374,7 +395,12 @@ def _run_case(adapter, prep, frozen):
     writes = {}
     writes.update(_written(case.inputs, inputs))
     writes.update(_written({k: v for k, v in case.kwargs.items()}, kwargs))
-    writes.update(_written({"dy": case.dy}, {"dy": dy}))
+    if isinstance(dy, dict):  # the upstream gradient of each output: "dy", "ds", ...
+        writes.update(_written({"d" + k: v for k, v in zip(("y",) + tuple(case.douts),
+                                                           case.upstream)},
+                               {"d" + k: v for k, v in dy.items()}))
+    else:
+        writes.update(_written({"dy": case.dy}, {"dy": dy}))
     if not hasattr(raw, "items"):
         return CaseResult(case.variant, case.name, fmt.name, "error",
                           message=f"the candidate returned {type(raw).__name__}, not a dict of "
@@ -431,7 +457,7 @@ def _short(value):
 def _residual(adapter, spec, prep):
     """The dx error of ``x + f(x)`` on one case (torch functions), or None."""
     case = prep.case
-    if "x" not in case.inputs or "dx" not in prep.ref.outputs or \
+    if "x" not in case.inputs or "dx" not in prep.ref.outputs or case.douts or \
             prep.ref.outputs["y"].shape != case.inputs["x"].shape:
         return None
     fmt = get_format(case.dtype)
@@ -456,7 +482,7 @@ def _residual(adapter, spec, prep):
 
 def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="full",
           strict=False, ftz=None, cases=None, diagnose=True, progress=None,
-          frozen=None, only=None, conventions=None) -> Report:
+          frozen=None, only=None, conventions=None, memory_efficient=None) -> Report:
     """Check a candidate against the reference on every case; returns a :class:`Report`.
 
     Every case also checks that the candidate wrote into none of the arrays it was given
@@ -514,6 +540,16 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         carry a convention the candidate does not claim are skipped, with the reason, unless
         the candidate follows each case's kwargs (``accepts_conventions``: the torch
         adapter's records, the catalogue's kernels).
+    memory_efficient : bool, optional
+        The candidate's backward saves ``y`` instead of ``x`` and recomputes
+        ``xhat = (y - bias) / weight`` from it (Apex's ``memory_efficient=True``;
+        LayerNorm, RMSNorm and the fused residual-add norms). The bounds of ``dx`` and
+        ``dweight`` then admit the error of that recomputation, derived in
+        :func:`refnorm.oracle.tolerance._recomputation_terms`; a case where it is
+        ill-conditioned (a weight near 0 against ``|y - bias|``) and fails is reported
+        "ill-conditioned for a memory-saving backward", not failed. Default: the candidate's
+        ``memory_efficient`` attribute, else False. A candidate that recomputes without
+        declaring it fails where the difference shows, and the diagnosis says so.
 
     """
     adapter = _adapters.resolve(impl, device)
@@ -532,8 +568,12 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
     accepts = bool(getattr(adapter, "accepts_conventions", False))
     if ftz is None:
         ftz = bool(getattr(adapter, "ftz", False))
+    if memory_efficient is None:
+        memory_efficient = bool(getattr(adapter, "memory_efficient", False))
+    memory_efficient = bool(memory_efficient)
     report = Report(adapter.name, fmt.name, getattr(adapter, "device", device), seed, size,
-                    strict, ftz=ftz, frozen=frozen, conventions=claimed)
+                    strict, ftz=ftz, frozen=frozen, conventions=claimed,
+                    memory_efficient=memory_efficient)
     wanted = None if only is None else ({only} if isinstance(only, str) else set(only))
     work, found = [], set()
     if cases is not None:
@@ -552,7 +592,7 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
             dropped = [s for s in dropped if wanted is None or s.name in wanted]
             found.update([c.name for c in given] + [s.name for s in dropped])
             report.skipped.extend(dropped)
-            preps = [prepare(spec, c, strict, ftz) for c in given]
+            preps = [prepare(spec, c, strict, ftz, memory_efficient) for c in given]
             first = preps[0] if preps and given[0] is cases_run[0] else None
             work.append((spec, preps, first))
         if by_variant:
@@ -564,7 +604,7 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
                 report.unsupported.append(spec.name)
                 continue
             preps, skipped = _prepared_cases(spec, fmt.name, seed, size, strict, ftz, claimed,
-                                             accepts)
+                                             accepts, memory_efficient)
             first = preps[0] if preps else None
             if wanted is not None:
                 preps = [p for p in preps if p.case.name in wanted]
@@ -580,6 +620,10 @@ def check(impl, variant=None, dtype="float32", *, device="cpu", seed=0, size="fu
         failing, writes, missing = [], {}, {}
         for prep in preps:
             result, got = run_case(adapter, prep, frozen)
+            if prep.ill and result.status == "FAIL" and not result.writes:
+                # a memory-saving backward where recomputing xhat is ill-conditioned: said so,
+                # not failed (the failing outputs stay in the result)
+                result.status, result.message = "skipped", prep.ill
             report.results.append(result)
             for n in result.writes:
                 writes.setdefault(n, None)
@@ -676,7 +720,7 @@ def _flushes(spec, failing, strict):
     """Whether every failing case passes once subnormals are flushed to zero."""
     for prep, res, got in failing:
         tiny = get_format(prep.case.dtype).accumulator.tiny
-        arrays = [a for a in prep.case.arrays if a is not None] + [prep.case.dy]
+        arrays = [a for a in prep.case.arrays if a is not None] + list(prep.case.upstream)
         if not any(np.any((a != 0) & (np.abs(a) < tiny)) for a in arrays) and \
                 "subnormal" not in prep.case.tags:
             return False
@@ -695,7 +739,7 @@ def _flushes(spec, failing, strict):
 
 
 def count_cases(impl_adapter, variant, dtype, seed, size, strict=False, ftz=False,
-                conventions=None):
+                conventions=None, memory_efficient=False):
     """How many cases :func:`check` will run (for a progress bar)."""
     n = 0
     specs = select_specs(variant)
@@ -704,5 +748,5 @@ def count_cases(impl_adapter, variant, dtype, seed, size, strict=False, ftz=Fals
     for spec in specs:
         if impl_adapter.supports(spec):
             n += len(_prepared_cases(spec, get_format(dtype).name, seed, size, strict, ftz,
-                                     claimed, accepts)[0])
+                                     claimed, accepts, memory_efficient)[0])
     return n

@@ -105,6 +105,8 @@ def _case_arrays(case, prep, emulated):
         if isinstance(v, np.ndarray) and (v.ndim > 0 or v.dtype.kind == "f"):
             arrays["kwarg__" + k] = v.astype(store) if v.dtype.kind == "f" else v
     arrays["dy"] = case.dy.astype(store)
+    for k, v in case.douts.items():  # the upstream gradients of the other outputs ("ds")
+        arrays["dout__" + k] = v.astype(store)
     for k, v in prep.ref.outputs.items():
         arrays["ref__" + k] = np.asarray(v, np.float64)
         arrays["tol__" + k] = np.asarray(prep.bounds[k], np.float32)
@@ -242,6 +244,10 @@ def _load_entry(directory, entry, index):
         a = arrays.get(key)
         if a is None or list(a.shape) != info.get("shape") or a.dtype.name != info.get("dtype"):
             raise GoldenError(f"{path.name}: array {key!r} missing or not as the manifest says")
+    lost = [k for k in spec.outputs[1:] if "dout__" + k not in arrays]
+    if lost:
+        raise GoldenError(f"{path.name}: no upstream gradient of the output(s) "
+                          f"{', '.join(lost)} (arrays dout__<name>)")
     inputs = tuple(arrays["input__" + n].astype(np.float64) if "input__" + n in arrays else None
                    for n in spec.diff_argnames)
     kwargs = {k: _decode(v) for k, v in entry.get("hyperparameters", {}).items()}
@@ -250,7 +256,9 @@ def _load_entry(directory, entry, index):
             kwargs[k[7:]] = a.astype(np.float64) if a.dtype.kind == "f" else a
     case = _cases.Case(variant, entry.get("case", f"case{index}"), fmt.name, inputs, kwargs,
                        arrays["dy"].astype(np.float64), int(entry.get("seed", 0)),
-                       tuple(entry.get("tags", [])), tuple(spec.diff_argnames))
+                       tuple(entry.get("tags", [])), tuple(spec.diff_argnames),
+                       {k: arrays["dout__" + k].astype(np.float64) for k in spec.outputs[1:]
+                        if "dout__" + k in arrays})
 
     def pick(prefix, dtype=np.float64):
         return {k[len(prefix):]: (a.astype(dtype) if dtype is not None else a)

@@ -723,7 +723,119 @@ def diagnose(spec, failing, dtype, n_cases=None, *, detail=False):
     return (summary, per_case, matched) if detail else (summary, per_case)
 
 
+def _residual_sum_diagnosis(spec, failing):
+    """A fused residual-add norm whose residual sum ``s`` is rounded to the candidate dtype
+    although ``residual_in_fp32`` keeps it in float32: named when ``s`` fails on every failing
+    case, every one of them sets ``residual_in_fp32``, and the candidate's ``s`` is the exact
+    sum rounded to the candidate dtype (within one more rounding in the accumulator)."""
+    if "s" not in getattr(spec, "outputs", ()) or not failing:
+        return None
+    for prep, res, got in failing:
+        o = res.outputs.get("s")
+        case = prep.case
+        fmt = get_format(case.dtype)
+        if o is None or o.passed or not case.kwargs.get("residual_in_fp32") \
+                or fmt.u <= 2.0 ** -24 or got.get("s") is None:
+            return None
+        ref = np.asarray(prep.ref.outputs["s"], np.float64)
+        mine = np.asarray(got["s"], np.float64)
+        if mine.shape != ref.shape:
+            return None
+        with np.errstate(all="ignore"):
+            near = np.abs(mine - round_to(ref, fmt)) <= 2.0 ** -24 * np.abs(ref) * 2 \
+                + fmt.smallest_subnormal
+        if not np.all(near | ~np.isfinite(ref)):
+            return None
+    fmt = get_format(failing[0][0].case.dtype)
+    others = sorted({o.name for _, res, _ in failing for o in res.failing()} - {"s"})
+    then = f"; {', '.join(others)} fail with it" if others else ""
+    text = (f"matches: the residual sum s rounded to the input dtype -- with "
+            f"residual_in_fp32=True s must be kept in float32 (FlashAttention's "
+            f"residual_in_fp32), but the candidate returns x + residual rounded to {fmt.name}: "
+            f"the residual stream keeps {fmt.p} significant bits instead of 24{then}")
+    return text, {res.case: "matches: s rounded to the input dtype although residual_in_fp32"
+                  for _, res, _ in failing}, []
+
+
+def _recomputed_gradients(spec, case):
+    r"""``{output: array}``: the gradients of a backward that recomputes
+    :math:`\hat x = (\tilde y - \beta)/\gamma` from the output ``y`` rounded to the case's
+    dtype (a memory-saving backward), in float64; None where that does not apply."""
+    from refnorm.oracle import tolerance as T
+    from refnorm.oracle.reference import compute
+
+    if spec.name not in T.MEMORY_EFFICIENT or "weight" not in case.inputs:
+        return None
+    inner, sub, ref = (spec, case, compute(spec, case)) if spec.name not in T.FUSED_ADD \
+        else T._inner_case(spec, case)
+    xhat, r, gamma, beta, y, dy = T._trailing_rows(sub, ref)
+    with np.errstate(all="ignore"):
+        xr = (round_to(y, get_format(case.dtype)) - beta) / gamma
+        g = gamma * dy
+        dx = r * (g - xr * np.mean(g * xr, axis=1, keepdims=True)
+                  - (np.mean(g, axis=1, keepdims=True) if inner.name == "layer_norm" else 0))
+        out = {"dweight": np.sum(dy * xr, axis=0).reshape(case.inputs["weight"].shape)}
+        if spec.name in T.FUSED_ADD:
+            dx = dx + np.asarray(case.douts["s"], np.float64).reshape(dx.shape)
+            out["dresidual"] = dx.reshape(case.inputs["x"].shape)
+    out["dx"] = dx.reshape(case.inputs["x"].shape)
+    return out
+
+
+def _recompute_diagnosis(spec, failing):
+    """A backward that recomputes xhat from y (a memory-saving backward) without declaring it.
+    Named when every failing output of every failing case is a gradient that uses xhat (dx,
+    dresidual, dweight), it is within the bound that declaring it gives (or the case is
+    ill-conditioned for the recomputation), and most of its out-of-bound elements are closer to
+    the gradient of that recomputation than to the reference (cases with subnormal inputs,
+    where flushing to zero explains as much, are no evidence; some other case must be)."""
+    from refnorm.oracle import tolerance as T
+    from refnorm.oracle.reference import compute
+
+    closer = total = 0
+    for prep, res, got in failing:
+        bad = {o.name for o in res.failing()}
+        if not bad or not bad <= {"dx", "dresidual", "dweight"}:
+            return None
+        tiny = get_format(prep.case.dtype).accumulator.tiny
+        if "subnormal" in prep.case.tags or any(
+                np.any((a != 0) & (np.abs(a) < tiny)) for a in prep.case.arrays
+                if a is not None):
+            continue  # subnormal inputs: no evidence either way (flushing is as likely)
+        mine = _recomputed_gradients(spec, prep.case)
+        if mine is None:
+            return None
+        ref = compute(spec, prep.case)
+        ill = T.recomputation_conditioning(spec, prep.case, ref)
+        declared = None if ill else T.bounds(spec, prep.case, ref, memory_efficient=True)
+        for key in bad:
+            cand = got.get(key)
+            if cand is None or np.shape(cand) != mine[key].shape:
+                return None
+            cand = np.asarray(cand, np.float64)
+            r = np.asarray(prep.ref.outputs[key], np.float64)
+            with np.errstate(all="ignore"):
+                off = np.abs(cand - r) > prep.bounds[key]
+                if declared is not None and np.any(np.abs(cand - r) > declared[key]):
+                    return None
+                closer += int(np.sum(np.abs(cand - mine[key])[off] < np.abs(cand - r)[off]))
+            total += int(np.sum(off))
+    if not total or closer < total / 2:
+        return None
+    text = ("matches: xhat recomputed from y in the backward without declaring it -- a "
+            "memory-saving backward (Apex's memory_efficient=True) saves y and recomputes "
+            "xhat = (y - bias) / weight, which errs where a weight is small against |y - bias|; "
+            "declare it and the tolerance admits that error: candidate.memory_efficient = True, "
+            "check(..., memory_efficient=True), torch_function(fn, memory_efficient=True) or "
+            "--memory-efficient")
+    return text, {res.case: "matches: xhat recomputed from y (memory-saving backward), "
+                            "not declared" for _, res, _ in failing}, []
+
+
 def _diagnose(spec, failing, n_cases):
+    named = _residual_sum_diagnosis(spec, failing) or _recompute_diagnosis(spec, failing)
+    if named is not None:
+        return named
     mistakes = for_variant(spec.name)
     if not mistakes or not failing:
         return "", {}, []

@@ -4,7 +4,8 @@
 statistics with a correction pass, see :mod:`refnorm.norms._stats`) on the case's inputs, which
 are exactly the candidate's inputs cast back up. Its outputs, by name:
 
-* ``y``; ``d<name>`` for every present differentiable input (``dx``, ``dweight``, ``dbias``);
+* ``y`` (and the record's other outputs by name: ``s`` for the fused residual-add norms);
+  ``d<name>`` for every present differentiable input (``dx``, ``dweight``, ``dbias``);
 * for a stateful variant, every float field of the new state (``running_mean``, ...);
 * ``mean`` and ``rstd`` when the forward saves them (the statistics a kernel's backward reuses).
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refnorm.norms._stats import native_precision
-from refnorm.oracle.formats import get_format, round_to
+from refnorm.oracle.formats import FORMATS, get_format, round_to
 
 __all__ = ["Reference", "compute", "emulate", "state_dict", "STAT_NAMES"]
 
@@ -53,8 +54,8 @@ class Reference:
 
 
 def _outputs(spec, case, y, state, cache, grads, dtype=np.float64):
-    outs = {"y": np.asarray(y, dtype)}
-    required = ["y"]
+    outs = {name: np.asarray(v, dtype) for name, v in zip(spec.outputs, spec.output_values(y))}
+    required = list(spec.outputs)
     for name, g, a in zip(spec.diff_argnames, grads, case.arrays):
         if a is not None and g is not None:
             outs["d" + name] = np.asarray(g, dtype)
@@ -79,7 +80,7 @@ def compute(spec, case) -> Reference:
     sample = case.sample
     with np.errstate(all="ignore"):  # non-finite cases produce NaN on purpose
         y, state, cache = spec.run(sample)
-        grads = spec.backward(case.dy, cache)
+        grads = spec.backward(spec.upstream(case.upstream), cache)
     outs, exact, required = _outputs(spec, case, y, state, cache, grads)
     for a in outs.values():
         a.setflags(write=False)
@@ -109,8 +110,30 @@ def emulate(spec, case, accumulate=None, *, rounded=True) -> dict | None:
         # would otherwise redo out-of-range groups in a wider dtype)
         with np.errstate(all="ignore"), native_precision():
             y, state, cache = spec.run(case.sample._replace(arrays=arrays, kwargs=kwargs))
-            grads = spec.backward(case.dy.astype(acc), cache)
+            grads = spec.backward(spec.upstream(d.astype(acc) for d in case.upstream), cache)
     except Exception:  # noqa: BLE001 - a variant whose code is float64-only has no emulation
         return None
     outs, _, _ = _outputs(spec, case, y, state, cache, grads)
-    return {k: round_to(v, fmt) if rounded else v for k, v in outs.items()}
+    return {k: round_to(v, output_format(spec, case, k)) if rounded else v
+            for k, v in outs.items()}
+
+
+#: The fused residual-add records and the norm each applies to s = x + residual
+FUSED_ADD = {"add_rms_norm": "rms_norm", "add_layer_norm": "layer_norm"}
+
+
+def residual_format(case):
+    """The format of the residual sum ``s`` a correct candidate returns: float32 with
+    ``residual_in_fp32`` (for candidates below float32), else the candidate dtype."""
+    fmt = get_format(case.dtype)
+    if case.kwargs.get("residual_in_fp32") and fmt.u > FORMATS["float32"].u:
+        return FORMATS["float32"]
+    return fmt
+
+
+def output_format(spec, case, key):
+    """The format a correct candidate returns output ``key`` in: the candidate dtype, except
+    the residual sum ``s`` of a fused residual-add norm (:func:`residual_format`)."""
+    if spec.name in FUSED_ADD and key == "s":
+        return residual_format(case)
+    return get_format(case.dtype)

@@ -277,6 +277,7 @@ class Report:
     frozen: tuple = ()        # inputs declared frozen: their gradient is not computed
     #: the kernel conventions the candidate claimed (``{"casting_mode": "llama"}``)
     conventions: dict = field(default_factory=dict)
+    memory_efficient: bool = False  # a backward that recomputes xhat from y was declared
     #: variant -> (case, OutputResult): dx of the residual block ``x + f(x)`` (torch functions)
     residual: dict = field(default_factory=dict)
 
@@ -343,7 +344,9 @@ class Report:
                  f"seed={self.seed} size={self.size}" + (" strict" if self.strict else "")
                  + (" ftz (subnormals may be flushed to zero)" if self.ftz else "")
                  + (f" frozen={','.join(self.frozen)}" if self.frozen else "")
-                 + "".join(f" {k}={v}" for k, v in self.conventions.items())]
+                 + "".join(f" {k}={v}" for k, v in self.conventions.items())
+                 + (" memory-efficient (xhat recomputed from y in the backward)"
+                    if self.memory_efficient else "")]
         for v in self.variants:
             s = self.summary(v)
             ok = s["fail"] == 0
@@ -472,6 +475,7 @@ class Report:
             "diagnoses": self.diagnoses, "matched": self.matched,
             "unsupported": self.unsupported, "frozen": list(self.frozen),
             "conventions": dict(self.conventions),
+            "memory_efficient": self.memory_efficient,
             "residual": {v: {"case": c, **{f: clean(x) for f, x in asdict(o).items()}}
                          for v, (c, o) in self.residual.items()},
             "skipped": [asdict(s) for s in self.skipped],

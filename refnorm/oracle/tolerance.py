@@ -47,7 +47,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from refnorm.oracle.formats import FORMATS, get_format
+from refnorm.oracle.formats import FORMATS, get_format, round_to
+from refnorm.oracle.reference import FUSED_ADD, output_format, residual_format  # noqa: F401
 from refnorm.oracle.structure import (Groups, groups_of, labels_from_axes, param_view,
                                       unbroadcast_sum)
 
@@ -1119,19 +1120,218 @@ def _normwise(ref, n, u: Units, F):
     return np.full(ref.shape, F * float(growth(n)) * (u.u_acc + u.u_mid) * scale)
 
 
-def bounds(spec, case, ref, strict=False, *, ftz=False, safety=SAFETY, explain=False):
-    """The per-element absolute error bound of every reference output of ``case``.
+def bounds(spec, case, ref, strict=False, *, ftz=False, safety=SAFETY, explain=False,
+           memory_efficient=False):
+    r"""The per-element absolute error bound of every reference output of ``case``.
 
     Returns ``{name: array}`` (the shape of each output), and with ``explain=True`` also a
     dict saying which form of the model each output got. ``ftz=True`` admits a candidate that
     flushes subnormal numbers of its accumulator to zero: every operation may then lose up to
     the accumulator's smallest normal number instead of half its smallest subnormal.
+    ``memory_efficient=True`` admits a memory-saving backward, one that recomputes
+    :math:`\hat x` from the saved output (:func:`_recomputation_terms`; the variants of
+    :data:`MEMORY_EFFICIENT`).
     """
     with np.errstate(all="ignore"):   # non-finite cases are expected to make NaN here
-        return _bounds(spec, case, ref, strict, ftz, safety, explain)
+        return _bounds(spec, case, ref, strict, ftz, safety, explain, memory_efficient)
 
 
-def _bounds(spec, case, ref, strict, ftz, safety, explain):
+#: The variants whose kernels may save y instead of x and recompute xhat = (y - beta) / gamma
+#: in the backward (Apex's ``FusedLayerNorm``/``FusedRMSNorm(memory_efficient=True)``)
+MEMORY_EFFICIENT = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
+
+#: A column whose recomputed xhat may err by this much (xhat's scale is 1) or more, or whose
+#: weight is 0, makes the recomputation ill-conditioned: beyond first order, not judged
+ILL_CONDITIONED = 0.125
+
+
+def _trailing_rows(case, ref):
+    """``(xhat, r, gamma, beta, y, dy)`` of a norm over the trailing ``normalized_shape`` axes
+    (layer_norm, rms_norm), each as (rows, N) float64 arrays (``r`` a column)."""
+    arr = dict(zip(case.argnames, case.arrays))
+    x = np.asarray(arr["x"], np.float64)
+    nd = len(np.atleast_1d(case.kwargs["normalized_shape"]))
+    n = max(1, int(np.prod(x.shape[x.ndim - nd:], dtype=np.int64)))
+    rows = x.reshape(-1, n)
+    r = np.asarray(ref.cache.rstd, np.float64).reshape(-1, 1)
+    mu = rows.mean(axis=1, keepdims=True) if case.variant == "layer_norm" and rows.size \
+        else 0.0
+    with np.errstate(all="ignore"):  # non-finite cases
+        xhat = (rows - mu) * r
+    w, b = arr.get("weight"), arr.get("bias")
+    gamma = np.ones((1, n)) if w is None else np.asarray(w, np.float64).reshape(1, n)
+    beta = np.zeros((1, n)) if b is None else np.asarray(b, np.float64).reshape(1, n)
+    y = np.asarray(ref.outputs["y"], np.float64).reshape(rows.shape)
+    dy = np.asarray(case.dy, np.float64).reshape(rows.shape)
+    return xhat, r, gamma, beta, y, dy
+
+
+def recomputation_conditioning(spec, case, ref):
+    r"""Why recomputing xhat from y is ill-conditioned on ``case`` (a weight of 0, or one so
+    small against :math:`|y-\beta|` that one rounding of y moves xhat by
+    :data:`ILL_CONDITIONED` or more), or None. For a fused residual-add norm, that of its norm
+    at s."""
+    if spec.name in FUSED_ADD:
+        inner, sub, sub_ref = _inner_case(spec, case)
+        return recomputation_conditioning(inner, sub, sub_ref)
+    if spec.name not in MEMORY_EFFICIENT or "weight" not in case.inputs:
+        return None
+    xhat, r, gamma, beta, y, dy = _trailing_rows(case, ref)
+    u_d = get_format(case.dtype).u
+    with np.errstate(all="ignore"):
+        shift = np.max(np.abs(_finite(y)) + np.abs(beta), axis=0) if y.size else \
+            np.zeros(gamma.shape[1])
+        err = u_d * shift / np.abs(gamma[0])
+    bad = np.flatnonzero((gamma[0] == 0) | (err >= ILL_CONDITIONED))
+    if not bad.size:
+        return None
+    j = int(bad[np.argmax(np.where(gamma[0, bad] == 0, np.inf, err[bad]))])
+    return (f"ill-conditioned for a memory-saving backward: weight[{j}] = {gamma[0, j]:.3g} "
+            f"against |y - bias| up to {shift[j]:.3g}, so xhat = (y - bias) / weight "
+            f"recomputed from y rounded to {get_format(case.dtype).name} may be off by "
+            f"{err[j]:.3g} (xhat is of order 1); {bad.size} such column(s)")
+
+
+def _recomputation_terms(case, ref, bound_y, u: Units):
+    r"""The extra error of a backward that recomputes :math:`\hat x = (y - \beta)/\gamma`
+    from the saved output (Apex's ``memory_efficient=True``) instead of from x and the saved
+    statistics, to first order (derivation: ``docs/howto/oracle.rst``).
+
+    The saved y errs by its own bound :math:`B_y` (its computation and its rounding to the
+    candidate dtype); the subtraction and the division round once each in the accumulator. So
+    the recomputed :math:`\hat x` errs by
+    :math:`e = (B_y + u_A(|y| + |\beta|))/|\gamma| + u_A|\hat x|`, and through the
+    backward (:math:`g = \gamma\,\mathrm{d}y`, per row with :math:`r`):
+    :math:`|\delta\,\mathrm{d}x| \le r\,(e\,|\langle g\hat x\rangle| + |\hat x|
+    \langle |g|\,e\rangle)` and :math:`|\delta\,\mathrm{d}\gamma| \le
+    \sum_{\rm rows}|\mathrm{d}y|\,e`. ``dbias`` and the statistics do not use
+    :math:`\hat x`. A weight of 0 makes it unbounded: :func:`recomputation_conditioning`."""
+    xhat, r, gamma, beta, y, dy = _trailing_rows(case, ref)
+    ag = np.maximum(np.abs(gamma), np.finfo(np.float64).tiny)
+    e = (np.asarray(bound_y, np.float64).reshape(y.shape)
+         + u.u_acc * (np.abs(_finite(y)) + np.abs(beta))) / ag + u.u_acc * np.abs(xhat)
+    g = gamma * dy
+    n = xhat.shape[1]
+    m_gx = np.abs(np.mean(g * xhat, axis=1, keepdims=True)) if n else np.zeros_like(r)
+    m_ge = np.mean(np.abs(g) * e, axis=1, keepdims=True) if n else np.zeros_like(r)
+    out = {"dx": r * (e * m_gx + np.abs(xhat) * m_ge)}
+    if "weight" in case.inputs:
+        out["dweight"] = np.sum(np.abs(dy) * e, axis=0)
+    return out
+
+
+def _inner_case(spec, case):
+    """``(inner, sub, sub_ref)`` of a fused residual-add record: the norm's record, its case at
+    s = x + residual (computed in float64) with the same upstream ``dy``, and its reference."""
+    from refnorm.norms import BY_NAME
+    from refnorm.oracle.cases import Case
+    from refnorm.oracle.reference import compute
+
+    inner = BY_NAME[FUSED_ADD[spec.name]]
+    arr = dict(zip(spec.diff_argnames, case.arrays))
+    s = np.asarray(arr["x"], np.float64) + np.asarray(arr["residual"], np.float64)
+    arrays = (s,) + tuple(arr.get(n) for n in inner.diff_argnames[1:])
+    kwargs = {k: v for k, v in case.kwargs.items() if k != "residual_in_fp32"}
+    sub = Case(inner.name, case.name, case.dtype, arrays, kwargs, case.dy, case.seed, case.tags,
+               tuple(inner.diff_argnames))
+    return inner, sub, compute(inner, sub)
+
+
+def _fused_add_bounds(spec, case, ref, strict, ftz, safety, explain, memory_efficient):
+    r"""The bounds of a fused residual add and norm (``add_rms_norm``, ``add_layer_norm``):
+    ``(y, s)`` with ``s = x + residual`` and ``y = norm(s)``.
+
+    * ``s`` is one addition, rounded once to its storage format (unit :math:`u_s`: float32's
+      with ``residual_in_fp32``, else the candidate dtype's) after at most one rounding in the
+      accumulator: :math:`(u_s + u_A)\,|s|`. Rounding ``s`` to bfloat16 where float32 is due
+      errs by up to :math:`2^{-9}|s|`, 16384 times the float32 bound.
+    * ``y``, ``dweight``, ``dbias``, ``rstd``: the norm's own bounds at the input :math:`s`
+      (the record's model, as for ``rms_norm``/``layer_norm`` on that input), plus the first-
+      order effect of normalizing :math:`s` rounded to :math:`u_s` (vLLM's kernel reads the
+      stored ``s`` back): with :math:`|\delta s_i|\le u_s|s_i|`, per row,
+      :math:`|\delta\hat x_i| \le e_i = u_s r(|s_i| + \langle|s|\rangle + |\hat x_i|
+      \langle|\hat x||s|\rangle)` and :math:`|\delta r|/r \le \rho = u_s r\langle|\hat x||s|
+      \rangle`, so :math:`|\delta y_i| \le |\gamma_i| e_i`, :math:`|\delta\,\mathrm{d}x_i|
+      \le \rho|\mathrm{d}x_i| + r(e_i|\langle g\hat x\rangle| + |\hat x_i|\langle|g|e\rangle)`
+      and :math:`|\delta\,\mathrm{d}\gamma| \le \sum_{\rm rows}|\mathrm{d}y|\,e`, each times
+      the safety factor (derivation: ``docs/derivations/fused_add_norm.rst``).
+    * ``dx`` and ``dresidual`` (equal): the norm's ``dx`` bound, the term above, and the add of
+      ``ds`` in the accumulator and its rounding to the dtype: :math:`(u_D + u_A)(|\mathrm{d}s|
+      + |\mathrm{d}x_{\rm norm}|)`.
+    * Both conventions of the libraries are admitted: normalizing the exact sum (FlashAttention's
+      Triton kernel keeps it in float32 registers) and normalizing ``s`` as stored (its
+      ``layer_norm_ref``: ``(x + residual).to(x.dtype)``). Where rounding ``s`` moves a row's
+      statistics by more than first order (a row of mean 1e3 and standard deviation 1 in
+      bfloat16, whose spacing there is 4), the two differ at O(1); the bound of every output
+      but ``s`` then also holds the distance between the float64 references at the exact and
+      at the stored ``s``.
+    """
+    from refnorm.oracle.reference import compute
+
+    inner, sub, sub_ref = _inner_case(spec, case)
+    fmt = get_format(case.dtype)
+    u = units(case.dtype, strict)
+    arr = dict(zip(spec.diff_argnames, case.arrays))
+    s, arrays = sub.arrays[0], sub.arrays
+    out, how = _bounds(inner, sub, sub_ref, strict, ftz, safety, True, memory_efficient)
+    s_fmt = residual_format(case)
+    u_s = s_fmt.u
+    if s_fmt.name != "float64":  # the other convention: the norm of s as stored
+        stored = compute(inner, replace(sub, arrays=(round_to(s, s_fmt),) + arrays[1:]))
+        for key, v in stored.outputs.items():
+            if key in out and np.shape(v) == out[key].shape:
+                out[key] = out[key] + np.abs(_finite(v) - _finite(sub_ref.outputs[key]))
+    # the first-order effect of normalizing s rounded to u_s, per row of N elements
+    nd = len(np.atleast_1d(case.kwargs["normalized_shape"]))
+    n = int(np.prod(s.shape[s.ndim - nd:], dtype=np.int64)) if s.size else 0
+    rows = s.reshape(-1, max(n, 1))
+    r = np.asarray(sub_ref.cache.rstd, np.float64).reshape(-1, 1)
+    centred = inner.name == "layer_norm"
+    mu = rows.mean(axis=1, keepdims=True) if centred and n else 0.0
+    xhat = (rows - mu) * r
+    a_s = np.abs(rows)
+    m_xs = np.mean(np.abs(xhat) * a_s, axis=1, keepdims=True) if n else np.zeros_like(r)
+    e = u_s * r * (a_s + (np.mean(a_s, axis=1, keepdims=True) if centred and n else 0.0)
+                   + np.abs(xhat) * m_xs)
+    rho = u_s * r * m_xs
+    w = arr.get("weight")
+    gamma = np.ones((1, max(n, 1))) if w is None else np.abs(np.asarray(w, np.float64)) \
+        .reshape(1, -1)
+    dy = np.asarray(case.dy, np.float64).reshape(rows.shape)
+    g = gamma * dy
+    shape = s.shape
+    extra = {"y": gamma * e}
+    if "dx" in ref.outputs:
+        dxn = _finite(sub_ref.outputs["dx"]).reshape(rows.shape)
+        m_gx = np.abs(np.mean(g * xhat, axis=1, keepdims=True)) if n else np.zeros_like(r)
+        m_ge = np.mean(np.abs(g) * e, axis=1, keepdims=True) if n else np.zeros_like(r)
+        ds = np.abs(np.asarray(case.douts["s"], np.float64)).reshape(rows.shape)
+        cond = rho * np.abs(dxn) + r * (e * m_gx + np.abs(xhat) * m_ge)
+        dx_b = out["dx"].reshape(rows.shape) + safety * cond \
+            + (u.u_out + u.u_acc) * (ds + np.abs(dxn))
+        for key in ("dx", "dresidual"):
+            if key in ref.outputs:
+                out[key] = dx_b.reshape(shape)
+                how[key] = how["dx"] + " + residual add"
+    if "dweight" in out:
+        out["dweight"] = out["dweight"] + safety * np.sum(np.abs(dy) * e, axis=0).reshape(
+            out["dweight"].shape)
+    if "rstd" in out:
+        out["rstd"] = out["rstd"] + safety * (r * rho).reshape(out["rstd"].shape)
+    out["y"] = out["y"] + safety * extra["y"].reshape(shape)
+    how["y"] += f" + s rounded to u_s={u_s:.3g}"
+    abs_s = np.abs(_finite(ref.outputs["s"]))
+    out["s"] = (u_s + u.u_acc + 2 * _U64) * abs_s + fmt.smallest_subnormal \
+        + (fmt.accumulator.tiny if ftz else fmt.accumulator.smallest_subnormal)
+    how["s"] = f"one addition, rounded to u_s={u_s:.3g}"
+    out = {k: np.asarray(v, np.float64) for k, v in out.items() if k in ref.outputs}
+    return (out, how) if explain else out
+
+
+def _bounds(spec, case, ref, strict, ftz, safety, explain, memory_efficient=False):
+    if spec.name in FUSED_ADD:
+        return _fused_add_bounds(spec, case, ref, strict, ftz, safety, explain,
+                                 memory_efficient)
     u = units(case.dtype, strict)
     fmt = get_format(case.dtype)
     groups = groups_of(spec, case.sample, ref.cache)
@@ -1200,4 +1400,9 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain):
                 b = b + safety * float(growth(n)) * cond[key]
                 how[key] += " + conditioning"
         out[key] = np.asarray(b + floor, np.float64)
+    if memory_efficient and spec.name in MEMORY_EFFICIENT and "y" in out:
+        for key, extra in _recomputation_terms(case, ref, out["y"], u).items():
+            if key in out:
+                out[key] = out[key] + safety * extra.reshape(out[key].shape)
+                how[key] += " + xhat recomputed from y"
     return (out, how) if explain else out

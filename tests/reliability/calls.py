@@ -1,9 +1,10 @@
 """Calling any registered variant generically, and the pieces of the reliability contract.
 
-A *call* is a :class:`refnorm.registry.SampleInput` plus an upstream gradient ``dy``. Its
-*outcome* is either an exception or the outputs: ``y``, the new state's arrays (``state.<field>``)
-and every gradient (``d<name>``), each a NumPy array. Everything here works from the record
-(``NormSpec``) alone, so a new variant is covered without edits.
+A *call* is a :class:`refnorm.registry.SampleInput` plus an upstream gradient ``dy`` (a tuple
+of them, one per output, for a record with several: :func:`map_dy`). Its *outcome* is either an
+exception or the outputs: ``y`` (and every other output by its name), the new state's arrays
+(``state.<field>``) and every gradient (``d<name>``), each a NumPy array. Everything here works
+from the record (``NormSpec``) alone, so a new variant is covered without edits.
 """
 from __future__ import annotations
 
@@ -71,6 +72,44 @@ def replace_slots(sample, values: dict):
     return sample._replace(arrays=tuple(arrays), kwargs=kwargs)
 
 
+_FOLLOWERS = {}
+
+
+def followers(spec) -> tuple:
+    """The positions of the differentiable inputs besides ``x`` that have ``x``'s shape in every
+    sample of the record where they are given (the ``residual`` of the fused residual-add
+    norms): a call that changes ``x``'s shape changes theirs (:func:`with_x`)."""
+    if spec.name not in _FOLLOWERS:
+        follow = None
+        for s in spec.sample_inputs(np.random.default_rng(0)):
+            x = s.arrays[0]
+            same = {i for i, a in enumerate(s.arrays) if i and isinstance(a, np.ndarray)
+                    and isinstance(x, np.ndarray) and a.shape == x.shape}
+            other = {i for i, a in enumerate(s.arrays) if i and a is not None} - same
+            follow = same if follow is None else follow | same
+            follow -= other
+        _FOLLOWERS[spec.name] = tuple(sorted(follow or ()))
+        for s in spec.sample_inputs(np.random.default_rng(0)):  # and never elsewhere
+            for i in tuple(_FOLLOWERS[spec.name]):
+                a = s.arrays[i]
+                if a is not None and a.shape != s.arrays[0].shape:
+                    _FOLLOWERS[spec.name] = tuple(j for j in _FOLLOWERS[spec.name] if j != i)
+    return _FOLLOWERS[spec.name]
+
+
+def with_x(spec, sample, x, fill=None, always=False):
+    """The sample with ``x`` replaced, and its :func:`followers` given ``x``'s shape:
+    ``fill(shape, dtype)`` (default: standard normal values) where their shape differs from
+    ``x``'s, or everywhere with ``always``."""
+    updates = {("arg", 0): x}
+    for i in followers(spec):
+        a = sample.arrays[i]
+        if a is not None and (always or a.shape != x.shape):
+            updates[("arg", i)] = fill(x.shape, a.dtype) if fill is not None else \
+                np.random.default_rng(i).standard_normal(x.shape).astype(a.dtype)
+    return replace_slots(sample, updates)
+
+
 def map_floats(spec, sample, fn):
     """Apply ``fn`` to every floating-point array of the call."""
     return replace_slots(sample, {s: fn(get_slot(sample, s)) for s in float_slots(spec, sample)})
@@ -92,8 +131,7 @@ def assert_unchanged(sample, snapshot, dy=None, dy_snapshot=None):
     """Every array of the call (and ``dy``) still holds its bytes, dtype and shape."""
     pairs = list(zip(sample.arrays, snapshot.arrays))
     pairs += [(v, snapshot.kwargs[k]) for k, v in sample.kwargs.items()]
-    if dy is not None:
-        pairs.append((dy, dy_snapshot))
+    pairs += list(zip(dy_arrays(dy), dy_arrays(dy_snapshot)))
     for now, before in pairs:
         if isinstance(now, np.ndarray):
             assert now.dtype == before.dtype and now.shape == before.shape
@@ -149,6 +187,25 @@ def make_dy(shape, dtype, seed):
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
+def make_upstream(spec, shapes, dtype, seed):
+    """Random upstream gradients of every output (``shapes``, in ``spec.outputs`` order), as
+    ``spec.backward`` takes them (the first is :func:`make_dy` of ``seed``)."""
+    return spec.upstream(make_dy(shape, dtype, seed + k) for k, shape in enumerate(shapes))
+
+
+def map_dy(dy, fn):
+    """``fn`` applied to every array of an upstream gradient (a tuple of them for a record
+    with several outputs); None stays None."""
+    if dy is None:
+        return None
+    return tuple(fn(d) for d in dy) if isinstance(dy, tuple) else fn(dy)
+
+
+def dy_arrays(dy) -> list:
+    """The arrays of an upstream gradient, as a list."""
+    return [] if dy is None else list(dy) if isinstance(dy, tuple) else [dy]
+
+
 def execute(spec, sample, dy=None, *, dy_seed=0, backward=True) -> Outcome:
     """Forward (and backward with ``dy``, or a random ``dy`` of ``y``'s shape and dtype).
 
@@ -158,12 +215,13 @@ def execute(spec, sample, dy=None, *, dy_seed=0, backward=True) -> Outcome:
         warnings.simplefilter("always")
         try:
             y, state, cache = spec.run(sample)
-            out = Outcome(y=y, cache=cache)
-            out.outputs["y"] = y
+            ys = spec.output_values(y)
+            out = Outcome(y=ys[0], cache=cache)
+            out.outputs.update(zip(spec.outputs, ys))
             out.outputs.update(state_arrays(state))
             if backward:
                 if dy is None:
-                    dy = make_dy(y.shape, y.dtype, dy_seed)
+                    dy = make_upstream(spec, [v.shape for v in ys], ys[0].dtype, dy_seed)
                 grads = spec.backward(dy, cache)
                 out.grads = tuple(grads)
                 for name, g in zip(spec.diff_argnames, grads):
@@ -202,7 +260,7 @@ def reference(spec, sample, dy, dtype) -> Outcome:
     """refnorm's own algorithm in ``np.longdouble`` (80-bit on x86: 11 more bits, and an
     exponent range that no 1e30 squared reaches) on the bit-identical inputs."""
     ld = cast(spec, resolve_dtype_defaults(spec, sample, dtype), np.longdouble)
-    return execute(spec, ld, None if dy is None else dy.astype(np.longdouble))
+    return execute(spec, ld, map_dy(dy, lambda d: d.astype(np.longdouble)))
 
 
 def _jitter_cache(cache, jitter):
@@ -254,7 +312,7 @@ def sensitivity(spec, sample, dy, dtype, ref: Outcome, trials=2, seed=0) -> dict
     grads = [k for k in ref.outputs if k.startswith("d")]
     for _ in range(trials):
         pert = map_floats(spec, base, jitter)
-        dyp = None if dy is None else jitter(dy.astype(np.longdouble))
+        dyp = map_dy(dy, lambda d: jitter(d.astype(np.longdouble)))
         res = execute(spec, pert, dyp)
         if not res.ok:
             return {k: np.inf for k in out}
@@ -382,7 +440,7 @@ def free_axes(spec, sample) -> tuple[int, ...]:
                 shape = list(x.shape)
                 shape[axis] += extra
                 probe = np.random.default_rng(0).standard_normal(shape).astype(x.dtype)
-                res = execute(spec, replace_slots(sample, {("arg", 0): probe}), backward=False)
+                res = execute(spec, with_x(spec, sample, probe), backward=False)
                 ok = ok and res.ok
             if ok:
                 free.append(axis)
@@ -436,7 +494,7 @@ def dependency_cone(spec, sample, dy, slot, index, *, to_the_limit=False) -> dic
     limit = float(np.finfo(get_slot(sample, slot).dtype).max)
     sample = cast(spec, resolve_dtype_defaults(spec, sample, sample.arrays[0].dtype),
                   np.longdouble)
-    dy = None if dy is None else dy.astype(np.longdouble)
+    dy = map_dy(dy, lambda d: d.astype(np.longdouble))
     base = execute(spec, sample, dy)
     a = get_slot(sample, slot)
     scale = float(np.max(np.abs(a))) + 1.0
@@ -466,6 +524,7 @@ def composite_outcome(spec, sample, dy) -> Outcome:
     primitives, differentiated by the engine): an independent implementation, whose NaN
     pattern is what the textbook formula gives."""
     from refnorm.autograd import Tensor
+    from refnorm.verify import backward_outputs
 
     if spec.composite is None:
         return Outcome(error=NotImplementedError("no composite"))
@@ -476,9 +535,10 @@ def composite_outcome(spec, sample, dy) -> Outcome:
                        for a in sample.arrays]
             result = spec.composite(**spec.arguments(sample, tensors))
             y_t, state = (result[0], result[1]) if spec.stateful else (result, None)
-            y_t.backward(dy)
-            out = Outcome(y=np.asarray(y_t.data))
-            out.outputs["y"] = out.y
+            ys = spec.output_values(y_t)
+            backward_outputs(spec, y_t, dy)
+            out = Outcome(y=np.asarray(ys[0].data))
+            out.outputs.update((n, np.asarray(t.data)) for n, t in zip(spec.outputs, ys))
             out.outputs.update(state_arrays(state))
             for name, t in zip(spec.diff_argnames, tensors):
                 if t is not None and t.grad is not None:

@@ -13,9 +13,9 @@ import numpy as np
 
 from reliability.calls import (Outcome, accepts, assert_unchanged, compare, composite_outcome,
                                copy_inputs, declares, dependency_cone, describe, execute,
-                               get_slot, group_axes, is_documented_error, is_value_error,
-                               reference, replace_slots, representable, sensitivity,
-                               shift_invariant)
+                               dy_arrays, get_slot, group_axes, is_documented_error,
+                               is_value_error, map_dy, reference, replace_slots, representable,
+                               sensitivity, shift_invariant)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Failure:
 def _run_checked(spec, sample, dy, failures) -> Outcome:
     """Run forward and backward; record a mutation of any input (or of dy) as a failure."""
     snap = copy_inputs(sample)
-    dy_snap = None if dy is None else dy.copy()
+    dy_snap = map_dy(dy, np.copy)
     out = execute(spec, sample, dy)
     try:
         assert_unchanged(sample, snap, dy, dy_snap)
@@ -80,7 +80,7 @@ def check_structure(spec, sample, dy, out: Outcome) -> list[Failure]:
     if y.dtype != x.dtype:
         bad.append(Failure("structure", f"y has dtype {y.dtype}, x {x.dtype}"))
     inputs = [a for a in sample.arrays if isinstance(a, np.ndarray)] + \
-        [v for v in sample.kwargs.values() if isinstance(v, np.ndarray)] + [dy]
+        [v for v in sample.kwargs.values() if isinstance(v, np.ndarray)] + dy_arrays(dy)
     for name, g, a in zip(spec.diff_argnames, out.grads, sample.arrays):
         if (g is None) != (a is None):
             bad.append(Failure("structure", f"d{name} is {'None' if g is None else 'given'} "
@@ -88,7 +88,7 @@ def check_structure(spec, sample, dy, out: Outcome) -> list[Failure]:
         elif g is not None and (g.shape != a.shape or g.dtype != a.dtype):
             bad.append(Failure("structure", f"d{name} is {g.dtype}{g.shape}, {name} is "
                                             f"{a.dtype}{a.shape}"))
-    for key in ["y"] + [k for k in out.outputs if k.startswith("d")]:
+    for key in list(spec.outputs) + [k for k in out.outputs if k.startswith("d")]:
         o = out.outputs[key]
         for a in inputs:
             if o.size and a.size and np.shares_memory(o, a):

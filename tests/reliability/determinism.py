@@ -54,8 +54,9 @@ def fingerprint(seed=1234, kinds=("sample_inputs", "oracle_inputs")) -> dict:
                     h = hashlib.sha256()
                     y, state, cache = spec.run(sample)
                     key = f"{spec.name}/{kind}/{sample.name}"
-                    dy = np.random.default_rng(zlib.crc32(key.encode()) ^ seed) \
-                        .standard_normal(y.shape).astype(y.dtype)
+                    rng = np.random.default_rng(zlib.crc32(key.encode()) ^ seed)
+                    dy = spec.upstream(rng.standard_normal(v.shape).astype(v.dtype)
+                                       for v in spec.output_values(y))
                     for part in (y, state, spec.backward(dy, cache)):
                         _update(h, part)
                     out[key] = h.hexdigest()

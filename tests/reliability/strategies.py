@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from reliability.calls import (free_axes, get_slot, group_axes, make_dy, replace_slots,
+from reliability.calls import (free_axes, get_slot, group_axes, make_upstream, replace_slots,
+                               with_x,
                                float_slots)
 
 SEED = 1234
@@ -169,11 +170,13 @@ def calls(draw, spec, dtype, regimes=REGIMES):
     axes = group_axes(spec, probe)
     const_axes = tuple(axes) if axes else tuple(range(1, len(shape)))
     x = values(regime, shape, k, dtype, rng, const_axes)
-    sample = replace_slots(sample, {("arg", 0): x})
+    # the inputs that have x's shape (a residual) get their values from the same regime
+    sample = with_x(spec, sample, x, always=True,
+                    fill=lambda shp, dt: values(regime, shp, k, dtype, rng, const_axes))
     eps = sample.kwargs.get("eps")
     if isinstance(eps, float) and eps > 0 and draw(st.integers(0, 7), label="eps=0") == 0:
         sample = sample._replace(kwargs={**sample.kwargs, "eps": 0.0})
-    dy = make_dy(spec.y_shape(sample), dtype, seed + 1)
+    dy = make_upstream(spec, spec.output_shapes(sample), dtype, seed + 1)
     return Call(spec, sample, dy, dtype, regime, k, base)
 
 
