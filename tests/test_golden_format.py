@@ -110,6 +110,7 @@ for entry in manifest["cases"]:
             mu = x.mean(axis=axes, keepdims=True)
             var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
             y = (x - mu) / np.sqrt(var + kw["eps"])
+            w = w + kw.get("offset", 0.0) if w is not None else None   # kernel convention
             y = y * w if w is not None else y
             y = y + b if b is not None else y
             assert passes(y, arrays["ref__y"], arrays["tol__y"], dtype), entry["case"]

@@ -665,6 +665,8 @@ def test_fast_mode_rejects_every_wrong_backward_of_the_mistake_catalogue(mistake
     if mistake.kind in FORWARD_ONLY:  # the list cannot hide a wrong backward
         assert not changed, f"{mistake.id} changes the backward on {changed[0].name}"
         return
+    if not changed and "float64" in mistake.invisible_in:
+        return  # roundings to a low-precision dtype (casting modes): nothing to see in float64
     assert changed, f"{mistake.id}: no oracle case where its backward differs"
     # the first such case where the right backward passes (tiny-scale or zero-row cases can
     # leave gradcheck unable to decide: it then says INCONCLUSIVE, not passed)

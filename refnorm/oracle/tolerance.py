@@ -330,8 +330,9 @@ class _Standardization:
                            hbar=hbar, mgx=G.spread(mgx))
         return out
 
-    def mode_terms(self, mode, u_acc, base):
-        r"""The terms of ``y``, ``dx``, ``dweight`` and ``dbias`` under a claimed casting mode
+    def mode_terms(self, mode, u_acc, base, u_dtype):
+        r"""The terms of ``y``, ``dx``, ``dweight`` and ``dbias`` (and, in mode ``"none"``,
+        ``rstd``) under a claimed casting mode
         (Liger-Kernel's, :data:`refnorm.norms._stats.CASTING_MODES`): ``{output: (A, J)}``,
         ``A`` the accumulation error at ``u_acc`` and ``J`` the magnitude of the roundings the
         mode makes **in the candidate dtype**, to be multiplied by :math:`u_D` (whatever
@@ -362,6 +363,15 @@ class _Standardization:
           magnitude and the rounding of :math:`g`; ``dx`` also the gradient through rstd held
           in the dtype, :math:`6.5\,r|\hat x|(|\langle g\hat x\rangle| +
           \langle|g\hat x|\rangle)` (:math:`r^3`, the row sum and two products rounded).
+          LayerNorm in this mode also holds the mean in the dtype: its rounding
+          :math:`\delta \le u_D|\mu|` shifts every deviation, and the variance of the shifted
+          deviations is :math:`\sigma^2 + \delta^2`, so rstd errs relatively by
+          :math:`q = \tfrac12 (u_D\kappa)^2` with :math:`\kappa = \langle|x|\rangle r`, the
+          conditioning of the mean (second order in :math:`u_D`, but :math:`\kappa` reaches
+          :math:`1/u_D` on a float16 row of mean :math:`10^3` and spread 1: there this mode
+          cannot resolve the row, and the bound says so by reaching the output's scale).
+          ``rstd`` itself: :math:`J = (2.5 + q/u_D)\,r`; :math:`y`, ``dx`` and ``dweight``
+          carry :math:`q` relative to their terms in :math:`r`.
         """
         p = self._parts
         ax, gam, R, ag = p["ax"], p["gam"], p["R"], p["ag"]
@@ -371,13 +381,17 @@ class _Standardization:
         gx = gam * ax
         zero = np.zeros_like(gx)
         out = {}
+        # none: the mean held in the dtype, rstd's relative error q (in units of u_D)
+        q = 0.5 * u_dtype * self.kappa ** 2 if mode == "none" and self.centred \
+            else np.zeros_like(self.kappa)
+        Q = G.spread(q)
         a_y, i_y = base["y"]
         if mode == "gemma":
             out["y"] = (a_y + uA * k_off * gx, zero)
         elif mode == "llama":
             out["y"] = (a_y, gx * (1 + k_off + k_b))
         else:
-            out["y"] = (a_y, gam * (3.5 * ax + p["shift"]) + gx * (k_off + k_b))
+            out["y"] = (a_y, gam * ((3.5 + Q) * ax + p["shift"]) + gx * (k_off + k_b))
         if "dx" in base:
             a_d, i_d = base["dx"]
             mean_g = G.spread(G.mean(ag)) if self.centred else 0.0
@@ -387,7 +401,8 @@ class _Standardization:
             # row sum and two products rounded (3): 6.5 roundings of that term
             through_r = 6.5 * R * ax * (p["hbar"] + p["mgx"])
             out["dx"] = (a_d, np.zeros_like(dx)) if mode == "gemma" else \
-                (a_d, dg) if mode == "llama" else (a_d, i_d + dg + 2.5 * dx + through_r)
+                (a_d, dg) if mode == "llama" else \
+                (a_d, i_d + dg + (2.5 + Q) * dx + (1 + Q) * through_r)
         for name, prm in (("weight", self.weight), ("bias", self.bias)):
             key = "d" + name
             if prm is None or key not in base:
@@ -398,11 +413,16 @@ class _Standardization:
             total = self.scale * unbroadcast_sum(terms, view, prm.shape)
             a_p, i_p = base[key]
             if mode == "none":
-                out[key] = (a_p, i_p + 2.5 * total)
+                through_q = self.scale * unbroadcast_sum(terms * Q, view, prm.shape) \
+                    if name == "weight" else 0.0
+                out[key] = (a_p, i_p + 2.5 * total + through_q)
             else:   # the sums over the batch in float32
                 out[key] = (a_p + gM * uA * total,
                             2 * total if mode == "llama" and name == "weight"
                             else np.zeros_like(total))
+        if mode == "none" and "rstd" in base:
+            a_r, _ = base["rstd"]
+            out["rstd"] = (a_r, np.reshape((2.5 + q) * self.r, np.shape(a_r)))
         return out
 
 
@@ -1369,8 +1389,9 @@ def _bounds(spec, case, ref, strict, ftz, safety, explain, memory_efficient=Fals
     mode_keys = ()
     if isinstance(model, _Standardization) and model.casting_mode is not None \
             and fmt.name != "float64":
-        t = {**t, **model.mode_terms(model.casting_mode, u.u_acc, t)}
-        mode_keys = ("y", "dx", "dweight", "dbias")
+        moded = model.mode_terms(model.casting_mode, u.u_acc, t, u.u_out)
+        t = {**t, **moded}
+        mode_keys = tuple(moded)
     if isinstance(model, _Standardization) and fmt.name != "float64":
         # subnormal centred values held in the candidate dtype (absolute rounding)
         sub = _subnormal_centring(model, 0.5 * fmt.smallest_subnormal, fmt.tiny)
