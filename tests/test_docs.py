@@ -52,9 +52,11 @@ class Build(NamedTuple):
     seconds: float
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built_docs(tmp_path_factory) -> Build:
-    """``sphinx -W -b html`` on a fresh copy of docs/ and tutorials/, once per test run."""
+    """``sphinx -W -b html`` on a fresh copy of docs/ and tutorials/, once per test run.
+    (Session scope: xdist may run another module's tests on this worker between two of these,
+    which tears a module-scoped fixture down and would build the docs a second time.)"""
     work = tmp_path_factory.mktemp("docs_build")
     shutil.copytree(DOCS, work / "docs", ignore=shutil.ignore_patterns(
         "_build", GALLERY, "variants.rst", "sg_execution_times.rst"))
@@ -73,6 +75,14 @@ def test_docs_build_without_warnings(built_docs):
     assert built_docs.returncode == 0, built_docs.log
     assert (built_docs.html / "derivations" / "layer_norm.html").exists()
     assert (built_docs.html / GALLERY / "index.html").exists()
+
+
+def test_the_docs_tests_share_one_worker(request):
+    """Under xdist's ``--dist loadgroup`` (setup.cfg) every test here is in the "docs" group, so
+    one worker builds the docs once. pytest 9.2 broke the grouping silently
+    (pytest-dev/pytest-xdist#1386; hence ``pytest<9.2`` in the test extras)."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@docs"), request.node.nodeid
 
 
 def test_there_are_tutorials_and_they_are_numbered():

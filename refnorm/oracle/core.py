@@ -174,6 +174,10 @@ class Prepared:
     emulated: dict | None          # a correct kernel's outputs, rounded to the dtype
     raw: dict | None = None        # the same before that rounding (in the accumulator)
     ill: str | None = None         # why a memory-saving backward is ill-conditioned here
+    #: the mistake catalogue's outputs on this case, ``{(mistake id, alternative): outputs}``,
+    #: filled by the diagnosis (:func:`refnorm.oracle.mistakes.diagnose`) as it needs them:
+    #: every failing candidate checked on the same cases reuses them
+    mistake_outputs: dict = dataclasses.field(default_factory=dict)
 
 
 def flush_subnormals(case):

@@ -627,6 +627,13 @@ def _agree(cand, mine, bound, ref, rel=0.0):
         else:
             return cand.shape == mine.shape and bool(np.allclose(cand, mine, rtol=1e-2,
                                                                  atol=1e-6, equal_nan=True))
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(cand - mine)
+    if np.isfinite(err).all():  # both finite everywhere (the common case): no pattern to match
+        b = np.asarray(bound, np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf)
+                               + rel * np.abs(mine)))
     fc, fm = np.isfinite(cand), np.isfinite(mine)
     if np.any(fc != fm) or np.any(np.isnan(cand) != np.isnan(mine)) or \
             np.any(~fc & (cand != mine) & ~np.isnan(cand)):
@@ -639,15 +646,36 @@ def _agree(cand, mine, bound, ref, rel=0.0):
     return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf) + slack))
 
 
+#: the largest case (elements of its input) whose mistake outputs a prepared case keeps
+_KEEP_OUTPUTS_UP_TO = 1 << 16
+
+
+def _mistake_outputs(m, alt, prep):
+    """The outputs of mistake ``m`` (form ``alt``) on a prepared case, or None where it cannot
+    run; kept on ``prep`` (``Prepared.mistake_outputs``, for cases up to
+    :data:`_KEEP_OUTPUTS_UP_TO` elements) for the next failing candidate of the same cases."""
+    store = getattr(prep, "mistake_outputs", None)
+    key = (m.id, alt)
+    if store is not None and key in store:
+        return store[key]
+    case = prep.case
+    try:
+        mine = m(case.variant, {n: a.copy() for n, a in case.inputs.items()},
+                 case.dy.copy(), dict(case.kwargs), dtype=case.dtype, alternative=alt)
+    except Exception:  # noqa: BLE001 - a mistake that cannot run here explains nothing
+        mine = None
+    if store is not None and np.size(case.arrays[0]) <= _KEEP_OUTPUTS_UP_TO:
+        store[key] = mine
+    return mine
+
+
 def _score(m, alt, failing, per_case_best):
     """``(score, explained, contradicted, mistake, cases)`` of one form of a mistake."""
     explained, contradicted, cases_ok = 0, 0, []
     for prep, res, got in failing:
         case = prep.case
-        try:
-            mine = m(case.variant, {n: a.copy() for n, a in case.inputs.items()},
-                     case.dy.copy(), dict(case.kwargs), dtype=case.dtype, alternative=alt)
-        except Exception:  # noqa: BLE001 - a mistake that cannot run here explains nothing
+        mine = _mistake_outputs(m, alt, prep)
+        if mine is None:  # a mistake that cannot run here explains nothing
             continue
         bad = {o.name for o in res.failing()}
         ok_here = True
