@@ -839,12 +839,12 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         input gets a projection of its own (6 more evaluations, said in the report's notes).
         Every wrong backward of the oracle's mistake catalogue, and every mutant of the core
         variants' backward code that changes a gradient by more than finite differences
-        resolve, is rejected this way (``tests/test_gradcheck.py``). False positives: a right ``vjp`` fails
-        only if the finite-difference error exceeds :math:`4 e` (plus ``atol + rtol |n|``),
-        with :math:`e` Ridders' estimate, how far the chosen Richardson entry moved from its
-        parents: in the asymptotic regime that is the size of the :math:`O(t^2)` or
-        :math:`O(t^4)` term that was removed, an overestimate of the remaining error. Three
-        steps also allow the ratio test of ``_richardson``
+        resolve, is rejected this way (``tests/test_gradcheck.py``).
+        False positives: a right ``vjp`` fails only if the finite-difference error exceeds
+        :math:`4 e` (plus ``atol + rtol |n|``), with :math:`e` Ridders' estimate, how far the
+        chosen Richardson entry moved from its parents: in the asymptotic regime that is the
+        size of the :math:`O(t^2)` or :math:`O(t^4)` term that was removed, an overestimate of
+        the remaining error. Three steps also allow the ratio test of ``_richardson``
         (successive differences must shrink by about 4 per halving): where they do not (a
         kink crossed, noise), the error becomes the spread of the quotients, and the one-sided
         slopes flag kinks; either makes the comparison unresolved (a step search, then the

@@ -332,7 +332,6 @@ def _expected_outputs(case):
 def _norm_cases(variant, seed):
     from refnorm.norms import BY_NAME
     from refnorm.oracle.cases import generate
-
     from refnorm.oracle.core import CONVENTIONS, _is_default
 
     # The assignments teach torch.nn.functional's conventions: the kernel conventions
