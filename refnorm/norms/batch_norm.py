@@ -89,7 +89,8 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, by_row_blocks, check_array, check_eps, check_flag,
                                   check_momentum, check_param, check_running_stats,
-                                  correction_first, row_broadcasting, row_dots, row_sums, rsqrt,
+                                  correction_first, joined, row_broadcasting, row_dots, row_sums,
+                                  rsqrt,
                                   saved_mean, saved_xhat, shifted_moments, update_running_stats,
                                   WideCache, narrow, out_of_range, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
@@ -306,7 +307,7 @@ def batch_norm_backward(dy, cache):
     sum_dyx = None
     if batch_stats or weight is not None:  # sum_S dy xhat = r (sum_S dy d - c sum_S dy)
         parts = by_row_blocks(sums, *sample)
-        sum_dy, sum_dyd = (np.concatenate(p).sum(axis=0)[:, None] for p in zip(*parts))
+        sum_dy, sum_dyd = (p.sum(axis=0)[:, None] for p in joined(parts))
         sum_dyx = r * (sum_dyd - c * sum_dy)
     else:
         sum_dy = row_sums(dy3).sum(axis=0)[:, None]  # per channel; (sample, channel) rows first
@@ -317,7 +318,7 @@ def batch_norm_backward(dy, cache):
         # catastrophically (or overflow): subtract c from d first, in one more pass
         centre = correction_first(c, r)
         c_first = np.where(centre, c, 0) if centre.any() else None
-        offset = sum_dy / (n * spatial) - np.where(centre, 0, c) * k
+        offset = sum_dy / (n * spatial) - (c if c_first is None else np.where(centre, 0, c)) * k
 
         def finish(blk):
             d = dx[blk]

@@ -68,8 +68,8 @@ from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (by_row_blocks, check_array, check_eps, check_num_groups,
                                   check_param, correction_first, extreme_groups, group_view,
-                                  inexact_products, row_dots, row_sums, saved_mean,
-                                  shifted_moments, wider_dtype, widen)
+                                  inexact_products, joined, row_dots, row_sums, saved_mean,
+                                  shifted_moments, summed, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -142,10 +142,10 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
         y, (shift, c, var, rstd) = normalize_groups(x, groups, weight, bias, eps)
     wide = None
     extreme = extreme_groups(var, rstd, x.dtype)
-    wider = wider_dtype(x.dtype)
-    if extreme.size and wider is not None:  # subnormal or huge groups: again in a wider dtype,
-        # one group at a time (as a GroupNorm of one group over its channels), so that a group's
-        # result never depends on another's
+    if extreme.size and (wider := wider_dtype(x.dtype)) is not None:
+        # subnormal or huge groups: again in a wider dtype, one group at a time (as a
+        # GroupNorm of one group over its channels), so that a group's result never depends
+        # on another's
         samples, which = np.divmod(extreme, groups)
         wide = []
         for g in np.unique(which):
@@ -173,11 +173,11 @@ def normalize_groups(x, groups, weight, bias, eps):
     y = np.empty(x.shape, dtype=x.dtype)
     parts = by_row_blocks(lambda blk: _normalize(x[blk], groups, weight, bias, eps, y[blk]),
                           x.shape[0], _sample_bytes(x), _ncl(x).shape[2], live=2)
-    return y, tuple(np.concatenate(p) for p in zip(*parts))
+    return y, joined(parts)
 
 
 def _sample_bytes(x):
-    return x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64))
+    return x.itemsize * math.prod(x.shape[1:])
 
 
 def _normalize(x, groups, weight, bias, eps, y):
@@ -196,11 +196,11 @@ def _normalize(x, groups, weight, bias, eps, y):
     # y's magnitude); else c is subtracted first, in a third pass: on a constant group d - c is
     # exactly 0 and y must be beta, while beta - c scale would round off by an ULP of c scale
     # (float32 constant 1e11: c ~ 4e3, scale ~ 316 -> y off by ~1)
-    scale = np.repeat(rstd, per_channel, axis=1)  # (N, C, 1)
+    scale = rstd.repeat(per_channel, axis=1)  # (N, C, 1)
     if weight is not None:
         scale *= weight[:, None]
     # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
-    c_spread = np.repeat(c, per_channel, axis=1)
+    c_spread = c.repeat(per_channel, axis=1)
     unfold = correction_first(c_spread, scale)
     offset = -c_spread * scale
     unfolded = unfold.any()
@@ -273,9 +273,9 @@ def _sum_dy(dy, x):
     acc = np.promote_types(x.dtype, np.float32)
     dt = acc if x.dtype == np.float16 else x.dtype
     parts = by_row_blocks(
-        lambda blk: row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),
+        lambda blk: (row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),),
         x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
-    return sum(parts, np.zeros(x.shape[1], acc))
+    return summed(parts)[0]
 
 
 def normalize_groups_backward(dy, x, shift, c, r, weight):
@@ -286,17 +286,15 @@ def normalize_groups_backward(dy, x, shift, c, r, weight):
     channels = x.shape[1]
     acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
-    sum_dyx, sum_dy = np.zeros(channels, acc), np.zeros(channels, acc)
     if not x.size:
-        return dx.astype(x.dtype), sum_dyx, sum_dy
+        return dx.astype(x.dtype), np.zeros(channels, acc), np.zeros(channels, acc)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
         parts = by_row_blocks(
             lambda blk: _backward_samples(dy[blk].astype(dx.dtype, copy=False),
                                           x[blk].astype(dx.dtype, copy=False), shift[blk],
                                           c[blk], r[blk], weight, dx[blk]),
             x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
-    sum_dyx = sum((part[0] for part in parts), sum_dyx)
-    sum_dy = sum((part[1] for part in parts), sum_dy)
+    sum_dyx, sum_dy = summed(parts)
     return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
 
@@ -312,7 +310,7 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     per_group = per_channel * spatial  # M
 
     def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
-        return np.repeat(v, per_channel, axis=1)
+        return v.repeat(per_channel, axis=1)
 
     d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)

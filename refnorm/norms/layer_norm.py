@@ -39,6 +39,7 @@ statistics (and ``rstd``) are computed and kept in float32. Overflowing or under
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -46,11 +47,11 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import CASTING_MODES
-from refnorm.norms._stats import (axis_count, by_row_blocks, check_array, check_casting_mode,
+from refnorm.norms._stats import (by_row_blocks, check_array, check_casting_mode,
                                   check_eps, check_normalized_shape, check_offset, check_param,
-                                  correction_first, extreme_groups, offset_weight, row_sums,
-                                  saved_mean, saved_xhat, scaled_rows, shifted_moments,
-                                  trailing_axes, wider_dtype, widen)
+                                  correction_first, extreme_groups, joined, offset_weight,
+                                  row_sums, saved_mean, saved_xhat, scaled_rows, shifted_moments,
+                                  summed, trailing_axes, wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -125,9 +126,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
         y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps, offset, casting_mode)
     wide = None
     extreme = extreme_groups(var, rstd, x.dtype)
-    wider = wider_dtype(x.dtype)
-    if extreme.size and wider is not None and rows.shape[1]:  # subnormal or huge rows:
-        # again in a wider dtype
+    if extreme.size and rows.shape[1] and (wider := wider_dtype(x.dtype)) is not None:
+        # subnormal or huge rows: again in a wider dtype
         yw, sub = layer_norm_forward(rows[extreme].astype(wider), rows.shape[1],
                                      widen(weight, wider, flat=True),
                                      widen(bias, wider, flat=True), eps, offset=offset,
@@ -156,7 +156,7 @@ def _forward_rows(rows, weight, bias, eps, offset=0.0, casting_mode=None):
     parts = by_row_blocks(lambda blk: _normalize(rows[blk], w, b, eps, offset, casting_mode,
                                                  y[blk]),
                           rows.shape[0], rows.shape[1] * rows.itemsize, rows.shape[1], live=2)
-    return (y,) + tuple(np.concatenate(p) for p in zip(*parts))
+    return (y,) + joined(parts)
 
 
 def _normalize(x, w, b, eps, offset, casting_mode, y):
@@ -217,8 +217,8 @@ def layer_norm_backward(dy, cache):
             if weight is not None:
                 dweight += grads.dweight
         if has_bias:  # summed as without the wider rows: it does not depend on x
-            dbias = sum(by_row_blocks(lambda blk: row_sums(dy2[blk].T), rows.shape[0],
-                                      rows.shape[1] * rows.itemsize, rows.shape[1]))
+            dbias, = summed(by_row_blocks(lambda blk: (row_sums(dy2[blk].T),), rows.shape[0],
+                                          rows.shape[1] * rows.itemsize, rows.shape[1]))
     if weight is not None:
         dweight = dweight.reshape(weight.shape).astype(weight.dtype, copy=False)
     if has_bias:
@@ -243,9 +243,7 @@ def _backward(dy2, rows, shift, c, r, w, has_bias):
     with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
         parts = by_row_blocks(block, rows.shape[0], rows.shape[1] * rows.itemsize,
                               rows.shape[1])
-    zero = np.zeros(rows.shape[1], acc)
-    dweight = sum((part[0] for part in parts), zero) if w is not None else None
-    dbias = sum((part[1] for part in parts), zero) if has_bias else None
+    dweight, dbias = summed(parts)  # None where not wanted
     return dx.astype(rows.dtype, copy=False), dweight, dbias
 
 
@@ -287,8 +285,8 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
 
 def _rows(x, axes):
     """``x`` as a 2-D array (rows, N), N the product of the normalized axes."""
-    n = axis_count(x.shape, axes)
-    return x.reshape(axis_count(x.shape, range(x.ndim - len(axes))), n)
+    lead = x.ndim - len(axes)  # the normalized axes are the trailing ones
+    return x.reshape(math.prod(x.shape[:lead]), math.prod(x.shape[lead:]))
 
 
 layer_norm = custom_vjp(layer_norm_forward, layer_norm_backward, ("x", "weight", "bias"))
