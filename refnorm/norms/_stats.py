@@ -268,11 +268,6 @@ def _below(a, high):
     return bool(np.maximum.reduce(a, axis=None) < high)
 
 
-def _at_most(a, high):
-    """Whether every element of the non-empty ``a`` is <= ``high``; False with a NaN."""
-    return bool(np.maximum.reduce(a, axis=None) <= high)
-
-
 _NO_GROUPS = np.empty(0, np.intp)  # extreme_groups' answer when there are none (read-only)
 _NO_GROUPS.flags.writeable = False
 
@@ -392,23 +387,23 @@ def extreme_groups(var, rstd, dtype=None):
     float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
     results back (they round to the dtype as the exact values do: inf only where the exact
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
-    v, r = np.asarray(var).ravel(), np.asarray(rstd).ravel()
-    low, hi = _extreme_limits(v.dtype, r.dtype, None if dtype is None else np.dtype(dtype))
-    if v.size and _at_least(v, low) and _at_least(r, 1.0 / hi) and _at_most(r, hi):
-        return _NO_GROUPS  # the common case: none, in three NumPy calls
+    v, r = np.asarray(var), np.asarray(rstd)
+    low, hi, inv_hi = _extreme_limits(v.dtype, r.dtype, dtype)
+    if v.size and v.min() >= low and r.min() >= inv_hi and r.max() <= hi:
+        return _NO_GROUPS  # the common case: none, in three NumPy calls (a NaN: False)
     with np.errstate(invalid="ignore"):
-        return np.flatnonzero((v < low) | (r > hi) | (r < 1.0 / hi))
+        return np.flatnonzero((v.ravel() < low) | (r.ravel() > hi) | (r.ravel() < inv_hi))
 
 
 @functools.lru_cache(maxsize=None)
 def _extreme_limits(var_dtype, rstd_dtype, dtype):
-    """``(low, hi)`` of :func:`extreme_groups` for these dtypes."""
+    """``(low, hi, 1 / hi)`` of :func:`extreme_groups` for these dtypes."""
     info = np.finfo(rstd_dtype)
     hi = float(info.max) * 2.0 ** -(info.nmant + 2)
     low = float(np.finfo(var_dtype).smallest_normal)
     if dtype is not None:  # the differences are in x's dtype: a float16 spread below 5e-4
         low = max(low, (8.0 * float(np.finfo(dtype).smallest_normal)) ** 2)  # is subnormal
-    return low, hi
+    return low, hi, 1.0 / hi
 
 
 _NATIVE = threading.local()

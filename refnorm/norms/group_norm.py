@@ -66,10 +66,11 @@ import numpy as np
 
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
-from refnorm.norms._stats import (by_row_blocks, check_array, check_eps, check_num_groups,
-                                  check_param, correction_first, extreme_groups, group_view,
-                                  inexact_products, joined, row_dots, row_sums, saved_mean,
-                                  shifted_moments, summed, wider_dtype, widen)
+from refnorm.norms._stats import (accumulation_dtype, by_row_blocks, check_array, check_eps,
+                                  check_num_groups, check_param, correction_first,
+                                  extreme_groups, group_view, inexact_products, joined, row_dots,
+                                  row_sums, saved_mean, shifted_moments, summed, wider_dtype,
+                                  widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -270,7 +271,7 @@ def _channels(g, per_channel):
 def _sum_dy(dy, x):
     """Per channel, the sum of ``dy`` over all samples, in the blocks and order of
     :func:`_backward` (bit-identical to its ``sum_dy``)."""
-    acc = np.promote_types(x.dtype, np.float32)
+    acc = accumulation_dtype(x.dtype)
     dt = acc if x.dtype == np.float16 else x.dtype
     parts = by_row_blocks(
         lambda blk: (row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),),
@@ -284,7 +285,7 @@ def normalize_groups_backward(dy, x, shift, c, r, weight):
     float16 is worked in float32 (the terms of dx cancel: a float16 residue times r
     overflows)."""
     channels = x.shape[1]
-    acc = np.promote_types(x.dtype, np.float32)  # float16 sums in float32, as in _stats
+    acc = accumulation_dtype(x.dtype)  # float16 sums in float32, as in _stats
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
     if not x.size:
         return dx.astype(x.dtype), np.zeros(channels, acc), np.zeros(channels, acc)
@@ -339,15 +340,17 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
         centre = correction_first(c, r)
     centred = centre.any()
     np.multiply(dy3, r_gamma, out=dx3)
+    # the per-group terms on the (N, G, M) views of d and dx, broadcast without a copy
     if centred:
-        d3 -= spread(np.where(centre, c, 0))
+        d -= np.where(centre, c, 0)
     if split.any():
-        d3 *= spread(np.where(split, r, rk))
-        d3 *= spread(np.where(split, k, 1))
+        d *= np.where(split, r, rk)
+        d *= np.where(split, k, 1)
     else:
-        d3 *= spread(rk)
+        d *= rk
     dx3 -= d3
-    dx3 += spread(r * ((np.where(centre, 0, c) if centred else c) * k - mean_g))
+    dx_groups = group_view(dx, groups)  # a view too
+    dx_groups += r * ((np.where(centre, 0, c) if centred else c) * k - mean_g)
     return sums
 
 

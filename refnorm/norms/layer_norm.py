@@ -47,11 +47,12 @@ import numpy as np
 from refnorm import autograd as ag
 from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import CASTING_MODES
-from refnorm.norms._stats import (by_row_blocks, check_array, check_casting_mode,
-                                  check_eps, check_normalized_shape, check_offset, check_param,
-                                  correction_first, extreme_groups, joined, offset_weight,
-                                  row_sums, saved_mean, saved_xhat, scaled_rows, shifted_moments,
-                                  summed, trailing_axes, wider_dtype, widen)
+from refnorm.norms._stats import (accumulation_dtype, by_row_blocks, check_array,
+                                  check_casting_mode, check_eps, check_normalized_shape,
+                                  check_offset, check_param, correction_first, extreme_groups,
+                                  joined, offset_weight, row_sums, saved_mean, saved_xhat,
+                                  scaled_rows, shifted_moments, summed, trailing_axes,
+                                  wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -231,7 +232,7 @@ def _backward(dy2, rows, shift, c, r, w, has_bias):
     """``(dx, dweight, dbias)`` of rows (rows, N), the sums in the accumulation dtype, a block
     of rows at a time. float16 is worked in float32 (the terms of dx cancel: a float16 residue
     times r overflows)."""
-    acc = np.promote_types(rows.dtype, np.float32)  # float16 sums in float32, as in _stats
+    acc = accumulation_dtype(rows.dtype)  # float16 sums in float32, as in _stats
     dx = np.empty(rows.shape, dtype=acc if rows.dtype == np.float16 else rows.dtype)
 
     def block(blk):

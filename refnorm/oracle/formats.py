@@ -134,10 +134,10 @@ def ulp(magnitude, dtype) -> np.ndarray:
     """
     fmt = get_format(dtype)
     m = np.abs(np.asarray(magnitude, dtype=np.float64))
-    m = np.where(np.isfinite(m), m, fmt.max)
-    _, e = np.frexp(np.where(m > 0, m, 1.0))
-    lead = np.where(m > 0, np.maximum(e - 1, fmt.emin), fmt.emin)
-    return np.ldexp(1.0, (lead - (fmt.p - 1)).astype(np.int64))
+    m = np.where(m < np.inf, m, fmt.max)  # NaN and infinities: the largest number's spacing
+    m = np.maximum(m, fmt.tiny)  # below the smallest normal number (and at 0): its spacing
+    _, e = np.frexp(m)                                  # m = f 2**e, 1/2 <= f < 1
+    return np.ldexp(1.0, e - fmt.p)                     # 2**(e - 1 - (p - 1))
 
 
 def representable(x, dtype) -> bool:
