@@ -28,6 +28,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def _padded(x, padding):
+    """``x`` (N, C, H, W) with ``padding`` zeros on each side of its spatial axes: the values of
+    ``np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))``, without its
+    per-call cost (tens of microseconds, most of a small convolution's); ``x`` itself, not a
+    copy, without padding (it is only read)."""
+    if not padding:
+        return x
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), x.dtype)
+    xp[:, :, padding:padding + h, padding:padding + w] = x
+    return xp
+
+
 def _windows(xp, kh, kw):
     """View of shape (N, C, OH, OW, KH, KW): the padded input under each output position."""
     return np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
@@ -38,7 +51,7 @@ def conv2d(x, weight, bias=None, padding=0):
     kh, kw = weight.shape[2:]
     if 0 in x.shape[2:]:  # an empty image: an empty output ("same" padding keeps the size)
         return np.zeros((x.shape[0], weight.shape[0]) + x.shape[2:], np.result_type(x, weight))
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    xp = _padded(x, padding)
     y = np.tensordot(_windows(xp, kh, kw), weight, axes=([1, 4, 5], [1, 2, 3]))  # (N,OH,OW,O)
     y = np.ascontiguousarray(y.transpose(0, 3, 1, 2))
     if bias is not None:
@@ -53,7 +66,7 @@ def conv2d_backward(g, x, weight, padding=0, *, need_dx=True):
     if 0 in x.shape[2:]:
         return (np.zeros(x.shape, g.dtype) if need_dx else None, np.zeros(weight.shape, g.dtype),
                 np.zeros(weight.shape[0], g.dtype))
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    xp = _padded(x, padding)
     windows = _windows(xp, kh, kw)
     finite = np.isfinite(xp)
     if finite.all():
