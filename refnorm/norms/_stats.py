@@ -509,7 +509,7 @@ def out_of_range(*arrays):
         if not a.size or a.dtype.kind != "f":
             continue
         hi, lo = a.max(), a.min()  # two passes without temporaries, for finite arrays
-        if np.isfinite(hi) and np.isfinite(lo):  # (none of these warns on NaN or inf)
+        if math.isfinite(hi) and math.isfinite(lo):  # (a longdouble beyond float: the long way)
             m = max(abs(hi), abs(lo))
         else:  # a NaN or an infinity: the largest finite magnitude, the long way
             m = np.max(np.where(np.isfinite(a), np.abs(a), 0))

@@ -173,12 +173,15 @@ def normalize_groups(x, groups, weight, bias, eps):
     find it in the cache)."""
     y = np.empty(x.shape, dtype=x.dtype)
     parts = by_row_blocks(lambda blk: _normalize(x[blk], groups, weight, bias, eps, y[blk]),
-                          x.shape[0], _sample_bytes(x), _ncl(x).shape[2], live=2)
+                          *_samples(x), live=2)
     return y, joined(parts)
 
 
-def _sample_bytes(x):
-    return x.itemsize * math.prod(x.shape[1:])
+def _samples(x):
+    """``(N, bytes per sample, L)``: :func:`~refnorm.norms._stats.by_row_blocks`' arguments for
+    blocks of samples of ``x`` (N, C, *), L the length of its (sample, channel) rows."""
+    spatial = math.prod(x.shape[2:])
+    return x.shape[0], x.itemsize * x.shape[1] * spatial, spatial
 
 
 def _normalize(x, groups, weight, bias, eps, y):
@@ -275,7 +278,7 @@ def _sum_dy(dy, x):
     dt = acc if x.dtype == np.float16 else x.dtype
     parts = by_row_blocks(
         lambda blk: (row_sums(_ncl(dy[blk].astype(dt, copy=False))).sum(axis=0),),
-        x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+        *_samples(x))
     return summed(parts)[0]
 
 
@@ -289,12 +292,13 @@ def normalize_groups_backward(dy, x, shift, c, r, weight):
     dx = np.empty(x.shape, dtype=acc if x.dtype == np.float16 else x.dtype)
     if not x.size:
         return dx.astype(x.dtype), np.zeros(channels, acc), np.zeros(channels, acc)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out; inf where exact
+    # NaN in, NaN out; inf where exact; and the rare regimes of _backward_samples (r k)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         parts = by_row_blocks(
             lambda blk: _backward_samples(dy[blk].astype(dx.dtype, copy=False),
                                           x[blk].astype(dx.dtype, copy=False), shift[blk],
                                           c[blk], r[blk], weight, dx[blk]),
-            x.shape[0], _sample_bytes(x), _ncl(x).shape[2])
+            *_samples(x))
     sum_dyx, sum_dy = summed(parts)
     return dx.astype(x.dtype, copy=False), sum_dyx, sum_dy
 
@@ -306,8 +310,9 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     n, channels = x.shape[:2]
     groups = r.shape[1]
     per_channel = channels // groups
-    x3, dy3, dx3 = _ncl(x), _ncl(dy), _ncl(dx)  # dx3: a view, dx is contiguous
-    spatial = x3.shape[2]
+    spatial = math.prod(x.shape[2:])
+    ncl = (n, channels, spatial)
+    x3, dy3, dx3 = x.reshape(ncl), dy.reshape(ncl), dx.reshape(ncl)  # dx3: a view (contiguous)
     per_group = per_channel * spatial  # M
 
     def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
@@ -334,10 +339,10 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     # costing one more pass when it occurs: r k = r^2 <g xhat> overflows or underflows where r
     # and k do not (eps = 0 and tiny or huge groups): then (d r) k; and |c r| > 1 (a group
     # constant up to rounding): then (d - c) (r k), as d (r k) - c (r k) would cancel.
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        rk = r * k
-        split = inexact_products(r, k, rk)
-        centre = correction_first(c, r)
+    # (Over- and underflows are silenced by the caller, normalize_groups_backward.)
+    rk = r * k
+    split = inexact_products(r, k, rk)
+    centre = correction_first(c, r)
     centred = centre.any()
     np.multiply(dy3, r_gamma, out=dx3)
     # the per-group terms on the (N, G, M) views of d and dx, broadcast without a copy
