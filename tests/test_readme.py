@@ -9,7 +9,9 @@ happens to a command:
   ``PYTHONPATH`` runs the code under test), in a fresh temporary directory (so ``goldens/``
   lands there), with only the environment variables the line sets on top of this process's
   (``TRITON_INTERPRET`` is removed unless the line sets it). It must exit 0, and its output
-  must say so where the command prints a verdict (``0 failed``, ``ALL PASSED``). A command
+  must say so where the command prints a verdict (``0 failed``, ``ALL PASSED``); the full
+  ``refnorm verify`` must list every registered item as passed (the suite's one full run of
+  it: ``tests/test_cli.py`` runs it on a few items). A command
   that needs PyTorch or Triton takes the optional fixture of that name (a skip, or a failure
   under ``REFNORM_REQUIRE_OPTIONAL=1``). The ``python`` tour block runs as a script.
 * **setup steps, checked but not run**: ``pip install ...`` and ``python -m pip install ...``
@@ -260,12 +262,30 @@ def _verdict(argv, stdout):
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if argv[:2] == ["refnorm", "verify"]:
         assert re.fullmatch(r"\d+ passed, 0 failed", last), last
+        if len(argv) == 2:  # the main job: every registered item listed, and passed
+            _every_item_passed(stdout)
     if argv[:2] == ["refnorm", "compare"]:
         assert last.startswith("ALL PASSED"), last
     if argv[:3] == ["refnorm", "goldens", "verify"]:
         assert last == "OK", last
     if argv[:2] == ["refnorm", "list"]:
         assert "layer_norm" in stdout and "registered" in last, last
+
+
+def _every_item_passed(stdout):
+    """The table of ``refnorm verify`` (all items) lists every registered item under its kind,
+    with the verdict "pass", and its last line counts them all. (The only full run of verify in
+    the suite: tests/test_cli.py runs it on a few items.)"""
+    from refnorm.verify import registered
+
+    lines = stdout.strip().splitlines()
+    kinds = {kind for kind, _, _, _ in registered()}
+    rows = {line.split()[1]: line for line in lines[1:-1]
+            if line.split() and line.split()[0] in kinds}
+    for kind, name, _, _ in registered():
+        assert name in rows and rows[name].split()[0] == kind, name
+        assert rows[name].split()[5] == "pass", rows[name]
+    assert lines[-1] == f"{len(registered())} passed, 0 failed"
 
 
 def _block_ids():
