@@ -13,7 +13,6 @@ modes, in refnorm's records and in the oracle.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ MODES = ("llama", "gemma", "none")
 @pytest.fixture(scope="module")
 def torch():
     torch = pytest.importorskip("torch")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one per xdist worker, a worker per core (conftest.py)
     return torch
 
 

@@ -143,7 +143,7 @@ def torch_threads():
         import torch
     except ImportError:
         return
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one per xdist worker, a worker per core (conftest.py)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

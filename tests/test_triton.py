@@ -43,7 +43,7 @@ def interpret(monkeypatch):
 @pytest.fixture
 def kernels(triton, torch):
     """The example module (its kernels are defined at its first import)."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one per xdist worker, a worker per core (conftest.py)
     return importlib.import_module(MODULE)
 
 
@@ -121,7 +121,7 @@ RMS = "refnorm.oracle.examples.triton_rms_norm"
 
 @pytest.fixture
 def rms_kernels(triton, torch):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one per xdist worker, a worker per core (conftest.py)
     return importlib.import_module(RMS)
 
 

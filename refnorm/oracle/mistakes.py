@@ -629,11 +629,13 @@ def _agree(cand, mine, bound, ref, rel=0.0):
                                                                  atol=1e-6, equal_nan=True))
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.abs(cand - mine)
-    if np.isfinite(err).all():  # both finite everywhere (the common case): no pattern to match
-        b = np.asarray(bound, np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf)
-                               + rel * np.abs(mine)))
+        # both finite everywhere (the common case: a NaN maximum compares False): no pattern
+        if err.size and err.max() < np.inf:
+            b = np.asarray(bound, np.float64)
+            limit = 2 * np.where(np.isfinite(b), b, np.inf)
+            if rel:
+                limit += rel * np.abs(mine)
+            return bool((err <= limit).all())
     fc, fm = np.isfinite(cand), np.isfinite(mine)
     if np.any(fc != fm) or np.any(np.isnan(cand) != np.isnan(mine)) or \
             np.any(~fc & (cand != mine) & ~np.isnan(cand)):
