@@ -13,7 +13,6 @@ modes, in refnorm's records and in the oracle.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
