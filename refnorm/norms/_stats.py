@@ -590,9 +590,9 @@ def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
     The one loop of the blocked forwards and backwards (LayerNorm, GroupNorm, BatchNorm,
     InstanceNorm): ``body`` does the variant's math on the rows of one block, writing its
     outputs' slices in place, and returns what the caller combines: per-row statistics
-    (concatenated) or the block's part of a sum over rows (added up block after block, so that
-    a parameter gradient is a sum of per-block sums, as accurate as a pairwise sum of that
-    depth). Sizing and the NumPy buffer are set once here, not in every block; arrays of at
+    (concatenated: :func:`joined`) or the block's part of a sum over rows (added up block after
+    block: :func:`summed`, so that a parameter gradient is a sum of per-block sums, as accurate
+    as a pairwise sum of that depth). Sizing and the NumPy buffer are set once here, not in every block; arrays of at
     most :data:`SMALL_SIZE` float64 elements (that many times 8 bytes) are one block with the
     buffer unchanged. With no rows, ``body`` is called once on the empty block, so that the
     results have their shapes."""
