@@ -53,7 +53,10 @@ arithmetic of every call exactly as they are (bit for bit), and make their fixed
   :func:`extreme_groups` and :func:`out_of_range`, :func:`wider_dtype`) and the vectors of
   ones of :func:`row_sums` are computed once per dtype and length, not per call;
 * reductions over an axis of length one (LayerNorm's single block of rows in
-  :func:`shifted_moments`) are not made: the sum of one number is that number;
+  :func:`shifted_moments`) are not made: the sum of one number is that number; row sums and
+  row dot products over rows of one element (BatchNorm and GroupNorm on (N, C) input) are the
+  term plus +0, which is what BLAS returns for them, bit for bit, without a matrix product
+  over a thousand rows of length one;
 * the rare-regime tests (:func:`needs_rescaling`, :func:`extreme_groups`,
   :func:`inexact_products`) first ask whether *no* group can be flagged, with a minimum and a
   maximum over all groups (three NumPy calls, no temporary per test); a NaN makes that answer
