@@ -321,7 +321,7 @@ def rescaled_rstd(d, c, eps, axes):
     return np.ldexp(var_s, 2 * e), rstd
 
 
-def correction_first(c, scale):
+def correction_first(c, scale, product=None):
     r"""Where the mean correction :math:`c` must be subtracted from :math:`d = x - m_0` before
     scaling by ``scale`` (three passes), instead of being folded into a per-group offset
     :math:`-c\,\mathrm{scale}` (two passes): where :math:`|c\,\mathrm{scale}| > 1`.
@@ -331,19 +331,26 @@ def correction_first(c, scale):
     that is constant up to rounding (:math:`d - c = 0` exactly, while :math:`c` times
     :math:`r = \epsilon^{-1/2}` is large) it would leave the result off by that rounding. Decided
     per row, channel or group, so that one group's result never depends on another's (a NaN
-    compares false and is folded). The one rule of the LN, BN and GN forwards and backwards."""
-    return np.abs(c * scale) > 1.0
+    compares false and is folded). The one rule of the LN, BN and GN forwards and backwards.
+
+    Returns the bool mask of those groups, or None where there is none (the common case: one
+    reduction, no mask to test; ``np.fmax`` skips NaN, which is never flagged). ``product``:
+    ``c * scale``, where the caller has computed it already."""
+    m = np.abs(c * scale if product is None else product)
+    if not m.size or not np.fmax.reduce(m, axis=None) > 1.0:
+        return None
+    return m > 1.0
 
 
 def inexact_products(a, b, ab):
     r"""Where the product ``ab`` (``a * b`` as computed, same shape) of finite factors lost
     accuracy: it overflowed, or underflowed (it is subnormal, or 0 while neither factor is 0);
-    then ``(z a) b`` is the accurate form of ``z (a b)``. A bool array of ``ab``'s shape; in
-    three NumPy calls when no product is flagged (the common case)."""
+    then ``(z a) b`` is the accurate form of ``z (a b)``. A bool array of ``ab``'s shape, or
+    None when no product can be flagged (the common case, decided in three NumPy calls)."""
     tiny = _smallest_normal(ab.dtype)
     m = np.abs(ab)
     if m.size and _at_least(m, tiny) and _below(m, np.inf):
-        return np.zeros(ab.shape, bool)
+        return None
     return ~((m >= tiny) & (m < np.inf) | (ab == 0) & ((a == 0) | (b == 0))) \
         & np.isfinite(a) & np.isfinite(b)
 

@@ -243,10 +243,10 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             # beta by the rounding of c a, although d - c is exactly 0 there.
             # Per channel, so that a channel's y does not depend on the others' (NaN: folded).
             a = rstd * weight.reshape(-1, 1) if weight is not None else rstd
-            unfold = correction_first(c, a)
             ca = c * a
+            unfold = correction_first(c, a, ca)  # None: no such channel
             c_first = None
-            if unfold.any():
+            if unfold is not None:
                 c_first = np.where(unfold, c, 0)  # 0: subtracting it changes nothing
                 ca = np.where(unfold, 0, ca)
             offset = bias.reshape(-1, 1) - ca if bias is not None else -ca
@@ -316,9 +316,9 @@ def batch_norm_backward(dy, cache):
         k = r * sum_dyx / (n * spatial)  # r <dy xhat>
         # where |c r| > 1 (a channel constant up to rounding) d k - c k would cancel
         # catastrophically (or overflow): subtract c from d first, in one more pass
-        centre = correction_first(c, r)
-        c_first = np.where(centre, c, 0) if centre.any() else None
-        offset = sum_dy / (n * spatial) - (c if c_first is None else np.where(centre, 0, c)) * k
+        centre = correction_first(c, r)  # None: no such channel
+        c_first = None if centre is None else np.where(centre, c, 0)
+        offset = sum_dy / (n * spatial) - (c if centre is None else np.where(centre, 0, c)) * k
 
         def finish(blk):
             d = dx[blk]

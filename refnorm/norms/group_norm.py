@@ -205,16 +205,15 @@ def _normalize(x, groups, weight, bias, eps, y):
         scale *= weight[:, None]
     # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
     c_spread = c.repeat(per_channel, axis=1)
-    unfold = correction_first(c_spread, scale)
+    unfold = correction_first(c_spread, scale)  # None: no such channel
     offset = -c_spread * scale
-    unfolded = unfold.any()
-    if unfolded:
+    if unfold is not None:
         offset[unfold] = 0.0
         c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
     if bias is not None:
         offset += bias[:, None]
     y3 = _ncl(y)
-    if unfolded:
+    if unfold is not None:
         y3 -= c_spread
     y3 *= scale
     y3 += offset
@@ -341,21 +340,20 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     # constant up to rounding): then (d - c) (r k), as d (r k) - c (r k) would cancel.
     # (Over- and underflows are silenced by the caller, normalize_groups_backward.)
     rk = r * k
-    split = inexact_products(r, k, rk)
-    centre = correction_first(c, r)
-    centred = centre.any()
+    split = inexact_products(r, k, rk)  # None: no such group
+    centre = correction_first(c, r)  # None: no such group
     np.multiply(dy3, r_gamma, out=dx3)
     # the per-group terms on the (N, G, M) views of d and dx, broadcast without a copy
-    if centred:
+    if centre is not None:
         d -= np.where(centre, c, 0)
-    if split.any():
+    if split is not None and split.any():
         d *= np.where(split, r, rk)
         d *= np.where(split, k, 1)
     else:
         d *= rk
     dx3 -= d3
     dx_groups = group_view(dx, groups)  # a view too
-    dx_groups += r * ((np.where(centre, 0, c) if centred else c) * k - mean_g)
+    dx_groups += r * ((c if centre is None else np.where(centre, 0, c)) * k - mean_g)
     return sums
 
 

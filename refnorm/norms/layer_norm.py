@@ -268,15 +268,14 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     k = r * ((sum_gd - c * sum_g) * r / n)   # r <g xhat>; r * r alone may overflow (float16)
     # where |c r| > 1 (a row constant up to rounding) d k - c k would cancel catastrophically
     # (or overflow): subtract c from d first, in one more pass; per row
-    centre = correction_first(c, r)
-    centred = centre.any()
-    c_k = (np.where(centre, 0, c) if centred else c) * k
+    centre = correction_first(c, r)  # None: no such row
+    c_k = (c if centre is None else np.where(centre, 0, c)) * k
     if w is not None:
         np.multiply(dy, w, out=dx)         # g
         dx -= mean_g - c_k
     else:
         np.subtract(dy, mean_g - c_k, out=dx)
-    if centred:
+    if centre is not None:
         d -= np.where(centre, c, 0)
     d *= k
     dx -= d
