@@ -602,10 +602,10 @@ def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
     outputs' slices in place, and returns what the caller combines: per-row statistics
     (concatenated: :func:`joined`) or the block's part of a sum over rows (added up block after
     block: :func:`summed`, so that a parameter gradient is a sum of per-block sums, as accurate
-    as a pairwise sum of that depth). Sizing and the NumPy buffer are set once here, not in every block; arrays of at
-    most :data:`SMALL_SIZE` float64 elements (that many times 8 bytes) are one block with the
-    buffer unchanged. With no rows, ``body`` is called once on the empty block, so that the
-    results have their shapes."""
+    as a pairwise sum of that depth). Sizing and the NumPy buffer are set once here, not in
+    every block; arrays of at most :data:`SMALL_SIZE` float64 elements (that many times 8
+    bytes) are one block with the buffer unchanged. With no rows, ``body`` is called once on
+    the empty block, so that the results have their shapes."""
     if n_rows * row_bytes <= 8 * SMALL_SIZE:
         return [body(slice(0, n_rows))]
     blocks = row_blocks(n_rows, row_bytes, live=live) or [slice(0, 0)]  # no rows: one empty

@@ -90,9 +90,9 @@ from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (axis_count, by_row_blocks, check_array, check_eps, check_flag,
                                   check_momentum, check_param, check_running_stats,
                                   correction_first, joined, row_broadcasting, row_dots, row_sums,
-                                  rsqrt,
-                                  saved_mean, saved_xhat, shifted_moments, update_running_stats,
-                                  WideCache, narrow, out_of_range, wider_dtype, widen)
+                                  rsqrt, saved_mean, saved_xhat, shifted_moments,
+                                  update_running_stats, WideCache, narrow, out_of_range,
+                                  wider_dtype, widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 _OP = "batch_norm"
