@@ -90,7 +90,11 @@ class GradcheckReport:
     n_evals_to_failure : int or None
         How many evaluations of ``f`` had been spent when the first failure was found (None:
         none was); the rest went to localising and diagnosing it (the inputs, then the
-        elements, of a failed projection; more projections to recognise a constant factor).
+        elements, of a failed projection; more projections to recognise a constant factor)
+        and to checking that ``f`` is deterministic.
+    localised : bool
+        False where ``check_vjp(..., diagnose=False)`` stopped at the first failed projection:
+        the verdict stands, the inputs and elements at fault were not looked for.
     n_refined : int
         Elements checked one by one (slow mode, or fast mode's fallback) whose first estimate,
         at two steps, did not decide them, so that the full Richardson table was computed
@@ -126,6 +130,7 @@ class GradcheckReport:
     n_unresolved: int = 0   # comparisons left unresolved (INCONCLUSIVE when > 0 and no failure)
     n_refined: int = 0      # elements whose first, two-step estimate needed the full table
     n_evals_to_failure: int | None = None  # evaluations of f spent when a failure was found
+    localised: bool = True  # False: check_vjp(diagnose=False) stopped at the first failure
 
     def __post_init__(self):
         if not self.verdict:
@@ -147,7 +152,8 @@ class GradcheckReport:
         if self.mode == "fast" and self.n_evals_to_failure is not None and \
                 self.n_evals_to_failure < self.n_evals:
             refined += f"; the first failure was found after {self.n_evals_to_failure} " \
-                "evaluations, the rest localised it"
+                "evaluations, " + ("the rest localised it" if self.localised else
+                                   "one more checked that f is deterministic")
         lines = [f"gradcheck {self.verdict} ({self.mode} mode, "
                  f"{self.n_evals} evaluations of f, {self.n_vjp_calls} calls of vjp{refined})",
                  f"  max relative error: {self.max_rel_error:.3e} (rtol={self.rtol:g}, "
@@ -582,6 +588,7 @@ class _Checker:
         self.steps_tried = {step}
         self.refined = 0  # elements whose two-step estimate needed the full Richardson table
         self.first_failure = None  # evaluations of f spent when the first failure was found
+        self.stopped = False  # fast mode stopped at the first failure (diagnose=False)
 
     def found(self, comparisons) -> list[_Comparison]:
         """Note how many evaluations it took to find the first failure."""
@@ -727,13 +734,13 @@ class _Checker:
                     break
         return out
 
-    def fast(self, rng, n_projections, max_fallback_size) -> list[_Comparison]:
+    def fast(self, rng, n_projections, max_fallback_size, diagnose=True) -> list[_Comparison]:
         comparisons, checked = [], set()  # checked: inputs already checked element by element
         drawn = 0
         # After a failure that only projections can show (an input too large to check element
         # by element), up to _DIAGNOSIS projections in all, so that a constant factor can be
         # recognised: evaluations spent only once the gradient is known to be wrong.
-        while drawn < n_projections or (drawn < _DIAGNOSIS and any(
+        while drawn < n_projections or (diagnose and drawn < _DIAGNOSIS and any(
                 c.bad and c.index is None for c in comparisons)):
             drawn += 1
             cotangents, grads = self.draw(rng)
@@ -745,6 +752,10 @@ class _Checker:
             if agrees and not blind:
                 comparisons += joint
                 continue
+            if not diagnose and any(c.bad for c in joint):  # the verdict is known: FAILED
+                comparisons += joint
+                self.stopped = True
+                break
             if agrees:  # right for the inputs it can see: the others get their own projection
                 comparisons += joint
                 self.notes.append(f"input{'s' if len(blind) > 1 else ''} "
@@ -784,7 +795,8 @@ class _Checker:
 def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode: str = "fast",
               rng=None, rtol: float = 1e-7, atol: float = 1e-9, n_projections: int = 1,
               raise_on_failure: bool = False, diff_argnums: Sequence[int] | None = None,
-              step: float = 1e-4, max_fallback_size: int = 2000) -> GradcheckReport:
+              step: float = 1e-4, max_fallback_size: int = 2000,
+              diagnose: bool = True) -> GradcheckReport:
     r"""Check an analytic vector-Jacobian product against finite differences.
 
     Parameters
@@ -870,6 +882,11 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
         Largest relative step: an element moves by at most ``step * max(|x_j|, mean|x|)``.
     max_fallback_size : int
         Largest input that fast mode checks element by element after a failure.
+    diagnose : bool
+        Fast mode: after a projection fails, look for the input and the elements at fault and
+        for a constant factor (default). ``False`` stops at the first failed projection: the
+        same verdict at 8 evaluations (7 and the check that ``f`` is deterministic), without
+        that localisation, for loops that only need the verdict.
 
     Returns
     -------
@@ -901,7 +918,7 @@ def check_vjp(f: Callable, vjp: Callable, inputs: Sequence[np.ndarray], *, mode:
     elif mode == "slow":
         comparisons = checker.slow(rng)
     else:
-        comparisons = checker.fast(rng, n_projections, max_fallback_size)
+        comparisons = checker.fast(rng, n_projections, max_fallback_size, diagnose)
     if any(c.bad for c in comparisons):  # before a FAILED verdict: is f a function at all?
         again = checker.fn(xs)
         checker.jitter = max((float(np.max(np.abs(a - b), initial=0.0))
@@ -1003,9 +1020,12 @@ def _report(comparisons, mode, checker, notes, rtol, atol) -> GradcheckReport:
                                                worst.rel_error(atol)),
         kinks=[Kink(c.input, c.output, c.index, c.left, c.right, c.analytic)
                for c in comparisons if c.kink],
-        pattern=_diagnose(comparisons, worst) if failed else "", notes=notes, rtol=rtol,
+        pattern=("wrong along a random direction (not localised: diagnose=False)"
+                 if checker.stopped else _diagnose(comparisons, worst)) if failed else "",
+        notes=notes, rtol=rtol,
         atol=atol, verdict=verdict, n_unresolved=len(open_), n_refined=checker.refined,
-        n_evals_to_failure=checker.first_failure if failed else None)
+        n_evals_to_failure=checker.first_failure if failed else None,
+        localised=not checker.stopped)
 
 
 # --------------------------------------------------------------------------- public helpers

@@ -2,6 +2,7 @@
 reported as kinks, and bad arguments raise clear errors."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -681,9 +682,10 @@ def test_fast_mode_rejects_every_wrong_backward_of_the_mistake_catalogue(mistake
         with pytest.raises(ValueError, match="vjp returned a gradient of shape"):
             check_vjp(f, vjp, inputs, max_fallback_size=0)
         return
-    report = check_vjp(f, vjp, inputs, max_fallback_size=0)
+    # the verdict alone (diagnose=False: no localisation after the failure, the same verdict)
+    report = check_vjp(f, vjp, inputs, max_fallback_size=0, diagnose=False)
     assert report.verdict == "FAILED", f"{mistake.id} on {case.name}:\n{report}"
-    # found by the default budget (one projection), before any localisation
+    # found by the default budget (one projection)
     assert report.n_evals_to_failure <= 8, str(report)
 
 
@@ -831,9 +833,9 @@ def test_fast_mode_rejects_every_gradient_changing_mutant_of_the_core_backwards(
         passed, caught, doubted, given_wrong = [], 0, 0, 0
         for k in judged:
             wrong: list = []
-            try:
+            try:  # the verdict alone (diagnose=False: the same verdict, not localised)
                 r = check_vjp(*_mutant_problem(spec, cases[k], mutated, original, wrong),
-                              max_fallback_size=0)
+                              max_fallback_size=0, diagnose=False)
             except ValueError as exc:  # a gradient of the wrong shape: refused before f runs
                 assert "vjp returned a gradient of shape" in str(exc), exc
                 caught += 1
@@ -856,6 +858,37 @@ def test_fast_mode_rejects_every_gradient_changing_mutant_of_the_core_backwards(
     # inputs: code for float16, for the rescaling of extreme values, for several row blocks,
     # or the accuracy corrections (the mutation script's full runs judge those)
     assert rejected + raised >= 0.6 * len(mutants), (rejected, raised, below)
+
+
+def test_diagnose_false_gives_the_same_verdict_without_localising():
+    """diagnose=False stops at the first failed projection: FAILED at 8 evaluations (7 and the
+    determinism check) where the default localises the culprit with many more; a right vjp
+    passes at 7 either way; a non-deterministic f is still INCONCLUSIVE."""
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+
+    def f(x, w):
+        return np.tanh(x) * w
+
+    def vjp(cts, x, w, factor=1.0):
+        u = cts[0]
+        return (1 - np.tanh(x) ** 2) * w * u, factor * np.tanh(x) * u
+
+    wrong = functools.partial(vjp, factor=1.01)
+    full = check_vjp(f, wrong, [x, w])
+    quick = check_vjp(f, wrong, [x, w], diagnose=False)
+    assert full.verdict == quick.verdict == "FAILED"
+    assert quick.n_evals == 8 and quick.n_evals_to_failure == 7 < full.n_evals
+    assert full.localised and not quick.localised
+    assert "not localised" in quick.pattern and "one more checked" in str(quick)
+    right = check_vjp(f, vjp, [x, w], diagnose=False)
+    assert right.verdict == "passed" and right.n_evals == 7 and right.localised
+    noisy = np.random.default_rng(6)
+
+    def jittery(x, w):
+        return f(x, w) + 1e-3 * noisy.standard_normal(x.shape)
+
+    assert check_vjp(jittery, wrong, [x, w], diagnose=False).verdict == "INCONCLUSIVE"
 
 
 def test_an_input_too_light_in_the_joint_projection_is_projected_on_its_own():
