@@ -178,6 +178,9 @@ class Prepared:
     #: filled by the diagnosis (:func:`refnorm.oracle.mistakes.diagnose`) as it needs them:
     #: every failing candidate checked on the same cases reuses them
     mistake_outputs: dict = dataclasses.field(default_factory=dict)
+    #: ``{output: (limit, half)}``: the diagnosis's allowances from ``bounds``, computed once
+    #: (:func:`refnorm.oracle.mistakes._case_limits`)
+    agree_limits: dict = dataclasses.field(default_factory=dict)
 
 
 def flush_subnormals(case):

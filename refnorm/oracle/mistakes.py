@@ -614,10 +614,11 @@ def for_variant(name):
 # ----------------------------------------------------------------------------------------------
 # Diagnosis
 # ----------------------------------------------------------------------------------------------
-def _agree(cand, mine, bound, ref, rel=0.0):
+def _agree(cand, mine, bound, ref, rel=0.0, limit=None):
     """Whether ``cand`` is within twice the bound of ``mine`` (NaN/inf patterns equal), plus
     ``rel`` times ``|mine|``: where the reference is near 0 (its bound tiny) and the mistake's
-    output is not, two kernels that make the same mistake still differ by its roundings."""
+    output is not, two kernels that make the same mistake still differ by its roundings.
+    ``limit``, if given, is :func:`_limit` of ``bound``, computed once per case."""
     if cand is None or mine is None:
         return False
     cand, mine = np.asarray(cand, np.float64), np.asarray(mine, np.float64)
@@ -631,10 +632,9 @@ def _agree(cand, mine, bound, ref, rel=0.0):
         err = np.abs(cand - mine)
         # both finite everywhere (the common case: a NaN maximum compares False): no pattern
         if err.size and err.max() < np.inf:
-            b = np.asarray(bound, np.float64)
-            limit = 2 * np.where(np.isfinite(b), b, np.inf)
+            limit = _limit(bound) if limit is None else limit
             if rel:
-                limit += rel * np.abs(mine)
+                limit = limit + rel * np.abs(mine)
             return bool((err <= limit).all())
     fc, fm = np.isfinite(cand), np.isfinite(mine)
     if np.any(fc != fm) or np.any(np.isnan(cand) != np.isnan(mine)) or \
@@ -646,6 +646,25 @@ def _agree(cand, mine, bound, ref, rel=0.0):
         b = np.asarray(bound, np.float64)[both]
         slack = rel * np.abs(mine[both])
     return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf) + slack))
+
+
+def _limit(bound):
+    """Twice the bound, infinite where the bound is not finite: :func:`_agree`'s allowance."""
+    b = np.asarray(bound, np.float64)
+    return 2 * np.where(np.isfinite(b), b, np.inf)
+
+
+def _case_limits(prep, key):
+    """``(limit, half)``: :func:`_limit` of the case's bound for ``key`` and of half of it,
+    kept on ``prep`` (``Prepared.agree_limits``) for every mistake and candidate scored there."""
+    store = getattr(prep, "agree_limits", None)
+    if store is not None and key in store:
+        return store[key]
+    bound = prep.bounds[key]
+    value = (_limit(bound), _limit(0.5 * bound))
+    if store is not None:
+        store[key] = value
+    return value
 
 
 #: the largest case (elements of its input) whose mistake outputs a prepared case keeps
@@ -666,6 +685,9 @@ def _mistake_outputs(m, alt, prep):
                  case.dy.copy(), dict(case.kwargs), dtype=case.dtype, alternative=alt)
     except Exception:  # noqa: BLE001 - a mistake that cannot run here explains nothing
         mine = None
+    if isinstance(mine, dict):  # float outputs in float64 once, as _agree compares them
+        mine = {k: v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                else v for k, v in mine.items()}
     if store is not None and np.size(case.arrays[0]) <= _KEEP_OUTPUTS_UP_TO:
         store[key] = mine
     return mine
@@ -687,12 +709,14 @@ def _score(m, alt, failing, per_case_best):
                     ok_here = False
                 continue
             if key in prep.bounds:
+                limit, half = _case_limits(prep, key)
                 agree = _agree(got[key], mine[key], prep.bounds[key], prep.ref.outputs[key],
-                               rel=4 * get_format(case.dtype).u)
+                               rel=4 * get_format(case.dtype).u, limit=limit)
                 # a mistake explains a failure only where it is itself wrong
                 if key in bad and agree:
                     agree = not _agree(mine[key], prep.ref.outputs[key],
-                                       0.5 * prep.bounds[key], prep.ref.outputs[key])
+                                       0.5 * prep.bounds[key], prep.ref.outputs[key],
+                                       limit=half)
             else:
                 agree = np.array_equal(np.asarray(got[key]), np.asarray(mine[key]))
             if key in bad:
