@@ -48,6 +48,13 @@ def require_optional() -> bool:
     return os.environ.get("REFNORM_REQUIRE_OPTIONAL", "") not in ("", "0")
 
 
+def verify_rows(stdout: str, kinds) -> dict:
+    """``{name: row}`` of the table that ``refnorm verify`` prints: the lines between its header
+    and its footer whose first word is one of ``kinds`` (norm, optimizer, primitive)."""
+    return {line.split()[1]: line for line in stdout.strip().splitlines()[1:-1]
+            if line.split() and line.split()[0] in kinds}
+
+
 def optional_import(name: str):
     """Import an optional package, or skip (fail under REFNORM_REQUIRE_OPTIONAL=1)."""
     try:

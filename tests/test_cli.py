@@ -5,6 +5,7 @@ import sys
 import pytest
 
 import refnorm
+from conftest import verify_rows
 from refnorm import cli
 from refnorm.verify import registered
 
@@ -32,8 +33,7 @@ def test_verify_passes_and_lists_the_items_asked_for(capsys):
     asked = {kind: name for kind, name, _, _ in reversed(registered())}
     assert cli.main(["verify", "--no-progress", *asked.values()]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[1]: line for line in out.splitlines()[1:-1]
-            if line.split() and line.split()[0] in asked}
+    rows = verify_rows(out, asked)
     for kind, name in asked.items():
         assert name in rows and rows[name].split()[0] == kind, name
         assert rows[name].split()[5] == "pass", rows[name]

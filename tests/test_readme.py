@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import optional_import
+from conftest import optional_import, verify_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -278,14 +278,11 @@ def _every_item_passed(stdout):
     the suite: tests/test_cli.py runs it on a few items.)"""
     from refnorm.verify import registered
 
-    lines = stdout.strip().splitlines()
-    kinds = {kind for kind, _, _, _ in registered()}
-    rows = {line.split()[1]: line for line in lines[1:-1]
-            if line.split() and line.split()[0] in kinds}
+    rows = verify_rows(stdout, {kind for kind, _, _, _ in registered()})
     for kind, name, _, _ in registered():
         assert name in rows and rows[name].split()[0] == kind, name
         assert rows[name].split()[5] == "pass", rows[name]
-    assert lines[-1] == f"{len(registered())} passed, 0 failed"
+    assert stdout.strip().splitlines()[-1] == f"{len(registered())} passed, 0 failed"
 
 
 def _block_ids():

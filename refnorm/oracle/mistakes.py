@@ -643,9 +643,8 @@ def _agree(cand, mine, bound, ref, rel=0.0, limit=None):
     both = fc & fm
     with np.errstate(invalid="ignore"):
         err = np.abs(cand[both] - mine[both])
-        b = np.asarray(bound, np.float64)[both]
         slack = rel * np.abs(mine[both])
-    return bool(np.all(err <= 2 * np.where(np.isfinite(b), b, np.inf) + slack))
+    return bool(np.all(err <= (_limit(bound) if limit is None else limit)[both] + slack))
 
 
 def _limit(bound):
@@ -686,7 +685,8 @@ def _mistake_outputs(m, alt, prep):
     except Exception:  # noqa: BLE001 - a mistake that cannot run here explains nothing
         mine = None
     if isinstance(mine, dict):  # float outputs in float64 once, as _agree compares them
-        mine = {k: v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+        mine = {k: v.astype(np.float64, copy=False)
+                if isinstance(v, np.ndarray) and v.dtype.kind == "f"
                 else v for k, v in mine.items()}
     if store is not None and np.size(case.arrays[0]) <= _KEEP_OUTPUTS_UP_TO:
         store[key] = mine
