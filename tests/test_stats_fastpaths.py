@@ -1,7 +1,8 @@
 """The small-input fast paths of ``refnorm.norms._stats`` answer exactly as the general code.
 
 The rare-regime tests (``needs_rescaling``, ``extreme_groups``, ``inexact_products``) first ask
-whether nothing can be flagged, with a minimum and a maximum; these tests compare every answer
+whether nothing can be flagged, with a minimum and a maximum (``variance_span`` derives those of
+``rstd`` from those of the variances); these tests compare every answer
 with the elementwise definition, on arrays that mix ordinary, tiny, huge, zero, inf and NaN
 values, so that a fast path that missed a flag would fail. The validation fast paths are
 compared with the general checks on the values they accept, and must leave every error
@@ -53,6 +54,42 @@ def test_extreme_groups_flags_as_its_definition(dtype, x_dtype):
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             expected = np.flatnonzero((var < low) | (rstd > hi) | (rstd < 1.0 / hi))
         np.testing.assert_array_equal(S.extreme_groups(var, rstd, x_dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.longdouble])
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 3.0, 1e-40, 1e-310])
+def test_variance_span_is_the_extremes_where_nothing_needs_rescaling(dtype, eps):
+    """The span is exactly (min var, min rstd, max rstd) of rstd computed elementwise, and it is
+    given exactly where needs_rescaling flags no group."""
+    rng = np.random.default_rng(4)
+    for var in _arrays(rng, dtype):
+        var = var[:, None]
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            rstd = 1.0 / np.sqrt(var + eps)
+            span = S.variance_span(var, eps)
+            flagged = S.needs_rescaling(var, eps).any()
+        assert (span is None) == flagged, (var.ravel(), eps)
+        if span is not None:
+            for got, want in zip(span, (var.min(), rstd.min(), rstd.max())):
+                # equal and of the same sign (tobytes would compare longdouble's padding)
+                assert got.dtype == want.dtype and got == want \
+                    and np.signbit(got) == np.signbit(want), (got, want)
+            np.testing.assert_array_equal(S.extreme_groups(var, rstd, None, span),
+                                          S.extreme_groups(var, rstd))
+    assert S.variance_span(np.ones((2, 1)), np.float64(1e-5)) is None  # not a float: unknown
+    assert S.variance_span(np.ones((0, 1)), 1e-5) is None
+
+
+def test_joined_spans_is_the_span_of_the_union():
+    var = np.array([[3.0], [0.5], [2.0], [7.0]])
+    whole = S.variance_span(var, 1e-5)
+    parts = [S.variance_span(var[:2], 1e-5), S.variance_span(var[2:], 1e-5)]
+    assert S.joined_spans(parts) == whole
+    assert S.joined_spans(parts + [None]) is None
+    stats = [(var[:2], parts[0]), (var[2:], parts[1])]  # as by_row_blocks returns them
+    joined_var, joined_span = S.joined(stats)
+    np.testing.assert_array_equal(joined_var, var)
+    assert joined_span == whole
 
 
 def test_inexact_products_flags_as_its_definition():

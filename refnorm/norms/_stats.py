@@ -97,6 +97,7 @@ import math
 import numbers
 import os
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -181,19 +182,26 @@ def shifted_moments(x3, out, eps):
 
     The fast form of :func:`moments` (see the module docstring). Writes :math:`d = x - m_0` into
     ``out`` (an array of ``x3``'s shape and dtype; it may be the caller's output buffer) and
-    returns ``(shift, c, var, rstd)``, each of shape :math:`(K, 1)`: :math:`m_0` (the rounded
-    mean), :math:`c = \langle d\rangle` (:math:`m_0`'s rounding error, so that the mean is
-    :math:`m_0 + c`, more accurately than any one float), in ``x3``'s dtype, and the biased
+    returns ``(shift, c, var, rstd, span)``: each of shape :math:`(K, 1)`, :math:`m_0` (the
+    rounded mean), :math:`c = \langle d\rangle` (:math:`m_0`'s rounding error, so that the mean
+    is :math:`m_0 + c`, more accurately than any one float), in ``x3``'s dtype, and the biased
     variance :math:`\langle (d-c)^2\rangle` and :math:`r = (\sigma^2+\epsilon)^{-1/2}`
     in the accumulation dtype (:func:`accumulation_dtype`: float32 for float16 input, where
     :math:`r` may exceed the float16 range while :math:`(d - c)\,r` does not). Then
-    :math:`x - \mu = d - c`, right to about one ULP. Layouts: LayerNorm rows are
-    ``(1, rows, N)``, GroupNorm groups ``(1, N*G, M)`` (both called on one block of rows at a
-    time), BatchNorm ``(N, C, H*W)``, whose passes after the first (:math:`m_0`) go by blocks
-    along axis 0 (:func:`by_row_blocks`).
+    :math:`x - \mu = d - c`, right to about one ULP; and ``span``, the extremes of ``var`` and
+    ``rstd`` for :func:`extreme_groups` (:class:`Span`; None where a group needed rescaling).
+    Layouts: BatchNorm ``(N, C, H*W)``, whose passes after the first (:math:`m_0`) go by blocks
+    along axis 0 (:func:`by_row_blocks`); LayerNorm's rows ``(1, rows, N)`` and GroupNorm's
+    groups ``(1, N*G, M)`` (both called on one block of rows at a time) go through
+    :func:`row_moments`, its form for ``A = 1``.
 
     ``var`` may overflow the dtype (float32 :math:`\sigma \gtrsim 1.8\cdot 10^{19}`; it is then
     ``inf``, the true value rounded) and ``rstd`` is still right: see :func:`rescaled_rstd`.
+
+    Call it under ``np.errstate(over="ignore", invalid="ignore", divide="ignore")``, as the
+    callers do around their whole forward (an input with an inf or a NaN gives NaN statistics,
+    a constant group with ``eps = 0`` an infinite ``rstd``, and overflowing squares are
+    rescaled): the context is theirs, not entered again here (a microsecond per call).
     """
     count = x3.shape[0] * x3.shape[2]
     shift = (_sum_first(row_sums(x3))[:, None] / count).astype(x3.dtype, copy=False)  # m0
@@ -202,26 +210,80 @@ def shifted_moments(x3, out, eps):
         d = np.subtract(x3[blk], shift, out=out[blk])  # exact where x is within a factor 2 of
         return row_sums(d), row_dots(d, d)             # m0 (Sterbenz)
 
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # checked below
-        parts = by_row_blocks(block, x3.shape[0], x3.nbytes // max(1, x3.shape[0]), x3.shape[2],
-                              live=2)
-        sum_d, sum_dd = (_sum_first(p)[:, None] for p in joined(parts))
-        d = out
-        c = sum_d / count
-        # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
-        var = sum_dd / count - c * c
-        var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
-        var_eps = var + eps
-        rstd = 1.0 / np.sqrt(var_eps)
-    bad = None if _trusted(var, eps, var_eps) else needs_rescaling(var, eps)
-    if bad is not None and bad.any():
+    sum_d, sum_dd = joined(by_row_blocks(block, x3.shape[0], x3.nbytes // max(1, x3.shape[0]),
+                                         x3.shape[2], live=2))
+    return _moments(out, shift, _sum_first(sum_d)[:, None], _sum_first(sum_dd)[:, None],
+                    count, eps)
+
+
+def row_moments(rows, out, eps):
+    """:func:`shifted_moments` of ``rows`` of shape (K, L), each over its L elements: the
+    layout ``(1, K, L)`` of LayerNorm's rows and GroupNorm's groups, without the blocks and
+    the sums over axis 0 that only BatchNorm's layout needs (the same numbers)."""
+    count = rows.shape[1]
+    shift = (row_sums(rows)[:, None] / count).astype(rows.dtype, copy=False)  # m0
+    d = np.subtract(rows, shift, out=out)  # exact where x is within a factor 2 of m0
+    return _moments(out[None], shift, row_sums(d)[:, None], row_dots(d, d)[:, None], count,
+                    eps)
+
+
+def _moments(d, shift, sum_d, sum_dd, count, eps):
+    """The end of :func:`shifted_moments`: ``(shift, c, var, rstd, span)`` from ``d`` (the
+    (A, K, L) differences :math:`x - m_0`) and its sums per group, ``sum_d`` and ``sum_dd``
+    of shape (K, 1)."""
+    c = sum_d / count
+    # <(d - c)^2> = <d^2> - c^2, without cancellation: c^2 is tiny next to <d^2>
+    var = sum_dd / count - c * c
+    var = np.maximum(var, 0.0)  # rounding must not make a zero variance negative
+    rstd = 1.0 / np.sqrt(var + eps)
+    span = variance_span(var, eps)  # None: some group may need rescaling
+    if span is None and (bad := needs_rescaling(var, eps)).any():
         rows = np.flatnonzero(bad)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             rvar, rr = rescaled_rstd(d[:, rows, :], c[rows, 0],
                                      eps if np.ndim(eps) == 0 else np.ravel(eps)[rows],
                                      axes=(0, 2))
             var[rows, 0], rstd[rows, 0] = rvar, rr
-    return shift, c.astype(x3.dtype, copy=False), var, rstd
+    return shift, c.astype(d.dtype, copy=False), var, rstd, span
+
+
+class Span(NamedTuple):
+    """The extremes of a set of groups' variances and of their ``rstd``: what
+    :func:`extreme_groups` and :func:`needs_rescaling` test, known without a reduction over
+    ``rstd`` (:func:`variance_span`)."""
+    var_min: np.floating
+    rstd_min: np.floating
+    rstd_max: np.floating
+
+
+def variance_span(var, eps):
+    r"""The :class:`Span` of ``var`` and of :math:`r = 1/\sqrt{\mathrm{var} + \epsilon}`
+    (computed elementwise in ``var``'s dtype, ``eps`` a float), from two reductions over
+    ``var``; None where :func:`needs_rescaling` may flag a group (a NaN, an overflowed or a
+    tiny variance: the caller then runs it, and rescales) or ``eps`` is not a float.
+
+    Exact, not a bound: rounding is monotonic, so :math:`v \mapsto 1/\sqrt{v + \epsilon}`
+    computed in floating point is non-increasing, the largest :math:`r` is that of the smallest
+    variance and the smallest that of the largest, computed here with the same operations in
+    the same dtype (the ``eps`` rounded to it, as an array operation rounds a Python float).
+    For the same reason :math:`\min(\mathrm{var} + \epsilon)` is ``var_min + eps``, so the
+    test of :func:`needs_rescaling` is decided from these two numbers too."""
+    if not var.size or type(eps) is not float:
+        return None
+    t = var.dtype.type
+    low, high = np.minimum.reduce(var, axis=None), np.maximum.reduce(var, axis=None)
+    low_eps = low + t(eps)
+    if not (low_eps >= _rescaling_limit(var.dtype) and high < np.inf):  # NaN: False
+        return None
+    return Span(low, t(1) / np.sqrt(high + t(eps)), t(1) / np.sqrt(low_eps))
+
+
+def joined_spans(spans):
+    """The :class:`Span` of the union of groups whose spans (or None) are ``spans``."""
+    if any(s is None for s in spans):
+        return None
+    return Span(min(s.var_min for s in spans), min(s.rstd_min for s in spans),
+                max(s.rstd_max for s in spans))
 
 
 @functools.lru_cache(maxsize=None)
@@ -377,7 +439,7 @@ def saved_xhat(cache):
 # ------------------------------------------------------------------------------------------
 # The whole floating range: groups done again in a wider dtype
 # ------------------------------------------------------------------------------------------
-def extreme_groups(var, rstd, dtype=None):
+def extreme_groups(var, rstd, dtype=None, span=None):
     r"""Flat indices of the groups that the dtype's own arithmetic cannot do right, from the
     statistics already computed (one comparison per group: free for ordinary inputs):
 
@@ -399,8 +461,11 @@ def extreme_groups(var, rstd, dtype=None):
     value exceeds it), keep that sub-cache, and do the groups' backward with it."""
     v, r = np.asarray(var), np.asarray(rstd)
     low, hi, inv_hi = _extreme_limits(v.dtype, r.dtype, dtype)
-    if v.size and v.min() >= low and r.min() >= inv_hi and r.max() <= hi:
-        return _NO_GROUPS  # the common case: none, in three NumPy calls (a NaN: False)
+    if span is None and v.size:  # the extremes: three reductions, unless the span is known
+        span = Span(v.min(), r.min(), r.max())
+    if span is not None and span.var_min >= low and span.rstd_min >= inv_hi \
+            and span.rstd_max <= hi:
+        return _NO_GROUPS  # the common case: none (a NaN compares False)
     with np.errstate(invalid="ignore"):
         return np.flatnonzero((v.ravel() < low) | (r.ravel() > hi) | (r.ravel() < inv_hi))
 
@@ -615,11 +680,13 @@ def by_row_blocks(body, n_rows, row_bytes, row_length, *, live=4):
 
 def joined(parts):
     """The per-row results of :func:`by_row_blocks` (a tuple of arrays per block), each field
-    concatenated along axis 0: a tuple of arrays. A single block's arrays are returned as they
+    concatenated along axis 0: a tuple of arrays; a field of :class:`Span` (or None) gives the
+    span of all the rows (:func:`joined_spans`). A single block's results are returned as they
     are (no copy)."""
     if len(parts) == 1:
         return tuple(parts[0])
-    return tuple(np.concatenate(field) for field in zip(*parts))
+    return tuple(np.concatenate(field) if isinstance(field[0], np.ndarray)
+                 else joined_spans(field) for field in zip(*parts))
 
 
 def summed(parts):
@@ -627,14 +694,10 @@ def summed(parts):
     arrays, or None where that sum is not wanted), each field added up block after block: a
     tuple of arrays (or None). The sum starts from +0, as ``sum(parts, zeros)`` does, so that
     a sum of -0 terms is +0 whatever the number of blocks."""
-    return tuple(None if field[0] is None else _block_sum(field) for field in zip(*parts))
-
-
-def _block_sum(field):
-    total = field[0] + 0.0  # +0 + part: the same dtype (float32 stays float32)
-    for part in field[1:]:
-        total = total + part
-    return total
+    total = [None if p is None else p + 0.0 for p in parts[0]]  # +0 + part: the same dtype
+    for part in parts[1:]:
+        total = [None if s is None else s + p for s, p in zip(total, part)]
+    return tuple(total)
 
 
 SMALL_SIZE = 4096

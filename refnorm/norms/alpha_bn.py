@@ -150,7 +150,7 @@ def alpha_bn_forward(x, running_mean, running_var, weight=None, bias=None, eps=1
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if m > 0:
             d = np.empty_like(x3)
-            shift, c, var, _ = shifted_moments(x3, out=d, eps=eps)  # d = x - m0
+            shift, c, var, _, _ = shifted_moments(x3, out=d, eps=eps)  # d = x - m0
         else:
             d, shift, c, var = x3, np.zeros_like(src_mean), np.zeros_like(src_mean), \
                 np.zeros_like(src_var)

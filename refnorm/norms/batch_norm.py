@@ -217,7 +217,8 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
             raise ValueError(f"{_OP}: `eps` must be > 0 when batch statistics are used "
                              f"(training, or no running statistics), got {eps!r}")
         # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
-        shift, c, var, rstd = shifted_moments(x3, out=y, eps=eps)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # its own
+            shift, c, var, rstd, _ = shifted_moments(x3, out=y, eps=eps)
     else:
         shift = running_mean.reshape(-1, 1).astype(x.dtype, copy=False)
         c = np.zeros_like(shift)

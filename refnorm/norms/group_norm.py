@@ -69,7 +69,7 @@ from refnorm.autograd import custom_vjp
 from refnorm.norms._stats import (accumulation_dtype, by_row_blocks, check_array, check_eps,
                                   check_num_groups, check_param, correction_first,
                                   extreme_groups, group_view, inexact_products, joined, row_dots,
-                                  row_sums, saved_mean, shifted_moments, summed, wider_dtype,
+                                  row_moments, row_sums, saved_mean, summed, wider_dtype,
                                   widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
@@ -139,10 +139,11 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
         return np.empty(x.shape, x.dtype), GroupNormCache(
             x, stats, stats.copy(), stats.astype(np.promote_types(x.dtype, np.float32)), weight,
             bias is not None, None if bias is None else bias.dtype)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a group with an inf: NaN
-        y, (shift, c, var, rstd) = normalize_groups(x, groups, weight, bias, eps)
+    # inf - inf in a group with an inf: NaN; and the statistics' own (row_moments)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        y, (shift, c, var, rstd, span) = normalize_groups(x, groups, weight, bias, eps)
     wide = None
-    extreme = extreme_groups(var, rstd, x.dtype)
+    extreme = extreme_groups(var, rstd, x.dtype, span)
     if extreme.size and (wider := wider_dtype(x.dtype)) is not None:
         # subnormal or huge groups: again in a wider dtype, one group at a time (as a
         # GroupNorm of one group over its channels), so that a group's result never depends
@@ -165,7 +166,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 def normalize_groups(x, groups, weight, bias, eps):
-    """``(y, (shift, c, var, rstd))`` of GroupNorm's math on a non-empty ``x`` of shape
+    """``(y, (shift, c, var, rstd, span))`` of GroupNorm's math on a non-empty ``x`` of shape
     (N, C, ...) with ``groups`` groups, the statistics of shape (N, G, 1), without the input
     checks and the groups that need a wider dtype (:func:`group_norm_forward` adds them);
     InstanceNorm's forward with input statistics is this with one group per channel. A block
@@ -186,38 +187,42 @@ def _samples(x):
 
 def _normalize(x, groups, weight, bias, eps, y):
     """``y = (x - mu) r gamma + beta`` on samples ``x``, in ``y``; returns their
-    ``(shift, c, var, rstd)``, of shape (N, G, 1)."""
+    ``(shift, c, var, rstd)``, of shape (N, G, 1), and their ``span``
+    (:func:`~refnorm.norms._stats.row_moments`)."""
     n, channels = x.shape[:2]
     per_channel = channels // groups
     xg, yg = group_view(x, groups), group_view(y, groups)  # (N, G, M)
-    rows = (1, n * groups, xg.shape[2])  # the groups as rows, for shifted_moments
+    rows = (n * groups, xg.shape[2])  # the groups as rows, for row_moments
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
-    stats = shifted_moments(xg.reshape(rows), out=yg.reshape(rows), eps=eps)
+    *stats, span = row_moments(xg.reshape(rows), out=yg.reshape(rows), eps=eps)
     shift, c, var, rstd = (v.reshape(n, groups, 1) for v in stats)
     # y = (d - c) r gamma + beta = d * scale + offset with, per (sample, channel), scale = r gamma
     # and offset = beta - c scale: two passes over y, on its (N, C, L) view (a channel per row).
     # The fold is taken where |c scale| <= 1 everywhere (its rounding is then below an ULP of
     # y's magnitude); else c is subtracted first, in a third pass: on a constant group d - c is
     # exactly 0 and y must be beta, while beta - c scale would round off by an ULP of c scale
-    # (float32 constant 1e11: c ~ 4e3, scale ~ 316 -> y off by ~1)
-    scale = rstd.repeat(per_channel, axis=1)  # (N, C, 1)
+    # (float32 constant 1e11: c ~ 4e3, scale ~ 316 -> y off by ~1).
+    # The per-channel coefficients are formed on the (N, G, C/G) view of the channels, where
+    # each group's r and c broadcast over its channels; scale in r's dtype (float32 for float16)
+    channel = (n, groups, per_channel)
     if weight is not None:
-        scale *= weight[:, None]
+        scale = np.multiply(rstd, weight.reshape(groups, per_channel),
+                            out=np.empty(channel, rstd.dtype))
+    else:
+        scale = rstd.repeat(per_channel, axis=2)
     # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
-    c_spread = c.repeat(per_channel, axis=1)
-    unfold = correction_first(c_spread, scale)  # None: no such channel
-    offset = -c_spread * scale
+    unfold = correction_first(c, scale)  # None: no such channel
+    offset = -c * scale
     if unfold is not None:
         offset[unfold] = 0.0
-        c_spread = np.where(unfold, c_spread, 0)  # 0: subtracting it changes nothing
     if bias is not None:
-        offset += bias[:, None]
-    y3 = _ncl(y)
-    if unfold is not None:
-        y3 -= c_spread
-    y3 *= scale
-    y3 += offset
-    return shift, c, var, rstd
+        offset += bias.reshape(groups, per_channel)
+    y3, per_row = _ncl(y), (n, channels, 1)  # a channel per row
+    if unfold is not None:  # 0: subtracting it changes nothing
+        y3 -= np.where(unfold, c, 0).reshape(per_row)
+    y3 *= scale.reshape(per_row)
+    y3 += offset.reshape(per_row)
+    return shift, c, var, rstd, span
 
 
 def group_norm_backward(dy, cache):
@@ -313,27 +318,24 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     ncl = (n, channels, spatial)
     x3, dy3, dx3 = x.reshape(ncl), dy.reshape(ncl), dx.reshape(ncl)  # dx3: a view (contiguous)
     per_group = per_channel * spatial  # M
-
-    def spread(v):  # (N, G, 1) -> (N, C, 1): each group's value for each of its channels
-        return v.repeat(per_channel, axis=1)
+    channel = (n, groups, per_channel)  # the per-channel terms, each group's r and c broadcast
 
     d = np.subtract(group_view(x, groups), shift)  # x - m0 again: exact, as in the forward
     d3 = d.reshape(x3.shape)
-    b = row_sums(dy3)[..., None]                                # B_nc = sum_* dy, (N, C, 1)
-    r_spread = spread(r)
-    a = r_spread * (row_dots(dy3, d3)[..., None] - spread(c) * b)     # A_nc = sum_* dy xhat
+    b = row_sums(dy3).reshape(channel)                          # B_nc = sum_* dy
+    a = r * (row_dots(dy3, d3).reshape(channel) - c * b)        # A_nc = sum_* dy xhat
     sums = a.sum(axis=0).ravel(), b.sum(axis=0).ravel()
     if per_group == 1:  # a one-element group normalizes to 0 whatever x is: y = beta, dx = 0
         dx[...] = 0     # (exactly; the formula below rounds (r gamma) dy - r (gamma dy))
         return sums
     if weight is not None:
-        a *= weight[:, None]  # sum_* g xhat and sum_* g, with g = gamma dy
-        b *= weight[:, None]
+        w = weight.reshape(groups, per_channel)
+        a *= w  # sum_* g xhat and sum_* g, with g = gamma dy
+        b *= w
     # the group means <g xhat> and <g>: sums over the group's channels, / M; (N, G, 1)
-    mean_gx = a.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
-    mean_g = b.reshape(n, groups, per_channel).sum(axis=2, keepdims=True) / per_group
+    mean_gx = a.sum(axis=2, keepdims=True) / per_group
+    mean_g = b.sum(axis=2, keepdims=True) / per_group
     k = r * mean_gx
-    r_gamma = r_spread * weight[:, None] if weight is not None else r_spread
     # Rare regimes, flagged per group (a group's dx does not depend on the others'), each
     # costing one more pass when it occurs: r k = r^2 <g xhat> overflows or underflows where r
     # and k do not (eps = 0 and tiny or huge groups): then (d r) k; and |c r| > 1 (a group
@@ -342,7 +344,10 @@ def _backward_samples(dy, x, shift, c, r, weight, dx):
     rk = r * k
     split = inexact_products(r, k, rk)  # None: no such group
     centre = correction_first(c, r)  # None: no such group
-    np.multiply(dy3, r_gamma, out=dx3)
+    if weight is not None:  # (r gamma) dy, per channel
+        np.multiply(dy3, (r * w).reshape(n, channels, 1), out=dx3)
+    else:  # r dy, per group
+        np.multiply(group_view(dy, groups), r, out=group_view(dx, groups))
     # the per-group terms on the (N, G, M) views of d and dx, broadcast without a copy
     if centre is not None:
         d -= np.where(centre, c, 0)

@@ -183,7 +183,7 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
                              f"`x` of shape {x.shape}")
         if eps <= 0:
             raise ValueError(f"{_OP}: `eps` must be > 0 with input statistics, got {eps!r}")
-        y, (shift, c, var, rstd) = _group_norm(x, weight, bias, eps)
+        y, (shift, c, var, rstd, _) = _group_norm(x, weight, bias, eps)
         if tracking:
             with np.errstate(invalid="ignore"):  # no instance (N = 0): NaN, as PyTorch
                 n = x.shape[0]
@@ -212,14 +212,15 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
 
 
 def _group_norm(x, weight, bias, eps):
-    """``(y, (shift, c, var, rstd))``: with input statistics, InstanceNorm is GroupNorm with
+    """``(y, (shift, c, var, rstd, span))``: with input statistics, InstanceNorm is GroupNorm with
     one group per channel (Wu & He 2018, Fig. 2), so its forward is GroupNorm's
     (:func:`~refnorm.norms.group_norm.normalize_groups`), statistics of shape (N, C, 1)."""
     if not x.size:  # a size-0 axis: PyTorch's empty output (and zero gradients)
         stats = np.zeros(x.shape[:2] + (1,), x.dtype)
         acc = stats.astype(np.promote_types(x.dtype, np.float32))
-        return np.empty(x.shape, x.dtype), (stats, stats.copy(), acc, acc.copy())
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in an instance with an inf
+        return np.empty(x.shape, x.dtype), (stats, stats.copy(), acc, acc.copy(), None)
+    # inf - inf in an instance with an inf; and the statistics' own (row_moments)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         return normalize_groups(x, x.shape[1], weight, bias, eps)
 
 

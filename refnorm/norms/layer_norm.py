@@ -50,9 +50,9 @@ from refnorm.norms._stats import CASTING_MODES
 from refnorm.norms._stats import (accumulation_dtype, by_row_blocks, check_array,
                                   check_casting_mode, check_eps, check_normalized_shape,
                                   check_offset, check_param, correction_first, extreme_groups,
-                                  joined, offset_weight, row_sums, saved_mean, saved_xhat,
-                                  scaled_rows, shifted_moments, summed, trailing_axes,
-                                  wider_dtype, widen)
+                                  joined, offset_weight, row_moments, row_sums, saved_mean,
+                                  saved_xhat, scaled_rows, summed, trailing_axes, wider_dtype,
+                                  widen)
 from refnorm.registry import ErrorInput, NormSpec, Paper, SampleInput
 
 
@@ -123,10 +123,12 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     axes = trailing_axes(x.ndim, len(shape))
     keep = x.shape[:x.ndim - len(axes)] + (1,) * len(axes)  # keepdims over A
     rows = _rows(x, axes)  # (rows, N): a view when x is contiguous
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a row with an inf: NaN
-        y, shift, c, var, rstd = _forward_rows(rows, weight, bias, eps, offset, casting_mode)
+    # inf - inf in a row with an inf: NaN; and the statistics' own (row_moments)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        y, shift, c, var, rstd, span = _forward_rows(rows, weight, bias, eps, offset,
+                                                     casting_mode)
     wide = None
-    extreme = extreme_groups(var, rstd, x.dtype)
+    extreme = extreme_groups(var, rstd, x.dtype, span)
     if extreme.size and rows.shape[1] and (wider := wider_dtype(x.dtype)) is not None:
         # subnormal or huge rows: again in a wider dtype
         yw, sub = layer_norm_forward(rows[extreme].astype(wider), rows.shape[1],
@@ -144,14 +146,14 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
 
 
 def _forward_rows(rows, weight, bias, eps, offset=0.0, casting_mode=None):
-    """``(y, shift, c, var, rstd)`` of rows (rows, N), a block of rows at a time
+    """``(y, shift, c, var, rstd, span)`` of rows (rows, N), a block of rows at a time
     (:func:`~refnorm.norms._stats.by_row_blocks`: the passes over a block find it in the
     cache)."""
     y = np.empty(rows.shape, dtype=rows.dtype)
     if not rows.size:  # no rows, or rows of no element (PyTorch: an empty output)
         col = np.zeros((rows.shape[0], 1), rows.dtype)
         acc = col.astype(np.promote_types(rows.dtype, np.float32))
-        return y, col, col.copy(), acc, acc.copy()
+        return y, col, col.copy(), acc, acc.copy(), None
     w = weight.reshape(-1) if weight is not None else None
     b = bias.reshape(-1) if bias is not None else None
     parts = by_row_blocks(lambda blk: _normalize(rows[blk], w, b, eps, offset, casting_mode,
@@ -162,9 +164,9 @@ def _forward_rows(rows, weight, bias, eps, offset=0.0, casting_mode=None):
 
 def _normalize(x, w, b, eps, offset, casting_mode, y):
     """``y = (x - mu) r (o + gamma) + beta`` on rows ``x`` (rows, N), in ``y``; returns the
-    rows' ``(shift, c, var, rstd)``."""
+    rows' ``(shift, c, var, rstd, span)`` (:func:`~refnorm.norms._stats.row_moments`)."""
     # y holds d = x - m0 for now; rstd in the accumulation dtype (float32 for float16)
-    shift, c, var, rstd = shifted_moments(x[None], out=y[None], eps=eps)
+    shift, c, var, rstd, span = row_moments(x, out=y, eps=eps)
 
     def xhat_into(out):  # (d - c) r: in y's own buffer, which holds d
         if out is not y:
@@ -174,7 +176,7 @@ def _normalize(x, w, b, eps, offset, casting_mode, y):
 
     # y = xhat (o + gamma) + beta, rounded where the casting mode says
     scaled_rows(xhat_into, x, w, b, offset, casting_mode, y)
-    return shift, c, var, rstd
+    return shift, c, var, rstd, span
 
 
 def layer_norm_backward(dy, cache):
@@ -200,9 +202,8 @@ def layer_norm_backward(dy, cache):
     dy2 = dy.reshape(rows.shape)
     shift, c, r = shift.reshape(-1, 1), c.reshape(-1, 1), rstd.reshape(-1, 1)
     # the effective weight o + gamma (in the accumulation dtype: float32 for float16)
-    w = offset_weight(weight.reshape(-1), cache.offset,
-                      np.promote_types(weight.dtype, np.float32) if cache.offset else None) \
-        if weight is not None else None
+    w = None if weight is None else weight.reshape(-1) if not cache.offset else \
+        offset_weight(weight.reshape(-1), cache.offset, np.promote_types(weight.dtype, np.float32))
     if cache.wide is None:
         dx, dweight, dbias = _backward(dy2, rows, shift, c, r, w, has_bias)
     else:  # the rows done in a wider dtype by the forward: their backward too. The others as
