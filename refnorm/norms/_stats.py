@@ -61,7 +61,12 @@ arithmetic of every call exactly as they are (bit for bit), and make their fixed
   :func:`inexact_products`) first ask whether *no* group can be flagged, with a minimum and a
   maximum over all groups (three NumPy calls, no temporary per test); a NaN makes that answer
   "maybe", and the exact elementwise test then runs as before, so nothing is flagged
-  differently;
+  differently. For the standardized groups (:func:`row_moments`, :func:`shifted_moments`) both
+  :func:`needs_rescaling` and :func:`extreme_groups` are decided by the two extremes of the
+  variances alone (:func:`variance_span`: rounding is monotonic, so the extremes of
+  :math:`r = 1/\sqrt{\sigma^2 + \epsilon}` are those of the extreme variances);
+* a context is entered once per call, not again in the helpers it calls:
+  :func:`row_moments` and :func:`shifted_moments` run under their caller's ``np.errstate``;
 * :func:`row_broadcasting` changes the ufunc buffer size only for arrays above
   :data:`SMALL_SIZE` elements: below it, the change costs more than it saves.
 
@@ -462,7 +467,8 @@ def extreme_groups(var, rstd, dtype=None, span=None):
     v, r = np.asarray(var), np.asarray(rstd)
     low, hi, inv_hi = _extreme_limits(v.dtype, r.dtype, dtype)
     if span is None and v.size:  # the extremes: three reductions, unless the span is known
-        span = Span(v.min(), r.min(), r.max())
+        span = Span(np.minimum.reduce(v, axis=None), np.minimum.reduce(r, axis=None),
+                    np.maximum.reduce(r, axis=None))
     if span is not None and span.var_min >= low and span.rstd_min >= inv_hi \
             and span.rstd_max <= hi:
         return _NO_GROUPS  # the common case: none (a NaN compares False)
@@ -583,7 +589,9 @@ def out_of_range(*arrays):
     for a in arrays:
         if not a.size or a.dtype.kind != "f":
             continue
-        hi, lo = a.max(), a.min()  # two passes without temporaries, for finite arrays
+        # two passes without temporaries, for finite arrays (the ufuncs' own reductions: a
+        # microsecond less than a.max() and a.min() on small arrays, the same numbers)
+        hi, lo = np.maximum.reduce(a, axis=None), np.minimum.reduce(a, axis=None)
         if math.isfinite(hi) and math.isfinite(lo):  # (a longdouble beyond float: the long way)
             m = max(abs(hi), abs(lo))
         else:  # a NaN or an infinity: the largest finite magnitude, the long way
