@@ -194,7 +194,7 @@ def shifted_moments(x3, out, eps):
     in the accumulation dtype (:func:`accumulation_dtype`: float32 for float16 input, where
     :math:`r` may exceed the float16 range while :math:`(d - c)\,r` does not). Then
     :math:`x - \mu = d - c`, right to about one ULP; and ``span``, the extremes of ``var`` and
-    ``rstd`` for :func:`extreme_groups` (:class:`Span`; None where a group needed rescaling).
+    ``rstd`` for :func:`extreme_groups` (:class:`Span`; None where a group may need rescaling).
     Layouts: BatchNorm ``(N, C, H*W)``, whose passes after the first (:math:`m_0`) go by blocks
     along axis 0 (:func:`by_row_blocks`); LayerNorm's rows ``(1, rows, N)`` and GroupNorm's
     groups ``(1, N*G, M)`` (both called on one block of rows at a time) go through
@@ -463,7 +463,10 @@ def extreme_groups(var, rstd, dtype=None, span=None):
     variant: recompute those groups with the same function in :func:`wider_dtype` (float16,
     float32: float64; float64: ``np.longdouble`` where it is wider, 80-bit on x86), cast the
     results back (they round to the dtype as the exact values do: inf only where the exact
-    value exceeds it), keep that sub-cache, and do the groups' backward with it."""
+    value exceeds it), keep that sub-cache, and do the groups' backward with it.
+
+    ``span``, the :class:`Span` of ``var`` and ``rstd`` where the caller has it
+    (:func:`variance_span`), spares the three reductions that find their extremes."""
     v, r = np.asarray(var), np.asarray(rstd)
     low, hi, inv_hi = _extreme_limits(v.dtype, r.dtype, dtype)
     if span is None and v.size:  # the extremes: three reductions, unless the span is known
