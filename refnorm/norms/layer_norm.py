@@ -260,16 +260,17 @@ def _backward_rows(dy, x, shift, c, r, w, dx):
     n = x.shape[1]
     d = np.subtract(x, shift)         # x - m0 again: exact, as in the forward
     np.multiply(dy, d, out=dx)        # dy * d for the sums below; later dx itself
+    c_r = c * r
     sum_dyx = None
     if w is not None:  # sum over the rows of dy xhat = dy (d - c) r, as two BLAS products
-        sum_dyx = row_sums(dx.T, r[:, 0]) - row_sums(dy.T, (r * c)[:, 0])
+        sum_dyx = row_sums(dx.T, r[:, 0]) - row_sums(dy.T, c_r[:, 0])
     # per row, with g = gamma * dy: sum(g d) and sum(g)
     sum_gd, sum_g = row_sums(dx, w)[:, None], row_sums(dy, w)[:, None]
     mean_g = sum_g / n
     k = r * ((sum_gd - c * sum_g) * r / n)   # r <g xhat>; r * r alone may overflow (float16)
     # where |c r| > 1 (a row constant up to rounding) d k - c k would cancel catastrophically
     # (or overflow): subtract c from d first, in one more pass; per row
-    centre = correction_first(c, r)  # None: no such row
+    centre = correction_first(c, r, c_r)  # None: no such row
     c_k = (c if centre is None else np.where(centre, 0, c)) * k
     if w is not None:
         np.multiply(dy, w, out=dx)         # g
