@@ -211,13 +211,12 @@ def _normalize(x, groups, weight, bias, eps, y):
     else:
         scale = rstd.repeat(per_channel, axis=2)
     # Per channel, so that a channel's y does not depend on the others' (NaN does not flag).
-    c_scale = c * scale
-    unfold = correction_first(c, scale, c_scale)  # None: no such channel
+    unfold = correction_first(c, scale)  # None: no such channel
+    offset = -c * scale
     if unfold is not None:
-        c_scale[unfold] = 0.0  # c is subtracted first there
-    # beta - c scale, in scale's dtype (as the other coefficients)
-    offset = np.subtract(bias.reshape(groups, per_channel), c_scale, out=c_scale) \
-        if bias is not None else np.negative(c_scale, out=c_scale)
+        offset[unfold] = 0.0
+    if bias is not None:
+        offset += bias.reshape(groups, per_channel)
     y3, per_row = _ncl(y), (n, channels, 1)  # a channel per row
     if unfold is not None:  # 0: subtracting it changes nothing
         y3 -= np.where(unfold, c, 0).reshape(per_row)
