@@ -319,11 +319,11 @@ def needs_rescaling(var, eps):
         return ~((var + eps >= _rescaling_limit(var.dtype)) & (var < np.inf)).ravel()
 
 
-def _trusted(var, eps, var_eps=None):
-    """Whether :func:`needs_rescaling` flags none of ``var`` (False: it may flag some);
-    ``var_eps``, if given, is ``var + eps`` already computed."""
-    var_eps = var + eps if var_eps is None else var_eps
-    return bool(var.size) and _at_least(var_eps, _rescaling_limit(var.dtype)) \
+def _trusted(var, eps):
+    """Whether :func:`needs_rescaling` flags none of ``var`` (False: it may flag some), for any
+    ``eps`` (a float or an array per group; :func:`variance_span` decides the same for a float
+    from the two extremes it also returns)."""
+    return bool(var.size) and _at_least(var + eps, _rescaling_limit(var.dtype)) \
         and _below(var, np.inf)
 
 
