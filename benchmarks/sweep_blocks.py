@@ -8,7 +8,9 @@ Two measurements for ``docs/notes/performance.rst``:
   (``1/8`` to ``4x``, and "none": one block for the whole array), **round-robin** (one run of
   each setting in turn, repeated), so that the noise of a shared machine hits every setting
   alike, and prints the CPU time (``time.process_time``) min and median per setting, relative
-  to the measured size's. The chosen size should be near the best.
+  to the measured size's. These settings ignore the least block size
+  (``_stats.MIN_BLOCK_BYTES``); "default" is the library's own sizing, with it. The chosen
+  size should be near the best.
 * **Passes and bandwidth.** Per case, the time of ``np.copyto`` of an ``x``-sized array (one
   read and one write: 2 array transfers) gives the copy bandwidth; refnorm's and PyTorch's
   (one thread) forward+backward are expressed as "copy-equivalents" (their time over the time
@@ -106,21 +108,24 @@ def cpu_time(fn):
 
 def sweep(label, run, args, repeats):
     measured = _stats._read_l2_bytes()
-    settings = [("1/8", measured // 8), ("1/4", measured // 4), ("1/2", measured // 2),
-                ("measured", measured), ("2x", 2 * measured), ("4x", 4 * measured),
-                ("none", 1 << 50)]
-    times = {name: [] for name, _ in settings}
+    least = _stats.MIN_BLOCK_BYTES
+    # the settings without the least block size, and "default": the library's own sizing
+    # (the measured size, with blocks of at least MIN_BLOCK_BYTES)
+    settings = [("1/8", measured // 8, 0), ("1/4", measured // 4, 0),
+                ("1/2", measured // 2, 0), ("measured", measured, 0), ("2x", 2 * measured, 0),
+                ("4x", 4 * measured, 0), ("none", 1 << 50, 0), ("default", measured, least)]
+    times = {name: [] for name, _, _ in settings}
     try:
         for _ in range(repeats + 1):
-            for name, size in settings:
-                _stats._cache_size = size
+            for name, size, floor in settings:
+                _stats._cache_size, _stats.MIN_BLOCK_BYTES = size, floor
                 t = cpu_time(lambda: run(*args))
                 times[name].append(t)
     finally:
-        _stats._cache_size = None
+        _stats._cache_size, _stats.MIN_BLOCK_BYTES = None, least
     ref = min(times["measured"][1:])
     cells = []
-    for name, _ in settings:
+    for name, _, _ in settings:
         t = times[name][1:]  # the first round warms up
         cells.append(f"{name} {min(t) * 1e3:.2f}/{statistics.median(t) * 1e3:.2f} "
                      f"({min(t) / ref:.2f})")

@@ -22,9 +22,11 @@ from refnorm.norms.layer_norm import layer_norm_backward, layer_norm_forward
 
 @pytest.fixture
 def cache_size(monkeypatch):
-    """Set the cache size that the row blocks are sized from, for this test only."""
+    """Set the cache size that the row blocks are sized from, for this test only, without the
+    least block size (``MIN_BLOCK_BYTES``), so that a tiny cache gives blocks of one row."""
     def set_size(nbytes):
         monkeypatch.setattr(_stats, "_cache_size", nbytes)
+        monkeypatch.setattr(_stats, "MIN_BLOCK_BYTES", 0)
     return set_size
 
 
@@ -71,13 +73,27 @@ CASES = {  # name: (call, shape, number of parameters, subnormal row)
 
 def test_the_cache_size_is_measured():
     """Read from /sys where Linux has it (else the documented 1 MiB), positive, and the blocks
-    sized from it: ``live`` arrays of a block fill the cache."""
+    sized from it: ``live`` arrays of a block fill the cache, unless that makes a block
+    smaller than ``MIN_BLOCK_BYTES``."""
     size = _stats._read_l2_bytes()
     assert isinstance(size, int) and size > 0
-    blocks = _stats.row_blocks(1000, 1024, block_bytes=None, live=4)
-    step = blocks[0].stop - blocks[0].start
-    assert step == max(1, _stats.l2_cache_bytes() // 4 // 1024)
-    assert blocks[-1].stop >= 1000 and all(b.start == a.stop for a, b in zip(blocks, blocks[1:]))
+    for live in (1, 2, 4, 64):
+        blocks = _stats.row_blocks(5000, 1024, block_bytes=None, live=live)
+        step = blocks[0].stop - blocks[0].start
+        assert step == max(_stats.l2_cache_bytes() // live, _stats.MIN_BLOCK_BYTES) // 1024
+        assert blocks[-1].stop >= 5000
+        assert all(b.start == a.stop for a, b in zip(blocks, blocks[1:]))
+
+
+def test_blocks_have_a_least_size(monkeypatch):
+    """A small cache does not make blocks smaller than ``MIN_BLOCK_BYTES`` (their Python would
+    cost more than the cache saves); a large one makes them larger."""
+    monkeypatch.setattr(_stats, "_cache_size", 64 << 10)
+    least = _stats.MIN_BLOCK_BYTES
+    assert least >= 64 << 10
+    assert len(_stats.row_blocks(5000, 1024, live=4)) == -(-5000 // (least // 1024))
+    monkeypatch.setattr(_stats, "_cache_size", 64 * least)
+    assert len(_stats.row_blocks(5000, 1024, live=4)) == -(-5000 // (16 * least // 1024))
 
 
 def test_the_cache_size_can_be_overridden(monkeypatch):

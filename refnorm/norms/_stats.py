@@ -613,6 +613,15 @@ def _range_window(dtype):
 
 
 _L2_FALLBACK = 1 << 20  # bytes: where the cache size cannot be read
+
+MIN_BLOCK_BYTES = 512 << 10
+"""The least size of a block of one array (:func:`row_blocks`), in bytes: a block costs about
+35 µs of Python (its per-row statistics, its slices), which blocks of a few rows do not
+amortize. Measured (``benchmarks/sweep_blocks.py``, ``docs/notes/performance.rst``): on an
+Intel Xeon with 2 MiB of L2 the L2-sized blocks (1 MiB forward, 512 KiB backward) were the
+best and larger ones slower; on an AMD EPYC with 1 MiB of L2 (512 and 256 KiB) this least
+size made LayerNorm's forward+backward 6 to 9% faster (its backward's blocks double). Where
+the L2 holds four blocks of this size, as on that Intel machine, nothing changes."""
 _cache_size = None
 
 
@@ -654,8 +663,8 @@ def row_blocks(n_rows, row_bytes, block_bytes=None, *, live=4):
     """Slices that cut ``n_rows`` rows of ``row_bytes`` bytes into blocks (at least one row
     each) for work on independent rows: by default sized so that ``live`` arrays of a block's
     size (the arrays that the passes over a block touch: ``x``, ``dy``, ``dx`` and a temporary
-    for the backwards) fill the L2 cache together (:func:`l2_cache_bytes`), or of about
-    ``block_bytes`` each if given.
+    for the backwards) fill the L2 cache together (:func:`l2_cache_bytes`), but no smaller
+    than :data:`MIN_BLOCK_BYTES`; or of about ``block_bytes`` each if given.
 
     Every NumPy operation is one pass over its arrays; arrays much larger than the CPU cache
     come from main memory on each pass, while a block of rows stays in the cache across all
@@ -664,7 +673,7 @@ def row_blocks(n_rows, row_bytes, block_bytes=None, *, live=4):
     sweep of block sizes).
     """
     if block_bytes is None:
-        block_bytes = l2_cache_bytes() // max(1, live)
+        block_bytes = max(l2_cache_bytes() // max(1, live), MIN_BLOCK_BYTES)
     step = max(1, block_bytes // max(1, row_bytes))
     return [slice(start, start + step) for start in range(0, n_rows, step)]
 
